@@ -1,0 +1,195 @@
+"""The `recsys` command line: one subcommand per pipeline step, a thin layer over typed functions.
+
+Every option comes from a field of the step's config dataclass (its docstring is the help text,
+its default is shown); `--config FILE` loads a saved config and options given on the command
+line override it; `--save-config FILE` writes the resolved config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from recsys import config as cfg
+from recsys.errors import RecsysError
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its words, its config class and the function that runs it."""
+
+    words: tuple[str, ...]
+    config: type
+    run: Callable[[Any], None]
+    help: str
+    positional: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------
+# Subcommands. Heavy modules are imported inside each, so `recsys --help` stays fast.
+
+
+def _data_fetch(config: cfg.FetchConfig) -> None:
+    from recsys.data.fetch import fetch
+
+    folder = fetch(config)
+    print(f"{config.dataset}: files verified and written to {folder}")
+
+
+def _data_prepare(config: cfg.PrepareConfig) -> None:
+    from recsys.data.prepare import prepare
+
+    meta = prepare(config)
+    counts = meta["counts"]
+    print(
+        f"{config.dataset}: {counts['users']} users, {counts['items']} items, "
+        f"train {counts['train']}, valid {counts['valid']}, test {counts['test']} "
+        f"-> {meta['output_dir']} (MLflow run {meta['mlflow_run_id']})"
+    )
+    for reason, count in meta["rejected"].items():
+        if count:
+            print(f"  rejected {count} interaction(s): {reason}")
+
+
+def _runs(config: cfg.RunsConfig) -> None:
+    from recsys.runs import compare_runs, format_table, runs_table, summary
+
+    if config.action == "compare":
+        assert config.run_a is not None and config.run_b is not None  # checked by RunsConfig
+        comparison = compare_runs(config.run_a, config.run_b)
+        print(f"a = {comparison.run_a}\nb = {comparison.run_b}")
+        print("params that differ:" if comparison.params.height else "params: identical")
+        if comparison.params.height:
+            print(format_table(comparison.params))
+        print("metrics (delta = b - a):" if comparison.metrics.height else "metrics: none logged")
+        if comparison.metrics.height:
+            print(format_table(comparison.metrics))
+        return
+    table = runs_table(config.experiment, config.sort_by, config.ascending, config.limit)
+    if table.is_empty():
+        print("no runs yet: run a pipeline step (e.g. `recsys demo`) first")
+        return
+    print(format_table(summary(table, [config.sort_by] if config.sort_by else None)))
+
+
+COMMANDS: list[Command] = [
+    Command(("data", "fetch"), cfg.FetchConfig, _data_fetch,
+            "Copy or download a dataset's raw files and verify their checksums", ("dataset",)),
+    Command(("data", "prepare"), cfg.PrepareConfig, _data_prepare,
+            "Filter, index and split a dataset's interactions into parquet files", ("dataset",)),
+    Command(("runs",), cfg.RunsConfig, _runs,
+            "List MLflow runs with key params and metrics, or compare two: `recsys runs compare RUN_A RUN_B`",
+            ("action", "run_a", "run_b")),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Building argparse from config dataclasses
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional: Sequence[str] = ()) -> None:
+    """Add one argument per config field; defaults stay unset so a `--config` file can fill them."""
+    docs, hints = cfg.field_docs(cls), cfg.field_types(cls)
+    for f in dataclasses.fields(cls):
+        annotation = hints[f.name]
+        default = cfg.default_of(f)
+        help_text = docs.get(f.name, "")
+        if default is not dataclasses.MISSING:
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
+        choices = _choices(annotation)
+        optional_positional = f.name in positional and default is not dataclasses.MISSING
+        if choices and not optional_positional:  # argparse would check the unset default against them
+            kwargs["choices"] = choices
+        elif choices:
+            kwargs["help"] = f"one of {', '.join(map(str, choices))}; {help_text}"
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is tuple:
+            kwargs["nargs"] = "+"
+        if f.name in positional:
+            parser.add_argument(f.name, metavar=f.name.upper(), nargs="?" if optional_positional else None, **kwargs)
+        else:
+            parser.add_argument(_flag(f), dest=f.name, **kwargs)
+
+
+def _choices(annotation: Any) -> tuple | None:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if len(args) == 1 and typing.get_origin(args[0]) is Literal:
+        return typing.get_args(args[0])
+    return None
+
+
+def config_from_args(cls: type, namespace: argparse.Namespace) -> Any:
+    """Build the config: saved file (if any), then the options given on the command line."""
+    given = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
+    if namespace.config is not None:
+        return cfg.load_config(cls, namespace.config, **_coerced(cls, given))
+    return cfg.from_dict(cls, given, source="command line")
+
+
+def _coerced(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    hints = cfg.field_types(cls)
+    return {name: cfg.coerce(value, hints[name], name) for name, value in values.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recsys",
+        description="Multimodal video recommendation: prepare data, train, evaluate, recommend.",
+    )
+    groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(title="commands")}
+    for command in COMMANDS:
+        for depth in range(1, len(command.words)):
+            prefix = command.words[:depth]
+            if prefix not in groups:
+                group_parser = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
+                groups[prefix] = group_parser.add_subparsers(title=f"{' '.join(prefix)} commands")
+                group_parser.set_defaults(command=None, group_parser=group_parser)
+        sub = groups[command.words[:-1]].add_parser(
+            command.words[-1], help=command.help, description=command.help
+        )
+        add_config_arguments(sub, command.config, command.positional)
+        sub.add_argument("--config", type=Path, default=None, help="Load the config from a saved JSON/YAML file")
+        sub.add_argument("--save-config", type=Path, default=None, help="Write the resolved config to this file")
+        sub.set_defaults(command=command)
+    parser.set_defaults(command=None, group_parser=parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `recsys` console script."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    command: Command | None = namespace.command
+    if command is None:
+        namespace.group_parser.print_help()
+        return 2
+    try:
+        config = config_from_args(command.config, namespace)
+    except cfg.ConfigError as err:
+        parser.exit(2, f"recsys: error: {err}\n")
+    if namespace.save_config is not None:
+        cfg.save_config(config, namespace.save_config)
+    try:
+        command.run(config)
+    except RecsysError as err:
+        print(f"recsys: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

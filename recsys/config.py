@@ -1,0 +1,421 @@
+"""Typed configuration for every pipeline stage.
+
+One dataclass per stage; each field carries a one-line docstring that the CLI shows as
+`--help`. Every config validates itself in `__post_init__` and can be saved to and loaded
+from JSON or YAML, so a run's full configuration is reproducible from its file.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from recsys.errors import RecsysError
+
+DATASETS = ("movielens-100k", "movielens-1m", "microlens-50k", "synth")
+"""Names of the datasets recsys knows how to read."""
+
+Dataset = Literal["movielens-100k", "movielens-1m", "microlens-50k", "synth"]
+FetchableDataset = Literal["movielens-100k", "movielens-1m", "microlens-50k"]
+
+C = TypeVar("C")
+
+
+class ConfigError(RecsysError, ValueError):
+    """A configuration value is out of its valid range or has the wrong type."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class FetchConfig:
+    """Where `recsys data fetch` gets a dataset's files and where it puts them."""
+
+    dataset: FetchableDataset = "movielens-100k"
+    """Dataset to fetch"""
+    source: Path | None = field(default=None, metadata={"flag": "--from"})
+    """Local folder holding the dataset's files; when unset they are downloaded from the official address"""
+    dest: Path = Path("data/raw")
+    """Folder under which the dataset's raw files are written (one subfolder per dataset)"""
+
+    def __post_init__(self) -> None:
+        _require(self.source is None or Path(self.source).is_dir(), f"--from {self.source}: no such folder")
+
+
+@dataclass
+class PrepareConfig:
+    """How `recsys data prepare` turns raw interactions into training data."""
+
+    dataset: Dataset = "movielens-100k"
+    """Dataset to prepare"""
+    raw_dir: Path = Path("data/raw")
+    """Folder holding the raw datasets (as written by `recsys data fetch` or `recsys data synth`)"""
+    processed_dir: Path = Path("data/processed")
+    """Folder under which prepared datasets are written (one subfolder per dataset)"""
+    min_rating: float | None = None
+    """Keep only interactions rated at least this much as implicit feedback; unset keeps every interaction"""
+    min_user_interactions: int = 5
+    """k-core: users with fewer interactions are removed, repeated until stable"""
+    min_item_interactions: int = 5
+    """k-core: items with fewer interactions are removed, repeated until stable"""
+    keep_unwatched_items: bool = True
+    """Keep catalogue videos that nobody has watched in the item index, so they can be recommended"""
+    split: Literal["leave-one-out", "temporal"] = "leave-one-out"
+    """leave-one-out: each user's last interaction is test, the one before validation; temporal: global time cut"""
+    valid_fraction: float = 0.1
+    """temporal split: share of the latest interactions before the test share that form validation"""
+    test_fraction: float = 0.1
+    """temporal split: share of the latest interactions that form the test set"""
+    max_history: int = 50
+    """Longest per-user watch history kept for sequence models"""
+    on_bad_lines: Literal["error", "skip"] = "error"
+    """What to do with a malformed input line: stop with an error naming it, or skip it and count it in the meta"""
+
+    def __post_init__(self) -> None:
+        self.raw_dir, self.processed_dir = Path(self.raw_dir), Path(self.processed_dir)
+        _require(self.min_user_interactions >= 1, "min_user_interactions must be at least 1")
+        _require(self.min_item_interactions >= 1, "min_item_interactions must be at least 1")
+        _require(0 < self.valid_fraction < 1, "valid_fraction must lie in (0, 1)")
+        _require(0 < self.test_fraction < 1, "test_fraction must lie in (0, 1)")
+        _require(self.valid_fraction + self.test_fraction < 1, "valid_fraction + test_fraction must be below 1")
+        _require(self.max_history >= 1, "max_history must be at least 1")
+
+
+@dataclass
+class RunsConfig:
+    """What `recsys runs` lists from the MLflow store, or which two runs `recsys runs compare` sets side by side."""
+
+    action: str = "list"
+    """list: a table of runs with key params and metrics; compare: params that differ and metric deltas"""
+    run_a: str | None = None
+    """compare: the first run's ID (deltas are RUN_B minus RUN_A)"""
+    run_b: str | None = None
+    """compare: the second run's ID"""
+    experiment: str | None = None
+    """Experiment to list (a dataset name); unset lists every experiment"""
+    sort_by: str | None = None
+    """Metric to sort the table by, highest first; unset: newest run first"""
+    ascending: bool = False
+    """Sort the chosen metric lowest first (for losses)"""
+    limit: int = 50
+    """Most runs listed"""
+
+    def __post_init__(self) -> None:
+        # A plain str, not a Literal: argparse rejects an omitted optional positional that has choices.
+        _require(self.action in ("list", "compare"), f"runs: unknown action {self.action!r} (list or compare)")
+        if self.action == "compare":
+            _require(self.run_a is not None and self.run_b is not None,
+                     "runs compare needs two run IDs: `recsys runs compare RUN_A RUN_B`")
+        else:
+            _require(self.run_a is None and self.run_b is None,
+                     "`recsys runs` takes no run IDs; to compare two runs: `recsys runs compare RUN_A RUN_B`")
+        _require(self.limit >= 1, "limit must be at least 1")
+
+
+@dataclass
+class SynthConfig:
+    """What `recsys data synth` generates: real MP4 videos, titles and watch logs with known latent structure."""
+
+    preset: Literal["default", "small", "large"] = "default"
+    """Size preset: default (the demo's, ~600 videos, ~1 minute), small (tests, seconds), large (benchmarks)"""
+    raw_dir: Path = Path("data/raw")
+    """Folder under which the corpus is written, as its `synth` subfolder"""
+    seed: int = 0
+    """Random seed: the same seed and sizes give byte-identical tables and identical decoded frames"""
+    n_videos: int | None = None
+    """Number of videos; unset uses the preset's"""
+    n_users: int | None = None
+    """Number of users; unset uses the preset's"""
+    events_per_user: int | None = None
+    """Mean number of watch events per user; unset uses the preset's"""
+    n_topics: int | None = None
+    """Number of latent topics (2 to 32); unset uses the preset's"""
+    cold_fraction: float = 0.05
+    """Share of videos kept out of training: watched only as users' last two (validation/test) events"""
+    no_audio_fraction: float = 0.15
+    """Share of videos written without an audio track"""
+    workers: int = 0
+    """Processes rendering videos; 0 uses every CPU core"""
+    overwrite: bool = False
+    """Regenerate even when the folder already holds a corpus made with the same settings"""
+
+    def __post_init__(self) -> None:
+        self.raw_dir = Path(self.raw_dir)
+        for name in ("n_videos", "n_users", "events_per_user"):
+            value = getattr(self, name)
+            _require(value is None or value >= 4, f"{name} must be at least 4")
+        _require(self.n_topics is None or 2 <= self.n_topics <= 32, "n_topics must lie in [2, 32]")
+        _require(0 <= self.cold_fraction <= 0.5, "cold_fraction must lie in [0, 0.5]")
+        _require(0 <= self.no_audio_fraction <= 1, "no_audio_fraction must lie in [0, 1]")
+        _require(self.workers >= 0, "workers must be 0 (every core) or more")
+
+
+@dataclass
+class IngestConfig:
+    """How `recsys ingest` turns a prepared dataset's videos and titles into the memory-mapped feature store."""
+
+    dataset: Dataset = "synth"
+    """Prepared dataset whose items are ingested"""
+    processed_dir: Path = Path("data/processed")
+    """Folder holding the prepared datasets; the store is written to <processed_dir>/<dataset>/features"""
+    frames: int = 16
+    """Frames sampled per video (T); shorter clips are padded and masked"""
+    fps: float = 4.0
+    """Sampling rate in frames per second; clips longer than frames/fps are sampled uniformly over their length"""
+    frame_size: int = 64
+    """Side of the square RGB frames (S): the shorter side is resized to S, then the centre is cropped"""
+    max_pixels: int = 7680 * 4320
+    """Videos whose frames hold more pixels than this (8K UHD by default) are rejected without decoding"""
+    sample_rate: int = 16000
+    """Audio is downmixed to mono and resampled to this rate (Hz) before the log-mel spectrogram"""
+    n_mels: int = 64
+    """Mel bands of the log-mel spectrogram"""
+    n_fft: int = 400
+    """FFT window of the spectrogram, in samples (400 = 25 ms at 16 kHz)"""
+    hop_length: int = 160
+    """Hop between spectrogram frames, in samples (160 = 10 ms at 16 kHz)"""
+    audio_seconds: float = 4.0
+    """Audio kept from the start of the track; shorter audio is padded and masked"""
+    titles: bool = True
+    """Embed titles with the offline MiniLM sentence model (zero rows when off or when a title is empty)"""
+    title_cache: Path | None = None
+    """Folder caching title embeddings by text hash; unset uses <processed_dir>/.cache/titles"""
+    workers: int = 0
+    """Processes decoding videos; 0 uses every CPU core"""
+    overwrite: bool = False
+    """Rebuild the store from scratch instead of resuming (a store made with other settings is always rebuilt)"""
+
+    def __post_init__(self) -> None:
+        self.processed_dir = Path(self.processed_dir)
+        self.title_cache = None if self.title_cache is None else Path(self.title_cache)
+        _require(self.frames >= 1, "frames must be at least 1")
+        _require(self.fps > 0, "fps must be positive")
+        _require(8 <= self.frame_size <= 1024, "frame_size must lie in [8, 1024]")
+        _require(self.max_pixels >= self.frame_size**2, "max_pixels must be at least frame_size squared")
+        _require(self.sample_rate >= 4000, "sample_rate must be at least 4000 Hz")
+        _require(self.n_mels >= 1, "n_mels must be at least 1")
+        _require(self.hop_length >= 1 and self.n_fft >= self.hop_length, "need 1 <= hop_length <= n_fft")
+        _require(self.audio_seconds > 0, "audio_seconds must be positive")
+        _require(self.workers >= 0, "workers must be 0 (every core) or more")
+
+
+@dataclass
+class RetrievalConfig:
+    """How `recsys train retrieval` trains the two-tower retrieval model on a prepared dataset."""
+
+    dataset: Dataset = "movielens-100k"
+    """Prepared dataset to train on"""
+    processed_dir: Path = Path("data/processed")
+    """Folder holding the prepared datasets; the model is written to <processed_dir>/<dataset>/models/<run_id>"""
+    content: Literal["auto", "fused", "title", "none"] = "auto"
+    """Item content: auto (fused content embedding, else title embedding, else none), fused, title, none (ID-only)"""
+    ids: bool = True
+    """Learn user and item ID embeddings; --no-ids trains the content-only model"""
+    encoder: Literal["gru", "attention"] = "gru"
+    """Watch-history encoder of the user tower: GRU or causal self-attention"""
+    dim: int = 64
+    """Dimension of the ID embeddings and of the shared user/item space"""
+    max_history: int = 50
+    """Most recent watched items the user tower reads"""
+    layers: int = 1
+    """Layers of the history encoder"""
+    heads: int = 2
+    """Attention heads (encoder attention; must divide dim)"""
+    dropout: float = 0.1
+    """Dropout inside the towers"""
+    user_id_dropout: float = 0.2
+    """Probability of hiding a user's ID embedding in training, so users unseen in training get recommendations"""
+    item_id_dropout: float = 0.2
+    """Probability of hiding an item's ID embedding in training, so cold-start videos are embedded from content"""
+    temperature: float = 0.05
+    """Softmax temperature of the scores (cosine similarities)"""
+    logq_correction: bool = True
+    """Subtract log sampling probability from in-batch logits, so popular items are not over-penalised"""
+    uniform_negatives: int = 0
+    """Extra negatives per batch drawn uniformly from the catalogue (0: in-batch negatives only)"""
+    learning_rate: float = 1e-3
+    """AdamW learning rate"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay of the dense weights"""
+    batch_size: int = 512
+    """Training examples per batch (the in-batch negatives of each other)"""
+    max_epochs: int = 20
+    """Most passes over the training interactions"""
+    patience: int = 3
+    """Stop after this many epochs without a better validation NDCG@10"""
+    seed: int = 0
+    """Random seed of initialisation, shuffling and dropout"""
+    resume: bool = False
+    """Continue the newest interrupted training of this dataset from its last checkpoint"""
+    threads: int = 0
+    """CPU threads for torch; 0 keeps torch's default"""
+    progress_bar: bool = True
+    """Show a progress bar per epoch"""
+
+    def __post_init__(self) -> None:
+        self.processed_dir = Path(self.processed_dir)
+        _require(self.ids or self.content != "none", "a model with --no-ids needs content (content must not be none)")
+        _require(self.dim >= 2, "dim must be at least 2")
+        _require(self.max_history >= 1, "max_history must be at least 1")
+        _require(self.layers >= 1, "layers must be at least 1")
+        _require(self.heads >= 1 and self.dim % self.heads == 0, "heads must be at least 1 and divide dim")
+        for name in ("dropout", "user_id_dropout", "item_id_dropout"):
+            _require(0 <= getattr(self, name) < 1, f"{name} must lie in [0, 1)")
+        _require(self.temperature > 0, "temperature must be positive")
+        _require(self.uniform_negatives >= 0, "uniform_negatives must be 0 or more")
+        _require(self.learning_rate > 0, "learning_rate must be positive")
+        _require(self.weight_decay >= 0, "weight_decay must be 0 or more")
+        _require(self.batch_size >= 2, "batch_size must be at least 2 (in-batch negatives need other rows)")
+        _require(self.max_epochs >= 1, "max_epochs must be at least 1")
+        _require(self.patience >= 1, "patience must be at least 1")
+        _require(self.threads >= 0, "threads must be 0 (torch's default) or more")
+
+
+# --------------------------------------------------------------------------------------------
+# Saving, loading and describing configs
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (paths as strings)."""
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def save_config(config: Any, path: Path) -> Path:
+    """Write a config as JSON or YAML, chosen by the file's suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = to_dict(config)
+    if path.suffix in (".yaml", ".yml"):
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    else:
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def load_config(cls: type[C], path: Path, **overrides: Any) -> C:
+    """Read a config saved by `save_config`; `overrides` replace fields from the file."""
+    path = Path(path)
+    text = path.read_text()
+    data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields")
+    return from_dict(cls, {**data, **overrides}, source=str(path))
+
+
+def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
+    """Build a config from plain values, converting each to its field's declared type."""
+    hints = field_types(cls)
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) for {cls.__name__}: {', '.join(sorted(unknown))}")
+    return cls(**{name: coerce(value, hints[name], name) for name, value in data.items()})
+
+
+@cache
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved type hints of a config dataclass's fields."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert a plain (JSON/YAML/CLI) value to a field's declared type, or raise ConfigError."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return coerce(value, inner, name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        return tuple(coerce(v, args[0], name) for v in value)
+    if annotation is Path:
+        return Path(value)
+    if annotation is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ConfigError(f"{name}: {value!r} is not a boolean")
+        return bool(value)
+    if annotation in (int, float, str):
+        try:
+            converted = annotation(value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{name}: {value!r} is not a valid {annotation.__name__}") from err
+        if annotation is int and isinstance(value, float) and value != converted:
+            raise ConfigError(f"{name}: {value!r} is not a whole number")
+        return converted
+    return value
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstrings written under each field of a config dataclass."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, following in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    """A field's default value (calling its factory when it has one)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+__all__ = [
+    "DATASETS",
+    "ConfigError",
+    "FetchConfig",
+    "PrepareConfig",
+    "coerce",
+    "default_of",
+    "field_docs",
+    "field_types",
+    "from_dict",
+    "load_config",
+    "save_config",
+    "to_dict",
+]

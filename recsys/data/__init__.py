@@ -1,0 +1,1 @@
+"""Datasets, the interaction pipeline, video/audio/title ingestion and the feature store."""

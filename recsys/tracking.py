@@ -1,0 +1,148 @@
+"""MLflow: where runs are stored, one experiment per dataset, and what every run records.
+
+The store defaults to `sqlite:///mlflow/mlflow.db` (relative to the working directory) with
+artifacts under `mlflow/artifacts`; `MLFLOW_TRACKING_URI` overrides it. Every pipeline step that
+produces files opens a run through `start_run`, which records the step's config, the fingerprint
+of its inputs (file hashes or upstream run IDs) and system info, so lineage can be traced in
+the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
+PIPELINE_TAG = "recsys.pipeline"
+"""Tag grouping the runs of one `recsys demo` or scripted pipeline (value from RECSYS_PIPELINE)."""
+
+
+def tracking_uri() -> str:
+    """The tracking store in use: MLFLOW_TRACKING_URI, else the project's local sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    return None
+
+
+def artifact_root(uri: str | None = None) -> Path | None:
+    """Local artifact folder beside a sqlite store (`mlflow/artifacts` by default); None for servers."""
+    db = _sqlite_path(uri or tracking_uri())
+    return None if db is None else db.parent / "artifacts"
+
+
+def configure() -> str:
+    """Point MLflow at the store, creating the local folder when the store is a sqlite file."""
+    import mlflow
+
+    uri = tracking_uri()
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_id(dataset: str) -> str:
+    """The experiment of a dataset (created on first use, artifacts under the local artifact root)."""
+    import mlflow
+
+    configure()
+    existing = mlflow.get_experiment_by_name(dataset)
+    if existing is not None:
+        return existing.experiment_id
+    root = artifact_root()
+    location = (root / dataset).resolve().as_uri() if root is not None else None
+    return mlflow.create_experiment(dataset, artifact_location=location)
+
+
+def fingerprint_files(paths: Iterable[Path]) -> str:
+    """A sha256 over the names, sizes and contents of files: equal inputs give equal fingerprints."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def flatten_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """MLflow params from a (nested) config dict: keys joined by dots, values as strings."""
+    params: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            params.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            params[name] = str(value)[:6000]  # MLflow's limit on a param value
+    return params
+
+
+@contextmanager
+def start_run(
+    dataset: str,
+    step: str,
+    config: dict[str, Any],
+    inputs: dict[str, str],
+    run_name: str | None = None,
+) -> Iterator[Any]:
+    """Open a run in the dataset's experiment that records config, inputs and system info.
+
+    `inputs` maps an input's name to its fingerprint or upstream run ID; each becomes a tag
+    `recsys.input.<name>` so the UI can trace where a run's data came from.
+    """
+    import mlflow
+
+    tags = {
+        "recsys.step": step,
+        "recsys.dataset": dataset,
+        **{f"recsys.input.{name}": value for name, value in inputs.items()},
+    }
+    if os.environ.get("RECSYS_PIPELINE"):
+        tags[PIPELINE_TAG] = os.environ["RECSYS_PIPELINE"]
+    with mlflow.start_run(experiment_id=experiment_id(dataset), run_name=run_name or step, tags=tags) as run:
+        mlflow.log_params(flatten_params(config))
+        mlflow.log_dict(config, "config.json")
+        mlflow.log_dict(system_info(), "system.json")
+        yield run
+
+
+def system_info() -> dict[str, str]:
+    """Versions and machine facts worth keeping with a run."""
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": str(os.cpu_count()),
+        "torch": torch.__version__,
+        "cuda": str(torch.cuda.is_available()),
+    }
+
+
+def latest_run_id(dataset: str, step: str) -> str | None:
+    """ID of the newest finished run of a step for a dataset (the upstream of a later step)."""
+    import mlflow
+
+    configure()
+    experiment = mlflow.get_experiment_by_name(dataset)
+    if experiment is None:
+        return None
+    runs = mlflow.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`recsys.step` = '{step}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
