@@ -11,7 +11,9 @@ import argparse
 import dataclasses
 import sys
 import typing
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +59,35 @@ def _data_prepare(config: cfg.PrepareConfig) -> None:
             print(f"  rejected {count} interaction(s): {reason}")
 
 
+def _data_synth(config: cfg.SynthConfig) -> None:
+    from recsys.data.synthetic import synthesize
+    from recsys.files import read_json
+
+    folder = synthesize(config)
+    counts = read_json(folder / "synth.json")["counts"]
+    print(
+        f"synth: {counts['videos']} videos ({counts['cold_videos']} cold-start, "
+        f"{counts['videos_without_audio']} without audio), {counts['users']} users, "
+        f"{counts['events']} watch events, {counts['topics']} topics -> {folder}"
+    )
+
+
+def _ingest(config: cfg.IngestConfig) -> None:
+    from recsys.data.ingest import ingest
+
+    summary = ingest(config)
+    c = summary["counts"]
+    print(
+        f"{config.dataset}: {c['items']} items: {c['ok']} ok, {c['failed']} failed; "
+        f"videos in {c['videos_in']} = {c['videos_ok']} ok + {c['videos_failed']} failed; "
+        f"{c['with_audio']} with audio, {c['with_title']} with a title "
+        f"({summary['store']}, {c['resumed_rows']} rows already done) -> {summary['folder']} "
+        f"(MLflow run {summary['mlflow_run_id']})"
+    )
+    for reason, count in summary["failures"].items():
+        print(f"  failed {count}: {reason}")
+
+
 def _runs(config: cfg.RunsConfig) -> None:
     from recsys.runs import compare_runs, format_table, runs_table, summary
 
@@ -71,11 +102,91 @@ def _runs(config: cfg.RunsConfig) -> None:
         if comparison.metrics.height:
             print(format_table(comparison.metrics))
         return
-    table = runs_table(config.experiment, config.sort_by, config.ascending, config.limit)
+    table = runs_table(config.experiment, config.sort_by, config.ascending, config.limit, config.step)
     if table.is_empty():
-        print("no runs yet: run a pipeline step (e.g. `recsys demo`) first")
+        print("no runs match: run a pipeline step (e.g. `recsys demo`) first, or list without filters")
         return
-    print(format_table(summary(table, [config.sort_by] if config.sort_by else None)))
+    shown = list(config.metrics) or ([config.sort_by] if config.sort_by else None)
+    print(format_table(summary(table, shown)))
+
+
+def _export(config: cfg.ExportConfig) -> None:
+    from recsys.export import export
+
+    result = export(config)
+    print(f"{config.dataset}: exported {result.model_uri} as version {result.version} of recsys-{config.dataset} "
+          f"(validation NDCG@10 {result.val_metrics['val_ndcg_10']:.4f}, MLflow run {result.run_id})")
+    print(("champion moved: " if result.decision.promoted else "champion kept: ") + result.decision.reason)
+
+
+def _serve(config: cfg.ServeConfig) -> None:
+    from recsys.serve import serve
+
+    code = serve(config)
+    if code not in (0, 130):
+        raise SystemExit(code)
+
+
+def _train_content(config: cfg.ContentConfig) -> None:
+    from recsys.models.train_content import train_content
+
+    result = train_content(config)
+    probe = f", topic probe (fused) {result['probe_fused']:.3f}" if "probe_fused" in result else ""
+    print(f"{config.dataset}: content encoders trained {result['epochs']} epoch(s), best validation loss "
+          f"{result['best_val_loss']:.4f}{probe}; embeddings of every item -> {result['store']} "
+          f"(MLflow run {result['run_id']})")
+
+
+def _train_retrieval(config: cfg.RetrievalConfig) -> None:
+    from recsys.models.train_retrieval import train_retrieval
+
+    result = train_retrieval(config)
+    print(f"{config.dataset}: two-tower model (content: {result.content_source}) trained {result.epochs} epoch(s), "
+          f"best validation NDCG@10 {result.best_val_ndcg:.4f} -> {result.model_dir} (MLflow run {result.run_id})")
+
+
+@contextmanager
+def _notes_to_stderr(category: type[Warning]) -> Iterator[None]:
+    """Print warnings of `category` raised in the block as plain `recsys: ...` lines on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", category)
+        yield
+    for note in caught:
+        if issubclass(note.category, category):
+            print(f"recsys: {note.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(note.message, note.category, note.filename, note.lineno)
+
+
+def _evaluate(config: cfg.EvaluateConfig) -> None:
+    from recsys.evaluation.evaluate import SkippedModelWarning, evaluate, format_results
+
+    with _notes_to_stderr(SkippedModelWarning):  # e.g. no trained model yet: the baselines are still evaluated
+        table = evaluate(config)
+    print(format_results(table, config.ks))
+
+
+def _recommend(config: cfg.RecommendConfig) -> None:
+    from recsys.retrieval.recommend import Recommender, UnknownUserWarning, format_ranking
+
+    recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id, config.index)
+    with _notes_to_stderr(UnknownUserWarning):  # the fallback ranking still goes to stdout
+        ranking = recommender.recommend(config.user_id, config.k, config.exclude_seen, config.history)
+    print(format_ranking(ranking))
+
+
+def _similar(config: cfg.SimilarConfig) -> None:
+    from recsys.retrieval.recommend import Recommender, format_ranking
+
+    assert config.item_id is not None  # checked by SimilarConfig
+    recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id, config.index)
+    print(format_ranking(recommender.similar(config.item_id, config.k)))
+
+
+def _demo(config: cfg.DemoConfig) -> None:
+    from recsys.demo import demo
+
+    demo(config)
 
 
 COMMANDS: list[Command] = [
@@ -83,9 +194,33 @@ COMMANDS: list[Command] = [
             "Copy or download a dataset's raw files and verify their checksums", ("dataset",)),
     Command(("data", "prepare"), cfg.PrepareConfig, _data_prepare,
             "Filter, index and split a dataset's interactions into parquet files", ("dataset",)),
+    Command(("data", "synth"), cfg.SynthConfig, _data_synth,
+            "Generate the synthetic video corpus (MP4s, titles, watch log, latent truth) into data/raw/synth"),
+    Command(("ingest",), cfg.IngestConfig, _ingest,
+            "Decode a prepared dataset's videos, audio and titles into the memory-mapped feature store",
+            ("dataset",)),
     Command(("runs",), cfg.RunsConfig, _runs,
             "List MLflow runs with key params and metrics, or compare two: `recsys runs compare RUN_A RUN_B`",
             ("action", "run_a", "run_b")),
+    Command(("train", "content"), cfg.ContentConfig, _train_content,
+            "Train the multimodal content encoders and write every video's embeddings to the feature store",
+            ("dataset",)),
+    Command(("train", "retrieval"), cfg.RetrievalConfig, _train_retrieval,
+            "Train the two-tower retrieval model (TorchRec) on a prepared dataset", ("dataset",)),
+    Command(("export",), cfg.ExportConfig, _export,
+            "Register a trained model as an MLflow pyfunc ranking model; `champion` moves only if it wins",
+            ("dataset",)),
+    Command(("serve",), cfg.ServeConfig, _serve,
+            "Serve the champion ranking model (or --model URI) over REST with MLflow's model server"),
+    Command(("demo",), cfg.DemoConfig, _demo,
+            "The whole pipeline on the synthetic corpus: data, features, training, evaluation, registry, top-10"),
+    Command(("evaluate",), cfg.EvaluateConfig, _evaluate,
+            "Full-ranking HR/NDCG/MRR@K, coverage and cold-start slice of trained runs and baselines",
+            ("dataset",)),
+    Command(("recommend",), cfg.RecommendConfig, _recommend,
+            "Top-k videos for a user (or a watch history), with titles and scores"),
+    Command(("similar",), cfg.SimilarConfig, _similar,
+            "Videos nearest to a video in the item embedding space (cold-start videos included)"),
 ]
 
 
@@ -119,8 +254,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional:
             kwargs["nargs"] = "+"
         if f.name in positional:
             parser.add_argument(f.name, metavar=f.name.upper(), nargs="?" if optional_positional else None, **kwargs)
+        elif annotation is bool and "negative_flag" in f.metadata:
+            # A named pair such as --exclude-seen / --include-seen instead of --x / --no-x.
+            del kwargs["action"]
+            pair = parser.add_mutually_exclusive_group()
+            pair.add_argument(_flag(f), dest=f.name, action="store_true", **kwargs)
+            pair.add_argument(f.metadata["negative_flag"], dest=f.name, action="store_false",
+                              default=argparse.SUPPRESS, help=f"the opposite of {_flag(f)}")
         else:
-            parser.add_argument(_flag(f), dest=f.name, **kwargs)
+            parser.add_argument(_flag(f), *f.metadata.get("aliases", ()), dest=f.name, **kwargs)
 
 
 def _choices(annotation: Any) -> tuple | None:

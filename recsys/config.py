@@ -99,7 +99,7 @@ class PrepareConfig:
 class RunsConfig:
     """What `recsys runs` lists from the MLflow store, or which two runs `recsys runs compare` sets side by side."""
 
-    action: str = "list"
+    action: Literal["list", "compare"] = "list"
     """list: a table of runs with key params and metrics; compare: params that differ and metric deltas"""
     run_a: str | None = None
     """compare: the first run's ID (deltas are RUN_B minus RUN_A)"""
@@ -107,16 +107,18 @@ class RunsConfig:
     """compare: the second run's ID"""
     experiment: str | None = None
     """Experiment to list (a dataset name); unset lists every experiment"""
+    step: str | None = None
+    """List only runs of this pipeline step (prepare, ingest, train_retrieval, evaluate, export, ...)"""
     sort_by: str | None = None
     """Metric to sort the table by, highest first; unset: newest run first"""
+    metrics: tuple[str, ...] = ()
+    """Metrics to show as columns; unset: the sort metric, else the ones most listed runs have"""
     ascending: bool = False
     """Sort the chosen metric lowest first (for losses)"""
     limit: int = 50
     """Most runs listed"""
 
     def __post_init__(self) -> None:
-        # A plain str, not a Literal: argparse rejects an omitted optional positional that has choices.
-        _require(self.action in ("list", "compare"), f"runs: unknown action {self.action!r} (list or compare)")
         if self.action == "compare":
             _require(self.run_a is not None and self.run_b is not None,
                      "runs compare needs two run IDs: `recsys runs compare RUN_A RUN_B`")
@@ -251,11 +253,11 @@ class RetrievalConfig:
     """AdamW learning rate"""
     weight_decay: float = 1e-4
     """AdamW weight decay of the dense weights"""
-    batch_size: int = 512
+    batch_size: int = 1024
     """Training examples per batch (the in-batch negatives of each other)"""
-    max_epochs: int = 20
+    max_epochs: int = 10
     """Most passes over the training interactions"""
-    patience: int = 3
+    patience: int = 2
     """Stop after this many epochs without a better validation NDCG@10"""
     seed: int = 0
     """Random seed of initialisation, shuffling and dropout"""
@@ -265,6 +267,8 @@ class RetrievalConfig:
     """CPU threads for torch; 0 keeps torch's default"""
     progress_bar: bool = True
     """Show a progress bar per epoch"""
+    world_size: int = 1
+    """Processes for TorchRec model-parallel training (tables sharded by DistributedModelParallel); 1: Lightning"""
 
     def __post_init__(self) -> None:
         self.processed_dir = Path(self.processed_dir)
@@ -283,6 +287,264 @@ class RetrievalConfig:
         _require(self.max_epochs >= 1, "max_epochs must be at least 1")
         _require(self.patience >= 1, "patience must be at least 1")
         _require(self.threads >= 0, "threads must be 0 (torch's default) or more")
+        _require(self.world_size >= 1, "world_size must be at least 1")
+        _require(self.world_size == 1 or not self.resume, "--resume continues single-process (Lightning) runs only")
+
+
+@dataclass
+class ExportConfig:
+    """Which trained model `recsys export` turns into a registered MLflow ranking model."""
+
+    dataset: Dataset
+    """Dataset whose trained model is exported (registered as recsys-<dataset>)"""
+    processed_dir: Path = Path("data/processed")
+    """Folder holding the prepared datasets and their trained models"""
+    run_id: str | None = None
+    """Training run of the model to export; unset: the newest trained model of the dataset"""
+    raw_dir: Path = Path("data/raw")
+    """Folder of the raw datasets: the synthetic corpus' latent topics colour the logged item-embedding map"""
+    max_k: int = 1000
+    """Largest k a request to the exported model may ask for"""
+    index: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
+    """Item index of the exported model (as `recsys recommend --index`): auto picks FAISS for large catalogues"""
+
+    def __post_init__(self) -> None:
+        self.processed_dir, self.raw_dir = Path(self.processed_dir), Path(self.raw_dir)
+        _require(self.max_k >= 1, "max_k must be at least 1")
+
+
+@dataclass
+class ServeConfig:
+    """What `recsys serve` serves over REST, and where."""
+
+    model: str | None = None
+    """Model URI to serve (models:/..., runs:/... or a folder); unset: models:/recsys-<dataset>@champion"""
+    dataset: Dataset = "synth"
+    """Dataset whose champion is served when --model is unset"""
+    host: str = "127.0.0.1"
+    """Interface to listen on; the default keeps the server on this machine (loopback)"""
+    port: int = 5001
+    """TCP port to listen on"""
+    workers: int = 1
+    """Server worker processes (each loads the model)"""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.port <= 65535, f"port must be between 1 and 65535, got {self.port}")
+        _require(self.workers >= 1, "workers must be at least 1")
+
+
+@dataclass
+class EvaluateConfig:
+    """What `recsys evaluate` ranks: trained two-tower runs and baselines, on one split of one dataset."""
+
+    dataset: Dataset = "movielens-100k"
+    """Prepared dataset to evaluate on"""
+    processed_dir: Path = Path("data/processed")
+    """Folder holding the prepared datasets and their trained models"""
+    raw_dir: Path = Path("data/raw")
+    """Folder holding the raw datasets (the synthetic corpus' latent truth, for the oracle)"""
+    run_ids: tuple[str, ...] = ()
+    """Trained retrieval runs to evaluate; none given: the newest trained model, if there is one"""
+    baselines: tuple[Literal["popularity", "itemknn", "mf"], ...] = ("popularity", "itemknn", "mf")
+    """Baselines ranked by the same protocol (mf: implicit ALS matrix factorisation)"""
+    oracle: bool = True
+    """On the synthetic corpus, also rank by the latent truth (the ceiling) and report ratios to it"""
+    split: Literal["valid", "test"] = "test"
+    """Held-out interactions to rank: test (history = train + valid) or valid (history = train)"""
+    ks: tuple[int, ...] = (10, 20, 50)
+    """Cut-offs K of HR@K, NDCG@K, MRR@K and coverage@K"""
+    max_cases: int | None = None
+    """Evaluate a seeded random sample of this many held-out interactions; unset: all of them"""
+    knn_neighbours: int = 100
+    """item-kNN: most similar items kept per item"""
+    mf_factors: int = 64
+    """MF: latent dimension"""
+    mf_reg: float = 10.0
+    """MF: L2 regularisation"""
+    mf_alpha: float = 3.0
+    """MF: confidence of an observed interaction (weight 1 + alpha against 1 for the rest)"""
+    mf_iterations: int = 10
+    """MF: alternating least-squares sweeps"""
+    batch_size: int = 256
+    """Users scored at once (memory: batch_size x catalogue size floats)"""
+    seed: int = 0
+    """Seed of MF's initial factors and of the case sample"""
+
+    def __post_init__(self) -> None:
+        self.processed_dir, self.raw_dir = Path(self.processed_dir), Path(self.raw_dir)
+        self.run_ids, self.baselines, self.ks = tuple(self.run_ids), tuple(self.baselines), tuple(self.ks)
+        _require(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "ks must be one or more cut-offs of at least 1")
+        _require(self.max_cases is None or self.max_cases >= 1, "max_cases must be at least 1 when given")
+        _require(self.knn_neighbours >= 1, "knn_neighbours must be at least 1")
+        _require(self.mf_factors >= 1, "mf_factors must be at least 1")
+        _require(self.mf_reg > 0, "mf_reg must be positive")
+        _require(self.mf_alpha >= 0, "mf_alpha must be 0 or more")
+        _require(self.mf_iterations >= 1, "mf_iterations must be at least 1")
+        _require(self.batch_size >= 1, "batch_size must be at least 1")
+
+
+@dataclass
+class RecommendConfig:
+    """For whom `recsys recommend` ranks videos, from which model, and how many."""
+
+    user_id: str | None = None
+    """External user ID; an ID unknown to the model falls back to the popularity (or --history) ranking"""
+    k: int = field(default=10, metadata={"aliases": ("-k",)})
+    """Number of videos to recommend"""
+    exclude_seen: bool = field(default=True, metadata={"negative_flag": "--include-seen"})
+    """Leave out videos the user has already watched (--include-seen keeps them)"""
+    history: tuple[str, ...] = ()
+    """Video IDs just watched, oldest first, comma-separated (v1,v2,...): recommend from them too"""
+    dataset: Dataset = "movielens-100k"
+    """Prepared dataset whose catalogue and model are used"""
+    processed_dir: Path = Path("data/processed")
+    """Folder holding the prepared datasets and their trained models"""
+    run_id: str | None = None
+    """Training run of the model to use; unset: the newest trained model of the dataset"""
+    index: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
+    """Item index: exact matrix product, FAISS HNSW or IVF; auto picks FAISS for large catalogues"""
+
+    def __post_init__(self) -> None:
+        self.processed_dir = Path(self.processed_dir)
+        # "--history a,b c" and ("a", "b", "c") mean the same: split every entry on commas.
+        self.history = tuple(v.strip() for entry in self.history for v in str(entry).split(",") if v.strip())
+        _require(self.k >= 1, f"k must be at least 1, got {self.k}")
+        _require(self.user_id is not None or bool(self.history), "give a --user-id, a --history, or both")
+
+
+@dataclass
+class SimilarConfig:
+    """Which video `recsys similar` finds neighbours of in the item embedding space."""
+
+    item_id: str | None = None
+    """External video ID whose neighbours are listed (cold-start videos included); required"""
+    k: int = field(default=10, metadata={"aliases": ("-k",)})
+    """Number of similar videos to list"""
+    dataset: Dataset = "movielens-100k"
+    """Prepared dataset whose catalogue and model are used"""
+    processed_dir: Path = Path("data/processed")
+    """Folder holding the prepared datasets and their trained models"""
+    run_id: str | None = None
+    """Training run of the model to use; unset: the newest trained model of the dataset"""
+    index: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
+    """Item index: exact matrix product, FAISS HNSW or IVF; auto picks FAISS for large catalogues"""
+
+    def __post_init__(self) -> None:
+        self.processed_dir = Path(self.processed_dir)
+        _require(self.item_id is not None, "give the video whose neighbours to list with --item-id")
+        _require(self.k >= 1, f"k must be at least 1, got {self.k}")
+
+
+@dataclass
+class DemoConfig:
+    """How `recsys demo` runs the whole pipeline on the synthetic corpus."""
+
+    preset: Literal["default", "small"] = "default"
+    """Size of the synthetic corpus: default (~600 videos, the full demo) or small (a check in a few minutes)"""
+    raw_dir: Path = Path("data/raw")
+    """Folder for the raw corpus (its synth subfolder)"""
+    processed_dir: Path = Path("data/processed")
+    """Folder for the prepared data, feature store and trained models"""
+    seed: int = 0
+    """Seed of the corpus and of every training step"""
+    workers: int = 0
+    """Processes rendering and ingesting videos; 0 uses every core"""
+    user_id: str | None = None
+    """User whose recommendations are shown at the end; unset: the first user"""
+    k: int = field(default=10, metadata={"aliases": ("-k",)})
+    """Number of recommendations shown"""
+    content_epochs: int = 5
+    """Most epochs of content training (the demo's time budget; `recsys train content` allows more)"""
+    retrieval_epochs: int = 3
+    """Most epochs of two-tower training (the demo's time budget; `recsys train retrieval` allows more)"""
+    pipeline: str | None = None
+    """Pipeline ID tagged on every run of the demo (recsys.pipeline); unset: demo-<time>-<random>"""
+
+    def __post_init__(self) -> None:
+        self.raw_dir, self.processed_dir = Path(self.raw_dir), Path(self.processed_dir)
+        _require(self.workers >= 0, "workers must be 0 (every core) or more")
+        _require(self.k >= 1, f"k must be at least 1, got {self.k}")
+        _require(self.content_epochs >= 1, "content_epochs must be at least 1")
+        _require(self.retrieval_epochs >= 1, "retrieval_epochs must be at least 1")
+
+
+@dataclass
+class ContentConfig:
+    """How `recsys train content` learns one embedding per video from its frames, motion, sound and title."""
+
+    dataset: Dataset = "synth"
+    """Dataset whose feature store (written by `recsys ingest`) is read; embeddings are written back into it"""
+    processed_dir: Path = Path("data/processed")
+    """Folder holding the prepared datasets and their feature stores (<processed_dir>/<dataset>/features)"""
+    backbone: Literal["small", "mobilenet_v3_small", "resnet18"] = "small"
+    """Per-frame CNN: small (fast on a CPU), or torchvision's mobilenet_v3_small or resnet18"""
+    backbone_weights: str | None = None
+    """Backbone weights: a local state-dict file or a torchvision weights name like DEFAULT (downloads); unset: none"""
+    freeze_backbone: bool = False
+    """Keep the backbone's weights fixed (sensible with pretrained weights)"""
+    temporal: Literal["gru", "mean"] = "gru"
+    """Motion encoder over the frame sequence: gru (sees the order) or mean (order-blind pooling, the ablation)"""
+    bidirectional: bool = False
+    """Run the GRU over the frames in both directions"""
+    fusion: Literal["gated", "attention"] = "gated"
+    """Fusion of the modality embeddings: per-dimension gates, or attention from a learned query"""
+    embedding_dim: int = 64
+    """Width of every modality embedding and of the fused content embedding"""
+    hidden_dim: int = 128
+    """Width of the encoders' hidden layers"""
+    modality_dropout: float = 0.2
+    """Probability of hiding each modality from the fusion during training, so missing ones are handled"""
+    temperature: float = 0.1
+    """Initial InfoNCE temperature (learned during training)"""
+    motion_weight: float = 1.0
+    """Weight of the loss matching two time crops of a clip against its time-reversed crop (teaches direction)"""
+    fusion_weight: float = 1.0
+    """Weight of the loss making the fused embedding of the other modalities find each held-out one"""
+    distill_weight: float = 0.0
+    """Weight of the loss aligning fused embeddings with a trained two-tower model's item embeddings; 0: off"""
+    distill_run: str | None = None
+    """Two-tower run to distil from (see `recsys train retrieval`); unset: the dataset's latest"""
+    batch_size: int = 64
+    """Items per batch (each other's negatives in the contrastive losses)"""
+    max_epochs: int = 15
+    """Most passes over the training items"""
+    patience: int = 4
+    """Stop after this many epochs without a lower validation loss"""
+    learning_rate: float = 2e-3
+    """AdamW learning rate (cosine-annealed over max_epochs)"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    val_fraction: float = 0.15
+    """Share of the ingested items held out for the validation loss and cross-modal retrieval accuracy"""
+    seed: int = 0
+    """Random seed of initialisation, the train/validation split, shuffling, crops and dropout"""
+    workers: int = 0
+    """Data loader worker processes; 0 reads batches in the training process"""
+    threads: int = 0
+    """CPU threads for torch; 0 keeps torch's default"""
+    checkpoint_dir: Path = Path("checkpoints")
+    """Folder for training checkpoints (<checkpoint_dir>/<dataset>/content/<run_id>)"""
+    progress_bar: bool = True
+    """Show a progress bar per epoch"""
+
+    def __post_init__(self) -> None:
+        self.processed_dir, self.checkpoint_dir = Path(self.processed_dir), Path(self.checkpoint_dir)
+        _require(self.embedding_dim >= 2, "embedding_dim must be at least 2")
+        _require(self.hidden_dim >= 1, "hidden_dim must be at least 1")
+        _require(0 <= self.modality_dropout < 1, "modality_dropout must lie in [0, 1)")
+        _require(self.temperature > 0, "temperature must be positive")
+        for name in ("motion_weight", "fusion_weight", "distill_weight"):
+            _require(getattr(self, name) >= 0, f"{name} must be 0 or more")
+        _require(self.batch_size >= 2, "batch_size must be at least 2 (in-batch negatives need other items)")
+        _require(self.max_epochs >= 1, "max_epochs must be at least 1")
+        _require(self.patience >= 1, "patience must be at least 1")
+        _require(self.learning_rate > 0, "learning_rate must be positive")
+        _require(self.weight_decay >= 0, "weight_decay must be 0 or more")
+        _require(0 < self.val_fraction < 1, "val_fraction must lie in (0, 1)")
+        _require(self.workers >= 0, "workers must be 0 or more")
+        _require(self.threads >= 0, "threads must be 0 (torch's default) or more")
+        _require(self.distill_run is None or self.distill_weight > 0,
+                 "distill_run is only used with distill_weight > 0")
 
 
 # --------------------------------------------------------------------------------------------

@@ -140,7 +140,11 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | None
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.part.mp4")
     try:
         with av.open(str(tmp), "w", format="mp4") as container:
-            video = container.add_stream("libx264", rate=fps, options={"preset": "veryfast", "crf": "18"})
+            video = container.add_stream("libx264", rate=fps, options={
+                "preset": "veryfast", "crf": "18", "threads": "1",
+                # x264 otherwise sizes its lookahead threads from the CPU count and load.
+                "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0",
+            })
             video.width, video.height = frames.shape[2], frames.shape[1]
             video.pix_fmt = "yuv420p"
             # One encoder thread: x264's decisions depend on its thread count, so this keeps files

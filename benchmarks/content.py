@@ -1,0 +1,207 @@
+"""Content embeddings on the synthetic corpus: do they learn the latent topic, and what does extraction cost?
+
+Corpus: `recsys data synth` (default preset, ~600 videos, 12 topics; --quick: 160 videos, 8 topics),
+prepared and ingested as in the demo, then `recsys train content` with the default config.
+
+- Linear probe (scikit-learn logistic regression, 5-fold CV over ingested items) from each
+  embedding to the latent topic: the fused embedding must beat every single modality.
+- Topics that differ only in motion (the synthetic corpus' paired topics: same look, sound and
+  title words, opposite directions): probe on those items from the motion embedding of a GRU
+  model against the same model trained with mean pooling (`--temporal mean`); the GRU must win.
+- Videos without sound: the probe is fitted on videos with sound and scored on the silent ones,
+  so it asks whether their fused embedding still lands among videos of their topic.
+- Extraction throughput: `extract_embeddings` over the memory-mapped store (reading, uint8 →
+  float, every encoder, fusion) against a bare forward of the same frame backbone on the same
+  frame tensors (already in memory, already float), one thread, CPU seconds (robust to other
+  load on the machine), median of interleaved repeats. Target: overhead <= 1.2x.
+
+Quality figures are medians over seeds (three; one with --quick). The work folder (corpus, store,
+MLflow) lives under the system temp folder and is reused by later runs with the same settings.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import parse_args, report  # noqa: E402
+
+from recsys.config import ContentConfig, IngestConfig, PrepareConfig, SynthConfig  # noqa: E402
+from recsys.data.content_datamodule import ContentArrays  # noqa: E402
+from recsys.data.feature_store import FeatureStore  # noqa: E402
+from recsys.data.synthetic_truth import SynthTruth  # noqa: E402
+from recsys.models.content_encoder import MODALITIES, ContentEncoder  # noqa: E402
+from recsys.models.frame_cnn import frames_to_float  # noqa: E402
+from recsys.models.train_content import encoder_spec, extract_embeddings, topic_probe, train_content  # noqa: E402
+
+DATASET = "synth"
+TARGET_OVERHEAD = 1.2
+
+
+def build_corpus(work: Path, quick: bool) -> Path:
+    """Synthesize, prepare and ingest the corpus (each step skips work already done); the processed dir."""
+    from recsys.data.ingest import ingest
+    from recsys.data.prepare import prepare
+    from recsys.data.synthetic import synthesize
+
+    raw, processed = work / "raw", work / "processed"
+    sizes = dict(n_videos=160, n_users=240, events_per_user=30, n_topics=8) if quick else {}
+    synthesize(SynthConfig(preset="default", raw_dir=raw, **sizes))  # type: ignore[arg-type]
+    if not (processed / DATASET / "features" / "store.json").exists():
+        prepare(PrepareConfig(dataset=DATASET, raw_dir=raw, processed_dir=processed))
+        ingest(IngestConfig(dataset=DATASET, processed_dir=processed))
+    return processed
+
+
+def train(processed: Path, work: Path, temporal: str, seed: int, quick: bool) -> dict[str, Any]:
+    """Train one content model; copies of its embeddings (the next run overwrites the store's files)."""
+    config = ContentConfig(dataset=DATASET, processed_dir=processed, temporal=temporal, seed=seed,  # type: ignore[arg-type]
+                           checkpoint_dir=work / "checkpoints", progress_bar=False,
+                           **({"max_epochs": 6, "patience": 2} if quick else {}))
+    started = time.perf_counter()
+    summary = train_content(config)
+    store = FeatureStore.open(processed / DATASET / "features")
+    embeddings = {"fused": np.array(store.array("content_embedding"))}
+    embeddings.update({m: np.array(store.array(f"embedding_{m}")) for m in MODALITIES})
+    return {"summary": summary, "embeddings": embeddings, "seconds": time.perf_counter() - started}
+
+
+def probes(run: dict[str, Any], topics: np.ndarray, ok: np.ndarray, has_audio: np.ndarray, paired: np.ndarray,
+           seed: int) -> dict[str, float]:
+    emb = run["embeddings"]
+    out = {name: topic_probe(emb[name], topics, np.flatnonzero(ok & (np.abs(emb[name]).sum(1) > 0)), seed=seed)
+           for name in ("fused", *MODALITIES)}
+    out["motion_only_topics_motion"] = topic_probe(emb["motion"], topics, np.flatnonzero(ok & paired), seed=seed)
+    out["motion_only_topics_fused"] = topic_probe(emb["fused"], topics, np.flatnonzero(ok & paired), seed=seed)
+    out["no_audio_fused"] = topic_probe(emb["fused"], topics, np.flatnonzero(ok & has_audio),
+                                        test_rows=np.flatnonzero(ok & ~has_audio))
+    out["with_audio_fused"] = topic_probe(emb["fused"], topics, np.flatnonzero(ok & has_audio), seed=seed)
+    return out
+
+
+def throughput(processed: Path, repeats: int) -> dict[str, float]:
+    """Extraction vs bare backbone forward, CPU seconds with one thread, interleaved repeats."""
+    store = FeatureStore.open(processed / DATASET / "features")
+    arrays = ContentArrays.of(store)
+    encoder = ContentEncoder(encoder_spec(ContentConfig(dataset=DATASET), n_mels=store.layout.n_mels)).eval()
+    batch_size = 128
+    # The bare forward gets exactly the tensors the backbone sees during extraction: the valid
+    # frames of each batch, as normalised floats, prepared before the clock starts.
+    bare_inputs = []
+    for start in range(0, len(arrays), batch_size):
+        batch = arrays.batch(np.arange(start, min(start + batch_size, len(arrays))))
+        images = frames_to_float(batch.frames[batch.frame_mask])  # (V, 3, S, S)
+        bare_inputs.append((images - encoder.frame_cnn.mean) / encoder.frame_cnn.std)
+    backbone = encoder.frame_cnn.backbone
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for images in bare_inputs:
+                backbone(images)
+
+    def extract() -> None:
+        extract_embeddings(encoder, arrays, batch_size=batch_size)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract(), bare()  # warm-up: page in the memory maps, allocate
+        times: dict[str, list[float]] = {"extract": [], "bare": []}
+        for _ in range(repeats):
+            for name, work in (("extract", extract), ("bare", bare)):
+                started = time.process_time()
+                work()
+                times[name].append(time.process_time() - started)
+    finally:
+        torch.set_num_threads(threads)
+    extract_s, bare_s = statistics.median(times["extract"]), statistics.median(times["bare"])
+    return {
+        "videos": len(arrays),
+        "frames": int(sum(len(x) for x in bare_inputs)),
+        "extraction_videos_per_cpu_s": len(arrays) / extract_s,
+        "bare_backbone_videos_per_cpu_s": len(arrays) / bare_s,
+        "extraction_overhead": extract_s / bare_s,
+    }
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    quick = args.quick
+    work = Path(tempfile.gettempdir()) / f"recsys-bench-content-{'quick' if quick else 'full'}"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    processed = build_corpus(work, quick)
+    store = FeatureStore.open(processed / DATASET / "features")
+    truth = SynthTruth.load(work / "raw" / DATASET)
+    rows = truth.item_index(store.manifest.get_column("item_id").to_list())
+    topics = truth.item_topic[rows]
+    paired = topics < 2 * (truth.n_topics // 4)  # the first K//4 groups hold two topics each, numbered first
+    ok = store.manifest.get_column("status").to_numpy() == "ok"
+    has_audio = store.manifest.get_column("has_audio").to_numpy().astype(bool)
+
+    seeds = (0,) if quick else (0, 1, 2)
+    per_seed: dict[str, list[dict[str, float]]] = {"gru": [], "mean": []}
+    train_seconds = []
+    for seed in seeds:
+        for temporal in ("gru", "mean"):
+            run = train(processed, work, temporal, seed, quick)
+            per_seed[temporal].append(probes(run, topics, ok, has_audio, paired, seed))
+            if temporal == "gru":
+                train_seconds.append(run["seconds"])
+
+    def med(temporal: str, key: str) -> float:
+        return round(statistics.median(r[key] for r in per_seed[temporal]), 4)
+
+    singles = {m: med("gru", m) for m in MODALITIES}
+    best_single = max(singles, key=singles.get)  # type: ignore[arg-type]
+    fused_margins = [r["fused"] - max(r[m] for m in MODALITIES) for r in per_seed["gru"]]
+    motion_margins = [g["motion_only_topics_motion"] - m["motion_only_topics_motion"]
+                      for g, m in zip(per_seed["gru"], per_seed["mean"], strict=True)]
+    speed = throughput(processed, repeats=3 if quick else 5)
+
+    fused_wins = min(fused_margins) > 0
+    gru_wins = min(motion_margins) > 0
+    overhead_ok = speed["extraction_overhead"] <= TARGET_OVERHEAD
+    report("content", {
+        "fused_probe_accuracy": med("gru", "fused"),
+        "best_single_modality": best_single,
+        "best_single_probe_accuracy": singles[best_single],
+        "fused_beats_every_single_modality": fused_wins,
+        "fused_margin_min_over_seeds": round(min(fused_margins), 4),
+        "gru_motion_only_topics_accuracy": med("gru", "motion_only_topics_motion"),
+        "mean_pool_motion_only_topics_accuracy": med("mean", "motion_only_topics_motion"),
+        "gru_beats_mean_pooling_on_motion_only_topics": gru_wins,
+        "gru_margin_min_over_seeds": round(min(motion_margins), 4),
+        "no_audio_fused_probe_accuracy": med("gru", "no_audio_fused"),
+        "with_audio_fused_probe_accuracy": med("gru", "with_audio_fused"),
+        "extraction_overhead": round(speed["extraction_overhead"], 3),
+        "target_overhead": TARGET_OVERHEAD,
+        "target_met": bool(fused_wins and gru_wins and overhead_ok),
+        "probe_accuracy": {"fused": med("gru", "fused"), **singles},
+        "probe_accuracy_mean_pooling": {k: med("mean", k) for k in ("fused", *MODALITIES)},
+        "motion_only_topics_fused": {"gru": med("gru", "motion_only_topics_fused"),
+                                     "mean": med("mean", "motion_only_topics_fused")},
+        "per_seed": per_seed,
+        "throughput": {k: round(v, 2) if isinstance(v, float) else v for k, v in speed.items()},
+        "items": int(len(store)), "ingested_ok": int(ok.sum()), "silent_items": int((ok & ~has_audio).sum()),
+        "motion_only_topic_items": int((ok & paired).sum()), "topics": truth.n_topics, "seeds": list(seeds),
+        "train_seconds_median": round(statistics.median(train_seconds), 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "quick": quick,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation: ranking metrics, the full-ranking leave-one-out protocol, baselines and `recsys evaluate`."""

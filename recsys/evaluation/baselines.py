@@ -1,0 +1,275 @@
+"""Baseline rankers evaluated through the same protocol as the two-tower model.
+
+- `Popularity`: the same ranking for everyone, by train interaction count.
+- `ItemKNN`: cosine similarity between items' user sets (co-occurrence in train), each item
+  keeping its strongest neighbours; a user's score for an item sums its similarity to the
+  user's history.
+- `ImplicitALS`: matrix factorisation of the binary train matrix with confidence weights
+  (Hu, Koren & Volinsky 2008), solved by alternating least squares in torch. A user's vector is
+  folded in from the history given at scoring time (one exact least-squares step), so users
+  are scored from everything they did before the evaluated split, and users never seen in
+  training are scored too.
+
+- `OracleScorer`: on the synthetic corpus only, the generator's own choice weights at the
+  time of each held-out event: the best possible ranking in expectation, the ceiling that
+  model/oracle ratios are measured against.
+
+All fit from the train split only (the oracle reads the latent truth) and satisfy
+`recsys.evaluation.protocol.Scorer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+import torch
+from sklearn.metrics.pairwise import cosine_similarity
+
+from recsys.data.paths import PreparedPaths
+from recsys.data.synthetic_truth import SynthTruth
+from recsys.errors import DataFormatError
+from recsys.evaluation.protocol import Split, train_counts
+
+
+def history_matrix(histories: Sequence[np.ndarray], n_items: int) -> sp.csr_matrix:
+    """(B, n_items) binary CSR matrix: row b marks the items of histories[b] (repeats count once)."""
+    lengths = np.array([len(h) for h in histories], dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    indices = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if len(histories) else []
+    matrix = sp.csr_matrix(
+        (np.ones(int(lengths.sum()), dtype=np.float32), indices, indptr), shape=(len(histories), n_items)
+    )
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    return matrix
+
+
+def train_matrix(paths: PreparedPaths, n_users: int, n_items: int) -> sp.csr_matrix:
+    """(n_users, n_items) binary CSR matrix of the train interactions."""
+    train = pl.read_parquet(paths.train, columns=["user_idx", "item_idx"])
+    matrix = sp.csr_matrix(
+        (
+            np.ones(train.height, dtype=np.float32),
+            (train["user_idx"].to_numpy(), train["item_idx"].to_numpy()),
+        ),
+        shape=(n_users, n_items),
+    )
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    return matrix
+
+
+class Popularity:
+    """Most-popular: every user gets the items ranked by train interaction count."""
+
+    def __init__(self, counts: np.ndarray) -> None:
+        self.counts = np.asarray(counts, dtype=np.float32)  # (N,)
+
+    @classmethod
+    def fit(cls, paths: PreparedPaths) -> Popularity:
+        return cls(train_counts(paths))
+
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        return np.broadcast_to(self.counts, (len(user_idx), len(self.counts)))  # (B, N)
+
+
+class ItemKNN:
+    """Item-based nearest neighbours over cosine similarity of train co-occurrence."""
+
+    def __init__(self, similarity: sp.csr_matrix) -> None:
+        self.similarity = similarity.tocsr()  # (N, N): row i holds the kept neighbours of item i
+
+    @classmethod
+    def fit(cls, interactions: sp.csr_matrix, neighbours: int = 100) -> ItemKNN:
+        """Cosine between item columns of a binary (users, items) matrix, `neighbours` kept per item."""
+        similarity = cosine_similarity(interactions.T.tocsr(), dense_output=False).tocsr()  # (N, N)
+        similarity.setdiag(0.0)
+        similarity.eliminate_zeros()
+        return cls(keep_top_per_row(similarity, neighbours))
+
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        seen = history_matrix(histories, self.similarity.shape[0])  # (B, N)
+        return np.asarray((seen @ self.similarity).todense(), dtype=np.float32)  # (B, N)
+
+
+def keep_top_per_row(matrix: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """The CSR matrix with only the k largest entries of each row kept."""
+    matrix = matrix.tocsr()
+    keep = np.zeros(matrix.nnz, dtype=bool)
+    for row in range(matrix.shape[0]):
+        start, end = matrix.indptr[row], matrix.indptr[row + 1]
+        if end - start <= k:
+            keep[start:end] = True
+        else:
+            best = np.argpartition(matrix.data[start:end], -k)[-k:]
+            keep[start + best] = True
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    return sp.csr_matrix(
+        (matrix.data[keep], (rows[keep], matrix.indices[keep])), shape=matrix.shape, dtype=np.float32
+    )
+
+
+@dataclass
+class ALSSettings:
+    """Hyperparameters of implicit ALS."""
+
+    factors: int = 64
+    """Latent dimension"""
+    reg: float = 5.0
+    """L2 regularisation of both factor matrices"""
+    alpha: float = 10.0
+    """Confidence of an observed interaction: weight 1 + alpha against 1 for unobserved pairs"""
+    iterations: int = 10
+    """Alternating sweeps (users then items)"""
+    seed: int = 0
+    """Seed of the initial factors"""
+
+
+class ImplicitALS:
+    """Matrix factorisation of implicit feedback by weighted alternating least squares."""
+
+    def __init__(self, item_factors: torch.Tensor, settings: ALSSettings) -> None:
+        self.item_factors = item_factors  # (N, F)
+        self.settings = settings
+
+    @classmethod
+    def fit(cls, interactions: sp.csr_matrix, settings: ALSSettings | None = None) -> ImplicitALS:
+        """Alternate exact least-squares solves for user and item factors of a binary (users, items) matrix."""
+        settings = settings or ALSSettings()
+        generator = torch.Generator().manual_seed(settings.seed)
+        n_users, n_items = interactions.shape
+        by_item = interactions.T.tocsr()
+        users = torch.randn(n_users, settings.factors, generator=generator) * 0.01  # (U, F)
+        items = torch.randn(n_items, settings.factors, generator=generator) * 0.01  # (N, F)
+        for _ in range(settings.iterations):
+            users = conjugate_gradient_side(interactions.indptr, interactions.indices, items, users, settings)
+            items = conjugate_gradient_side(by_item.indptr, by_item.indices, users, items, settings)
+        return cls(items, settings)
+
+    def item_embeddings(self) -> np.ndarray:
+        """(N, F) item factors."""
+        return self.item_factors.numpy()
+
+    def user_embeddings(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """(B, F) user factors folded in from each history (the user index is not needed)."""
+        seen = history_matrix(histories, self.item_factors.shape[0])
+        return solve_exact(seen.indptr, seen.indices, self.item_factors, self.settings).numpy()
+
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        users = torch.from_numpy(self.user_embeddings(user_idx, histories))  # (B, F)
+        return (users @ self.item_factors.T).numpy()  # (B, N)
+
+
+def conjugate_gradient_side(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    fixed: torch.Tensor,
+    current: torch.Tensor,
+    settings: ALSSettings,
+    steps: int = 3,
+) -> torch.Tensor:
+    """One ALS half-step by a few conjugate-gradient steps from the current factors (Takács et al. 2011).
+
+    Solves the same normal equations as `solve_exact` for all rows at once without forming a
+    (F, F) matrix per row: each step costs O(nnz·F), which keeps fitting fast on large catalogues.
+    """
+    n_rows = len(indptr) - 1
+    rows = torch.from_numpy(np.repeat(np.arange(n_rows), np.diff(indptr)))  # (nnz,)
+    observed = fixed[torch.from_numpy(np.asarray(indices, dtype=np.int64))]  # (nnz, F)
+    gram = fixed.T @ fixed + settings.reg * torch.eye(fixed.shape[1])  # (F, F)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        dots = (observed * x[rows]).sum(dim=1, keepdim=True)  # (nnz, 1)
+        return (x @ gram).index_add_(0, rows, settings.alpha * dots * observed)  # (R, F)
+
+    rhs = torch.zeros_like(current).index_add_(0, rows, (1.0 + settings.alpha) * observed)  # (R, F)
+    x = current.clone()
+    residual = rhs - apply(x)  # (R, F)
+    direction = residual.clone()
+    norm = (residual * residual).sum(dim=1)  # (R,)
+    for _ in range(steps):
+        applied = apply(direction)  # (R, F)
+        step = norm / (direction * applied).sum(dim=1).clamp_min(1e-20)  # (R,)
+        x += step[:, None] * direction
+        residual -= step[:, None] * applied
+        new_norm = (residual * residual).sum(dim=1)  # (R,)
+        direction = residual + (new_norm / norm.clamp_min(1e-20))[:, None] * direction
+        norm = new_norm
+    return x
+
+
+def solve_exact(
+    indptr: np.ndarray, indices: np.ndarray, fixed: torch.Tensor, settings: ALSSettings, chunk: int = 1 << 16
+) -> torch.Tensor:
+    """One ALS half-step solved exactly: the least-squares factors of each CSR row given the other side's.
+
+    Row r with observed columns I solves (FᵀF + alpha·F_Iᵀ F_I + reg·1) x = (1 + alpha)·F_Iᵀ 1,
+    the weighted objective with confidence 1 + alpha on observed pairs and 1 elsewhere. Rows are
+    taken shortest first and padded into (R, L, F) blocks of about `chunk` observations, so
+    F_Iᵀ F_I is one batched matrix product per block.
+    """
+    n_rows, dim = len(indptr) - 1, fixed.shape[1]
+    gram = fixed.T @ fixed + settings.reg * torch.eye(dim)  # (F, F)
+    lengths = np.diff(indptr)
+    order = np.argsort(lengths, kind="stable")
+    out = torch.zeros(n_rows, dim)
+    start = 0
+    while start < n_rows:
+        longest = max(int(lengths[order[min(start + 1, n_rows) - 1]]), 1)
+        end = min(n_rows, start + max(1, chunk // longest))
+        longest = max(int(lengths[order[end - 1]]), 1)  # sorted: the block's last row is its longest
+        block = order[start:end]
+        rows = np.repeat(np.arange(len(block)), lengths[block])  # (nnz,) row within the block
+        slots = np.arange(len(rows)) - np.repeat(np.cumsum(lengths[block]) - lengths[block], lengths[block])
+        cols = np.asarray(indices, dtype=np.int64)[np.repeat(indptr[block], lengths[block]) + slots]  # (nnz,)
+        padded = torch.zeros(len(block), longest, dim)  # (R, L, F)
+        padded[torch.from_numpy(rows), torch.from_numpy(slots)] = fixed[torch.from_numpy(cols)]
+        lhs = gram + settings.alpha * padded.transpose(1, 2) @ padded  # (R, F, F)
+        rhs = (1.0 + settings.alpha) * padded.sum(dim=1)  # (R, F)
+        out[torch.from_numpy(block)] = torch.linalg.solve(lhs, rhs)
+        start = end
+    return out
+
+
+class OracleScorer:
+    """The synthetic corpus' latent truth as a ranker: log choice weights at each user's held-out event."""
+
+    def __init__(self, truth: SynthTruth, user_rows: np.ndarray, item_rows: np.ndarray, at: np.ndarray) -> None:
+        self.truth = truth
+        self.user_rows = user_rows  # (U,) truth row of each user_idx
+        self.item_rows = item_rows  # (N,) truth row of each item_idx
+        self.at = at  # (U,) timestamp of each user's held-out event
+
+    @classmethod
+    def for_split(cls, paths: PreparedPaths, synth_folder: Path, split: Split = "test") -> OracleScorer:
+        """The oracle for the held-out events of a prepared synthetic dataset's valid or test split.
+
+        With a leave-one-out split each user has one held-out event; with several (temporal split)
+        the user's earliest one gives the time.
+        """
+        truth = SynthTruth.load(synth_folder)
+        users = pl.read_parquet(paths.user_map).sort("user_idx")
+        items = pl.read_parquet(paths.item_map).sort("item_idx")
+        held_out = (
+            pl.read_parquet(paths.valid if split == "valid" else paths.test)
+            .group_by("user_idx").agg(pl.col("timestamp").min())
+        )
+        at = np.zeros(users.height, dtype=np.int64)
+        at[held_out["user_idx"].to_numpy()] = held_out["timestamp"].to_numpy()
+        return cls(
+            truth,
+            truth.user_index(users["user_id"].to_list()),
+            truth.item_index(items["item_id"].to_list()),
+            at,
+        )
+
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        user_idx = np.asarray(user_idx, dtype=np.int64)
+        if (user_idx < 0).any():
+            raise DataFormatError("the oracle scores only users of the synthetic corpus (user index -1 given)")
+        return self.truth.log_weights(self.user_rows[user_idx], self.at[user_idx], self.item_rows, tail=True)

@@ -1,0 +1,187 @@
+"""`recsys evaluate`: trained two-tower runs and the baselines, ranked by one protocol on one split.
+
+Returns (and logs to MLflow) a table with one row per model and one column per metric:
+HR/NDCG/MRR@K over all held-out interactions, the same on the cold-start slice (`cold_…`),
+catalogue coverage@K, and on the synthetic corpus each model's NDCG@K as a share of the oracle's.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+from recsys.config import EvaluateConfig, to_dict
+from recsys.data.paths import PreparedPaths
+from recsys.errors import MissingInputError
+from recsys.evaluation.baselines import ALSSettings, ImplicitALS, ItemKNN, OracleScorer, Popularity, train_matrix
+from recsys.evaluation.metrics import METRICS
+from recsys.evaluation.protocol import EvalCases, Scorer, evaluate_scorer, load_cases
+from recsys.files import read_json
+from recsys.tracking import fingerprint_files, start_run
+
+
+class SkippedModelWarning(UserWarning):
+    """A model was left out of the evaluation (no trained model yet, no oracle truth); the message says why."""
+
+
+def fit_baselines(config: EvaluateConfig, paths: PreparedPaths) -> dict[str, Scorer]:
+    """The configured baselines, fitted on the train split."""
+    meta = read_json(paths.meta)
+    scorers: dict[str, Scorer] = {}
+    needs_matrix = {"itemknn", "mf"} & set(config.baselines)
+    matrix = train_matrix(paths, meta["n_users"], meta["n_items"]) if needs_matrix else None
+    for name in config.baselines:
+        if name == "popularity":
+            scorers[name] = Popularity.fit(paths)
+        elif name == "itemknn":
+            scorers[name] = ItemKNN.fit(matrix, config.knn_neighbours)
+        elif name == "mf":
+            settings = ALSSettings(config.mf_factors, config.mf_reg, config.mf_alpha, config.mf_iterations, config.seed)
+            scorers[name] = ImplicitALS.fit(matrix, settings)
+    return scorers
+
+
+def model_name(use_ids: bool, content_dim: int, content_source: str) -> str:
+    """A readable name for a two-tower variant: the full model or one of its ablations."""
+    if not use_ids:
+        return f"two-tower content-only ({content_source})"
+    if content_dim == 0:
+        return "two-tower no-content"
+    return f"two-tower ({content_source})"
+
+
+def load_models(config: EvaluateConfig) -> tuple[dict[str, Scorer], dict[str, str], list[str]]:
+    """(name → scorer, name → run ID, notes) for the requested runs, or the newest when none is requested."""
+    from recsys.retrieval.trained_model import load_trained
+
+    scorers: dict[str, Scorer] = {}
+    run_of: dict[str, str] = {}
+    notes: list[str] = []
+    run_ids: Sequence[str | None] = config.run_ids or [None]
+    for run_id in run_ids:
+        try:
+            scorer = load_trained(config.processed_dir, config.dataset, run_id)
+        except MissingInputError as err:
+            if config.run_ids:
+                raise
+            notes.append(f"no trained two-tower model evaluated: {err}")
+            continue
+        spec = scorer.spec
+        name = model_name(spec.use_ids, spec.content_dim, spec.content_source)
+        if name in scorers:  # two runs of the same variant: tell them apart by run
+            name = f"{name} [{scorer.run_id[:8]}]"
+        scorers[name] = scorer
+        run_of[name] = str(scorer.run_id)
+    return scorers, run_of, notes
+
+
+def sample_cases(cases: EvalCases, max_cases: int | None, seed: int) -> EvalCases:
+    """All cases, or a seeded random sample of `max_cases` of them (in their original order)."""
+    if max_cases is None or max_cases >= len(cases):
+        return cases
+    rows = np.sort(np.random.default_rng(seed).choice(len(cases), size=max_cases, replace=False))
+    return cases.subset(rows)
+
+
+def evaluate_models(
+    scorers: dict[str, Scorer], cases: EvalCases, ks: Sequence[int], batch_size: int
+) -> pl.DataFrame:
+    """One row per model: its metrics on the cases, plus `ndcg@K/oracle` columns when an oracle is among them."""
+    rows = [{"model": name, **evaluate_scorer(scorer, cases, ks, batch_size)} for name, scorer in scorers.items()]
+    table = pl.DataFrame(rows)
+    if "oracle" in scorers:
+        oracle = table.filter(pl.col("model") == "oracle").row(0, named=True)
+        table = table.with_columns(
+            (pl.col(f"ndcg@{k}") / oracle[f"ndcg@{k}"]).alias(f"ndcg@{k}/oracle") for k in ks
+        )
+    return table
+
+
+def slug(name: str) -> str:
+    """A model name as MLflow accepts in metric and tag keys: runs of other characters become '-'."""
+    return re.sub(r"[^\w.\-]+", "-", name).strip("-")
+
+
+def metric_key(model: str, metric: str) -> str:
+    """An MLflow metric name `<model>/<metric>`, '@K' spelled '_at_K' (e.g. `itemknn/ndcg_at_10`)."""
+    return f"{slug(model)}/{slug(metric.replace('@', '_at_').replace('/oracle', '_over_oracle'))}"
+
+
+def metric_plot(table: pl.DataFrame, ks: Sequence[int]):  # -> matplotlib Figure (imported lazily)
+    """HR/NDCG/MRR against K, one line per model, one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), constrained_layout=True)
+    for axis, metric in zip(np.atleast_1d(axes), METRICS, strict=True):
+        for row in table.iter_rows(named=True):
+            axis.plot(list(ks), [row[f"{metric}@{k}"] for k in ks], marker="o", label=row["model"])
+        axis.set_xlabel("K")
+        axis.set_title(f"{metric.upper()}@K")
+        axis.set_xticks(list(ks))
+        axis.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    return figure
+
+
+def evaluate(config: EvaluateConfig) -> pl.DataFrame:
+    """Evaluate trained runs and baselines on one split; log every metric, the table and a plot to MLflow.
+
+    One row per model; besides the metrics, `run_id` names a two-tower row's training run (null for
+    baselines) and `mlflow_run_id` is this evaluation's run.
+    """
+    paths = PreparedPaths.of(config.processed_dir, config.dataset).require()
+    cases = sample_cases(load_cases(paths, config.split), config.max_cases, config.seed)
+    models, run_of, notes = load_models(config)
+    scorers: dict[str, Scorer] = {**models, **fit_baselines(config, paths)}
+    if config.oracle and config.dataset == "synth":
+        try:
+            scorers["oracle"] = OracleScorer.for_split(paths, config.raw_dir / "synth", config.split)
+        except MissingInputError as err:  # the truth lives beside the raw corpus, which may be elsewhere
+            notes.append(f"oracle skipped (give --raw-dir): {err}")
+    for note in notes:
+        warnings.warn(note, SkippedModelWarning, stacklevel=2)
+    inputs = {
+        "prepared": fingerprint_files([paths.train, paths.valid, paths.test]),
+        **{f"model.{slug(name)}": run_id for name, run_id in run_of.items()},
+    }
+    with start_run(config.dataset, "evaluate", to_dict(config), inputs) as run:
+        import mlflow
+
+        table = evaluate_models(scorers, cases, config.ks, config.batch_size)
+        for row in table.iter_rows(named=True):
+            mlflow.log_metrics({metric_key(row["model"], k): v for k, v in row.items() if k != "model"})
+        mlflow.log_table(table.to_pandas(), "evaluation.json")
+        figure = metric_plot(table, config.ks)
+        mlflow.log_figure(figure, "metrics_at_k.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+        if notes:
+            mlflow.set_tag("recsys.notes", "; ".join(notes))
+        mlflow.set_tag("recsys.split", config.split)
+    return table.with_columns(
+        pl.col("model").replace_strict(run_of, default=None, return_dtype=pl.String).alias("run_id"),
+        pl.lit(run.info.run_id).alias("mlflow_run_id"),
+    )
+
+
+def format_results(table: pl.DataFrame, ks: Sequence[int] = (10, 20, 50)) -> str:
+    """The main columns of an evaluation table as aligned text for the terminal."""
+    wanted = ["model", *(f"{m}@{k}" for k in ks for m in ("ndcg", "hr")), f"mrr@{ks[0]}", f"coverage@{ks[0]}"]
+    wanted += [c for c in (f"cold_ndcg@{ks[0]}", f"cold_hr@{ks[-1]}", f"ndcg@{ks[0]}/oracle") if c in table.columns]
+    shown = table.select([c for c in wanted if c in table.columns])
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,
+                   float_precision=4, tbl_width_chars=200, fmt_str_lengths=40):
+        text = str(shown)
+    cases = int(table["cases"][0]) if "cases" in table.columns and table.height else 0
+    cold = int(table["cold_cases"][0]) if "cold_cases" in table.columns and table.height else 0
+    run = f", MLflow run {table['mlflow_run_id'][0]}" if "mlflow_run_id" in table.columns and table.height else ""
+    return f"{text}\n{cases} held-out interactions ({cold} with a cold-start target){run}"
+

@@ -1,0 +1,167 @@
+"""The evaluation protocol: full ranking of the whole catalogue for each held-out interaction.
+
+Follows the standard time-ordered leave-one-out protocol on the split written by `data prepare`:
+
+- validation: each valid interaction is a target; the user's history is every train interaction;
+- test: each test interaction is a target; the history is every train and valid interaction.
+
+Every item of the history is excluded from the ranking (a re-watched target itself stays
+rankable), every other item of the catalogue competes, including videos nobody watched in
+training. The cold-start slice is the targets whose item has no train interaction at all.
+Any model that can score all items for a batch of users (`Scorer`) is evaluated by the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import polars as pl
+import torch
+
+from recsys.data.paths import PreparedPaths
+from recsys.errors import MissingInputError
+from recsys.evaluation.metrics import KS, CoverageCounter, mask_excluded, metrics_from_ranks, target_ranks
+from recsys.files import read_json
+
+Split = Literal["valid", "test"]
+
+
+class Scorer(Protocol):
+    """Anything that scores every catalogue item for a batch of users."""
+
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """Scores (B, n_items), higher is better.
+
+        user_idx: (B,) int64 internal user indices (-1 for a user unknown to the model);
+        histories: B arrays of item_idx, each the user's whole history oldest first (a scorer
+        that reads only the recent past truncates it itself).
+        """
+        ...
+
+
+@dataclass
+class EvalCases:
+    """The held-out targets of one split, with what a model may see and what it must not rank."""
+
+    split: Split
+    user_idx: np.ndarray
+    """(U,) int64: the user of each case."""
+    targets: np.ndarray
+    """(U,) int64: the held-out item of each case."""
+    histories: list[np.ndarray]
+    """U arrays of item_idx, oldest first: everything the user did before the split; also the exclusions."""
+    cold: np.ndarray
+    """(U,) bool: the target was never interacted with in train (the cold-start slice)."""
+    n_items: int
+    """Catalogue size: every item is ranked."""
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, rows: np.ndarray) -> EvalCases:
+        """The cases at `rows` (e.g. a sample for a quick evaluation)."""
+        return EvalCases(
+            self.split,
+            self.user_idx[rows],
+            self.targets[rows],
+            [self.histories[i] for i in rows],
+            self.cold[rows],
+            self.n_items,
+        )
+
+
+def split_lists(lists: pl.Series) -> list[np.ndarray]:
+    """A polars list column of int64 as one numpy array per row (empty for null rows)."""
+    if lists.len() == 0:
+        return []
+    lengths = lists.list.len().fill_null(0).to_numpy()
+    flat = lists.explode().drop_nulls().to_numpy().astype(np.int64)
+    return np.split(flat, np.cumsum(lengths)[:-1])
+
+
+def user_histories(frames: Sequence[pl.LazyFrame]) -> pl.LazyFrame:
+    """user_idx, history (list of item_idx oldest first) from interaction frames given in time order."""
+    # A stable sort keeps train rows before valid rows when their timestamps tie.
+    return (
+        pl.concat([f.select("user_idx", "item_idx", "timestamp") for f in frames])
+        .sort("user_idx", "timestamp", maintain_order=True)
+        .group_by("user_idx", maintain_order=True)
+        .agg(pl.col("item_idx").alias("history"))
+    )
+
+
+def train_counts(paths: PreparedPaths) -> np.ndarray:
+    """(n_items,) int64 train interactions per item (0 for cold-start items)."""
+    popularity = pl.read_parquet(paths.popularity).sort("item_idx")
+    return popularity["count"].to_numpy().astype(np.int64)
+
+
+def load_cases(paths: PreparedPaths, split: Split = "test") -> EvalCases:
+    """The evaluation cases of a prepared dataset's valid or test split."""
+    paths.require()
+    n_items = int(read_json(paths.meta)["n_items"])
+    target_path = paths.valid if split == "valid" else paths.test
+    before = [paths.train] if split == "valid" else [paths.train, paths.valid]
+    for path in [target_path, *before]:
+        if not path.exists():
+            raise MissingInputError(f"{path} is missing; run `recsys data prepare {paths.root.name}` again")
+    histories = user_histories([pl.scan_parquet(p) for p in before])
+    cases = (
+        pl.scan_parquet(target_path)
+        .with_row_index("_row")
+        .join(histories, on="user_idx", how="left")
+        .sort("_row")
+        .collect()
+    )
+    targets = cases["item_idx"].to_numpy().astype(np.int64)
+    return EvalCases(
+        split=split,
+        user_idx=cases["user_idx"].to_numpy().astype(np.int64),
+        targets=targets,
+        histories=split_lists(cases["history"]),
+        cold=train_counts(paths)[targets] == 0,
+        n_items=n_items,
+    )
+
+
+def evaluate_scorer(
+    scorer: Scorer,
+    cases: EvalCases,
+    ks: Sequence[int] = KS,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Mean HR/NDCG/MRR@K over all cases and over the cold-start slice, plus catalogue coverage@K.
+
+    Keys: `hr@10`, `ndcg@10`, `mrr@10`, ... for all cases, the same prefixed `cold_` for the
+    cold-start slice (absent when the slice is empty), `coverage@K`, and the counts `cases`
+    and `cold_cases`.
+    """
+    sums: dict[str, float] = {}
+    cold_sums: dict[str, float] = {}
+    coverage = CoverageCounter(cases.n_items, ks)
+    for start in range(0, len(cases), batch_size):
+        rows = slice(start, start + batch_size)
+        histories = cases.histories[rows]
+        # A copy (B, N): it is masked in place below and must never write into a scorer's cache.
+        scores = torch.tensor(np.asarray(scorer.score(cases.user_idx[rows], histories)), dtype=torch.float32)
+        if scores.shape != (len(histories), cases.n_items):
+            raise ValueError(f"scorer returned shape {tuple(scores.shape)}, expected ({len(histories)}, "
+                             f"{cases.n_items})")
+        targets = torch.from_numpy(cases.targets[rows])  # (B,)
+        mask_excluded(scores, histories, keep=targets)
+        per_case = metrics_from_ranks(target_ranks(scores, targets), ks)
+        cold = torch.from_numpy(cases.cold[rows])  # (B,)
+        for name, values in per_case.items():
+            sums[name] = sums.get(name, 0.0) + float(values.sum())
+            cold_sums[name] = cold_sums.get(name, 0.0) + float(values[cold].sum())
+        coverage.update(scores)
+    n, n_cold = len(cases), int(cases.cold.sum())
+    result = {name: total / max(n, 1) for name, total in sums.items()}
+    if n_cold:
+        result.update({f"cold_{name}": total / n_cold for name, total in cold_sums.items()})
+    result.update(coverage.result())
+    result.update({"cases": float(n), "cold_cases": float(n_cold)})
+    return result

@@ -1,0 +1,1 @@
+"""Networks (content encoders, fusion, two-tower) and the LightningModules that train them."""

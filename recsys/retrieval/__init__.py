@@ -1,0 +1,1 @@
+"""Retrieval: trained two-tower models, item indexes, recommend / similar / search."""

@@ -1,0 +1,106 @@
+"""`recsys evaluate`: one table for trained runs, baselines and the oracle, logged to MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from recsys.cli import main
+from recsys.config import ConfigError, EvaluateConfig
+from recsys.data.paths import PreparedPaths
+from recsys.errors import MissingInputError
+from recsys.evaluation.evaluate import SkippedModelWarning, evaluate, metric_key
+from tests.evaluation.grouped_data import USERS, build_prepared
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory: pytest.TempPathFactory) -> PreparedPaths:
+    return build_prepared(tmp_path_factory.mktemp("grouped"))
+
+
+def test_baselines_are_evaluated_and_logged_without_a_trained_model(paths: PreparedPaths) -> None:
+    config = EvaluateConfig(processed_dir=paths.root.parent, mf_factors=8, mf_reg=1.0)
+    with pytest.warns(UserWarning, match="no trained two-tower model.*recsys train retrieval movielens-100k"):
+        table = evaluate(config)
+    assert table["model"].to_list() == ["popularity", "itemknn", "mf"]
+    assert set(table["cases"]) == {USERS}
+    ndcg = dict(zip(table["model"], table["ndcg@10"], strict=True))
+    assert ndcg["itemknn"] > ndcg["popularity"] and ndcg["mf"] > ndcg["popularity"]
+    assert "cold_ndcg@10" in table.columns and "ndcg@10/oracle" not in table.columns
+
+    run = mlflow.get_run(table["mlflow_run_id"][0])
+    assert run.data.tags["recsys.step"] == "evaluate" and run.data.tags["recsys.split"] == "test"
+    assert run.data.metrics[metric_key("itemknn", "ndcg@10")] == pytest.approx(ndcg["itemknn"])
+    assert run.data.metrics["mf/cold_hr_at_50"] == pytest.approx(table["cold_hr@50"][2])
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"metrics_at_k.png", "evaluation.json", "config.json"} <= artifacts
+
+
+def test_a_sample_of_cases_is_seeded(paths: PreparedPaths) -> None:
+    config = EvaluateConfig(processed_dir=paths.root.parent, baselines=("popularity",), max_cases=20, seed=3)
+    with pytest.warns(UserWarning):
+        first, second = evaluate(config), evaluate(config)
+    assert first["cases"][0] == 20
+    assert first.drop("mlflow_run_id").equals(second.drop("mlflow_run_id"))
+
+
+def test_requested_run_that_does_not_exist_is_an_error(paths: PreparedPaths) -> None:
+    with pytest.raises(MissingInputError, match="no trained model 'nope'"):
+        evaluate(EvaluateConfig(processed_dir=paths.root.parent, run_ids=("nope",)))
+
+
+def test_config_rejects_bad_cut_offs() -> None:
+    with pytest.raises(ConfigError, match="ks must be"):
+        EvaluateConfig(ks=(0, 10))
+
+
+def test_cli_prints_the_table(paths: PreparedPaths, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["evaluate", "movielens-100k", "--processed-dir", str(paths.root.parent),
+                 "--baselines", "popularity", "itemknn", "--ks", "5", "10"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "ndcg@5" in out and "itemknn" in out and "popularity" in out and "mf" not in out.split()
+    assert f"{USERS} held-out interactions" in out
+
+
+@pytest.mark.slow
+def test_oracle_on_the_synthetic_corpus_is_the_ceiling(tmp_path: Path) -> None:
+    from recsys.config import PrepareConfig, SynthConfig
+    from recsys.data.prepare import prepare
+    from recsys.data.synthetic import synthesize
+
+    synthesize(SynthConfig(preset="small", raw_dir=tmp_path / "raw", workers=1))
+    prepare(PrepareConfig(dataset="synth", raw_dir=tmp_path / "raw", processed_dir=tmp_path / "processed"))
+    with pytest.warns(UserWarning, match="no trained two-tower model"):
+        table = evaluate(EvaluateConfig(dataset="synth", processed_dir=tmp_path / "processed",
+                                        raw_dir=tmp_path / "raw", baselines=("popularity", "itemknn")))
+    rows = {row["model"]: row for row in table.iter_rows(named=True)}
+    assert rows["oracle"]["ndcg@10/oracle"] == pytest.approx(1.0)
+    for name in ("popularity", "itemknn"):
+        assert rows[name]["ndcg@10"] < rows["oracle"]["ndcg@10"]
+        assert rows[name]["ndcg@10/oracle"] == pytest.approx(rows[name]["ndcg@10"] / rows["oracle"]["ndcg@10"])
+    # Cold videos have no training history, but the truth knows their topic.
+    assert rows["oracle"]["cold_ndcg@10"] > rows["popularity"]["cold_ndcg@10"]
+    # Without the raw corpus the oracle is left out with a note; the rest is still evaluated.
+    with pytest.warns(SkippedModelWarning, match="oracle skipped .*recsys data synth"):
+        table = evaluate(EvaluateConfig(dataset="synth", processed_dir=tmp_path / "processed",
+                                        raw_dir=tmp_path / "elsewhere", baselines=("popularity",)))
+    assert table["model"].to_list() == ["popularity"] and "ndcg@10/oracle" not in table.columns
+
+
+@pytest.mark.slow
+def test_trained_two_tower_run_is_evaluated_beside_the_baselines(tmp_path: Path) -> None:
+    from tests.tiny_model import build
+
+    processed_dir, result = build(tmp_path, epochs=4)
+    table = evaluate(EvaluateConfig(processed_dir=processed_dir, run_ids=(result.run_id,), split="valid",
+                                    baselines=("popularity",)))
+    rows = {row["model"]: row for row in table.iter_rows(named=True)}
+    assert set(rows) == {"two-tower no-content", "popularity"}
+    # The same protocol as the model's own validation: the same NDCG@10 on the validation split.
+    assert rows["two-tower no-content"]["ndcg@10"] == pytest.approx(result.best_val_ndcg, abs=1e-4)
+    assert rows["two-tower no-content"]["ndcg@10"] > rows["popularity"]["ndcg@10"]
+    run = mlflow.get_run(table["mlflow_run_id"][0])
+    assert run.data.tags["recsys.input.model.two-tower-no-content"] == result.run_id

@@ -1,0 +1,231 @@
+"""Training the two-tower model end to end on a tiny prepared dataset whose structure is known.
+
+The dataset (written as MovieLens-100k files, then run through the real `prepare`): videos
+belong to topics; each user follows one topic and watches its videos in a fixed cyclic order
+from a random start. The next video is therefore predictable from the history, while every
+video is about equally popular. One extra video per topic is never watched (cold start); its
+"title embedding" in the feature store encodes its topic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from recsys.cli import main
+from recsys.config import PrepareConfig, RetrievalConfig
+from recsys.data.paths import PreparedPaths
+from recsys.data.prepare import prepare
+from recsys.errors import DataFormatError, MissingInputError
+from recsys.models.retrieval_module import rank_of_targets, sampled_softmax_loss
+from recsys.models.train_retrieval import RetrievalResult, train_retrieval
+from recsys.retrieval.trained_model import load_trained
+
+TOPICS, PER_TOPIC, USERS_PER_TOPIC, EVENTS = 6, 10, 20, 8
+DATASET = "movielens-100k"
+
+
+def write_topic_dataset(root: Path, seed: int = 0) -> PreparedPaths:
+    """Raw MovieLens-format files with topic-sequential users, prepared into `root/processed`."""
+    rng = np.random.default_rng(seed)
+    raw = root / "raw" / DATASET
+    raw.mkdir(parents=True)
+    ratings = []
+    user = 0
+    for topic in range(TOPICS):
+        for _ in range(USERS_PER_TOPIC):
+            user += 1
+            start = rng.integers(PER_TOPIC)
+            for step in range(EVENTS):
+                item = topic * PER_TOPIC + (start + step) % PER_TOPIC + 1
+                ratings.append(f"{user}\t{item}\t4\t{880000000 + user * 1000 + step}")
+    (raw / "u.data").write_text("\n".join(ratings) + "\n")
+    n_warm = TOPICS * PER_TOPIC
+    titles = [f"{i}|Topic{topic_of_item_id(i)} video {i} (1995)|01-Jan-1995||http://x|" + "|".join("0" * 19)
+              for i in range(1, n_warm + TOPICS + 1)]
+    (raw / "u.item").write_text("\n".join(titles) + "\n", encoding="latin-1")
+    prepare(PrepareConfig(dataset=DATASET, raw_dir=root / "raw", processed_dir=root / "processed"))
+    paths = PreparedPaths.of(root / "processed", DATASET)
+    topics = item_topics(paths)
+    noise = np.random.default_rng(seed + 1).normal(0, 0.1, (len(topics), 16))
+    embedding = (np.eye(16)[topics] + noise).astype(np.float32)  # (N, 16) topic one-hot + noise
+    paths.features.mkdir(parents=True)
+    np.save(paths.features / "title_embedding.npy", embedding)
+    return paths
+
+
+def topic_of_item_id(item_id: int) -> int:
+    n_warm = TOPICS * PER_TOPIC
+    return (item_id - 1) // PER_TOPIC if item_id <= n_warm else item_id - n_warm - 1
+
+
+def item_topics(paths: PreparedPaths) -> np.ndarray:
+    """(N,) topic of each item_idx, read back from the prepared titles."""
+    items = pl.read_parquet(paths.items).sort("item_idx")
+    return items["title"].str.extract(r"Topic(\d+)").cast(pl.Int64).to_numpy()
+
+
+def quick_config(paths: PreparedPaths, **changes: object) -> RetrievalConfig:
+    config = RetrievalConfig(dataset=DATASET, processed_dir=paths.root.parent, dim=32, batch_size=64,
+                             max_epochs=12, patience=4, threads=1, progress_bar=False)
+    return replace(config, **changes)
+
+
+@pytest.fixture(scope="module")
+def topic_data(tmp_path_factory: pytest.TempPathFactory, mlflow_store: str) -> Iterator[PreparedPaths]:
+    with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse per-test store is not set yet
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+        yield write_topic_dataset(tmp_path_factory.mktemp("topics"))
+
+
+@pytest.fixture(scope="module")
+def trained(topic_data: PreparedPaths, mlflow_store: str) -> Iterator[RetrievalResult]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+        yield train_retrieval(quick_config(topic_data))
+
+
+def popularity_ndcg(paths: PreparedPaths) -> float:
+    """Validation NDCG@10 of the most-popular ranking (train items excluded), by the same ranking code."""
+    counts = pl.read_parquet(paths.popularity).sort("item_idx")["count"].to_numpy().astype(np.float32)
+    train = pl.read_parquet(paths.train)
+    valid = pl.read_parquet(paths.valid).sort("user_idx")
+    rows = valid.with_row_index("row").join(train, on="user_idx", suffix="_seen")
+    scores = torch.from_numpy(np.tile(counts, (valid.height, 1)))
+    ranks = rank_of_targets(scores, torch.from_numpy(valid["item_idx"].to_numpy()),
+                            torch.from_numpy(rows["row"].cast(pl.Int64).to_numpy()),
+                            torch.from_numpy(rows["item_idx_seen"].to_numpy())).float()
+    return float(torch.where(ranks < 10, 1 / torch.log2(ranks + 2), torch.zeros_like(ranks)).mean())
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+
+
+def test_accidental_hits_are_masked_and_logq_correction_favours_popular_negatives() -> None:
+    torch.manual_seed(0)
+    users, items = torch.randn(4, 8), torch.randn(4, 8)
+    targets = torch.tensor([5, 6, 5, 7])
+    loss = sampled_softmax_loss(users, items, targets, 1.0, None)
+    # Row 0's duplicate target (row 2) is not a negative for it: identical to dropping that column.
+    def manual(logits: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.logsumexp(logits[i, [j for j in range(4) if j == i or targets[j] != targets[i]]], 0)
+                - logits[i, i] for i in range(4)]
+
+    logits = users @ items.T  # (4, 4)
+    torch.testing.assert_close(loss, torch.stack(manual(logits)).mean())
+    # logQ: every logit of a column drops by the log sampling probability of that column's item, so a
+    # frequently sampled item pushes the other rows' scores down less.
+    log_q = torch.tensor([0.0, 0.0, 0.0, 5.0])
+    corrected = manual(logits - log_q)
+    torch.testing.assert_close(sampled_softmax_loss(users, items, targets, 1.0, log_q), torch.stack(corrected).mean())
+    assert all(c < u for c, u in zip(corrected[:3], manual(logits)[:3], strict=True))
+
+
+def test_uniform_negatives_equal_to_the_target_are_masked() -> None:
+    user, item = torch.ones(1, 4), torch.ones(1, 4)
+    target = torch.tensor([3])
+    assert sampled_softmax_loss(user, item, target, 1.0, None) == 0  # alone in its batch: nothing to beat
+    extra = torch.ones(2, 4)
+    masked = sampled_softmax_loss(user, item, target, 1.0, None, extra, torch.tensor([3, 3]), 0.0)
+    assert masked == 0  # the "negatives" are the target itself
+    real = sampled_softmax_loss(user, item, target, 1.0, None, extra, torch.tensor([3, 8]), 0.0)
+    torch.testing.assert_close(real, torch.log(torch.tensor(2.0)))  # one real negative as close as the target
+
+
+def test_rank_ignores_excluded_items() -> None:
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.5], [0.1, 0.2, 0.3, 0.4]])
+    ranks = rank_of_targets(scores, torch.tensor([2, 0]), torch.tensor([0, 0]), torch.tensor([0, 1]))
+    assert ranks.tolist() == [1, 3]
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_training_learns_the_sequences_and_beats_popularity(trained: RetrievalResult, topic_data: PreparedPaths
+                                                            ) -> None:
+    losses = [epoch["train_loss"] for epoch in trained.history]
+    assert losses[-1] < 0.7 * losses[0]
+    assert trained.content_source == "title"  # auto picks the title embedding when no fused one exists
+    baseline = popularity_ndcg(topic_data)
+    assert baseline < 0.3
+    assert trained.best_val_ndcg > baseline + 0.4
+    run = mlflow.get_run(trained.run_id)
+    assert run.data.tags["recsys.step"] == "train_retrieval"
+    assert "recsys.input.prepared" in run.data.tags
+    per_epoch = mlflow.MlflowClient().get_metric_history(trained.run_id, "val_ndcg_10")
+    assert len(per_epoch) == trained.epochs
+    assert max(m.value for m in per_epoch) == pytest.approx(trained.best_val_ndcg)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(trained.run_id, "checkpoint")}
+    assert "checkpoint/best.ckpt" in artifacts
+
+
+def test_cold_items_are_ranked_by_their_content(trained: RetrievalResult, topic_data: PreparedPaths) -> None:
+    scorer = load_trained(topic_data.root.parent, DATASET, trained.run_id)
+    topics = item_topics(topic_data)
+    counts = pl.read_parquet(topic_data.popularity).sort("item_idx")["count"].to_numpy()
+    cold = np.flatnonzero(counts == 0)
+    assert len(cold) == TOPICS
+    embeddings = scorer.item_embeddings()  # (N, D)
+    warm = np.flatnonzero(counts > 0)
+    for item in cold:
+        nearest = warm[np.argsort(-(embeddings[warm] @ embeddings[item]))[:5]]
+        assert (topics[nearest] == topics[item]).mean() >= 0.8
+    # Among the cold items, a user's own topic comes first.
+    histories = [warm[topics[warm] == t][:4] for t in range(TOPICS)]
+    scores = scorer.score(np.full(TOPICS, -1), histories)[:, cold]  # (topics, cold items)
+    assert (topics[cold][scores.argmax(axis=1)] == np.arange(TOPICS)).all()
+
+
+def test_an_unseen_user_with_a_history_gets_the_next_video(trained: RetrievalResult, topic_data: PreparedPaths
+                                                           ) -> None:
+    scorer = load_trained(topic_data.root.parent, DATASET, trained.run_id)
+    items = pl.read_parquet(topic_data.items).sort("item_idx")
+    index_of = dict(zip(items["item_id"].cast(pl.Int64).to_list(), items["item_idx"].to_list(), strict=True))
+    topic = 2
+    watched = [index_of[topic * PER_TOPIC + k] for k in range(1, 6)]  # videos 1..5 of the topic, in order
+    scores = scorer.score(np.array([-1]), [np.array(watched)])[0]
+    scores[watched] = -math.inf
+    top = np.argsort(-scores)[:3]
+    assert index_of[topic * PER_TOPIC + 6] in top.tolist()
+
+
+def test_resume_continues_from_the_last_checkpoint(topic_data: PreparedPaths) -> None:
+    first = train_retrieval(quick_config(topic_data, max_epochs=1))
+    assert first.epochs == 1
+    resumed = train_retrieval(quick_config(topic_data, max_epochs=3, patience=10, resume=True))
+    assert [epoch["epoch"] for epoch in resumed.history] == [1, 2]  # epoch 0 is not trained again
+    assert resumed.epochs == 3
+    tags = mlflow.get_run(resumed.run_id).data.tags
+    assert tags["recsys.input.resumed_from"] == first.run_id
+    assert load_trained(topic_data.root.parent, DATASET).run_id == resumed.run_id
+
+
+def test_missing_inputs_are_reported_clearly(tmp_path: Path) -> None:
+    with pytest.raises(MissingInputError, match="holds no prepared dataset"):
+        train_retrieval(RetrievalConfig(dataset=DATASET, processed_dir=tmp_path))
+    paths = write_topic_dataset(tmp_path)
+    with pytest.raises(MissingInputError, match="content_embedding.npy does not exist"):
+        train_retrieval(quick_config(paths, content="fused"))
+    with pytest.raises(MissingInputError, match="--resume: no checkpoint"):
+        train_retrieval(quick_config(paths, content="none", resume=True))
+    np.save(paths.features / "title_embedding.npy", np.zeros((3, 16), np.float32))
+    with pytest.raises(DataFormatError, match=r"expected \(66, D\) rows"):
+        train_retrieval(quick_config(paths, content="title"))
+
+
+def test_cli_trains_an_id_only_model(topic_data: PreparedPaths, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["train", "retrieval", DATASET, "--processed-dir", str(topic_data.root.parent), "--content", "none",
+                 "--max-epochs", "1", "--batch-size", "64", "--threads", "1", "--no-progress-bar"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "two-tower model (content: none) trained 1 epoch(s)" in out
+    scorer = load_trained(topic_data.root.parent, DATASET)
+    assert scorer.spec.content_dim == 0 and scorer.spec.use_ids
