@@ -4,11 +4,11 @@ Three losses, all InfoNCE with one learnable temperature:
 - cross-modal: the video (frames, motion), audio and title embeddings of the same item must
   find each other among the batch; pairs only join modalities of different sources, so the
   only way to agree is through what the video is about (its topic), not its pixels;
-- motion: two random temporal crops of the same clip must find each other, with each clip's
-  own time-reversed crop among the negatives. The reversed clip has the same look, sound and
-  title and differs only in which way things move, so this is what teaches the motion encoder
-  direction (the synthetic corpus has topics that differ only in that); order-blind mean
-  pooling cannot win it, which is the point of the GRU;
+- motion (arrow of time): of two random temporal crops of a clip, the second must match the
+  first better than the second played backwards does. The reversed crop has the same look,
+  sound and title and differs only in which way things move, so this is what teaches the
+  motion encoder direction (the synthetic corpus has topics that differ only in that);
+  order-blind mean pooling scores both alike and can never win it, which is the point of the GRU;
 - fusion: the fused embedding of all *other* sources must find each held-out modality, which
   trains the fusion weights and makes the fused embedding work when a modality is missing;
 - distillation (optional, weight > 0): a linear head on the fused embedding must find the
@@ -131,12 +131,15 @@ class ContentModule(pl.LightningModule):
 
     def _views(self, features: Tensor, frame_mask: Tensor, stacked: Tensor, mask: Tensor, zero: Tensor,
                generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """Temporal-crop losses: (motion crop → other crop, fused embedding with one crop → other crop).
+        """Arrow-of-time losses: (motion of crop a, fused embedding with crop a) must prefer crop b to crop b
+        played backwards, for two random crops a, b of each clip.
 
-        Negatives are the other items' crops and every item's own crop played backwards.
+        The reversed crop has the same frames, so the same look; only which way things move tells
+        it apart. Contrasting with other items as well would let appearance alone solve the task
+        (and the cross-modal loss already covers appearance), so the choice is between the two.
         """
         rows = frame_mask.sum(1) >= 4  # (B,) room for two crops of at least two frames
-        if rows.sum() < 2:
+        if rows.sum() < 1:
             return zero, zero
         features, frame_mask = features[rows], frame_mask[rows]  # (n, T, F), (n, T)
         stacked, mask = stacked[rows], mask[rows]  # (n, M, D), (n, M)
@@ -144,23 +147,24 @@ class ContentModule(pl.LightningModule):
         crops = [random_crop(frame_mask, low, high, generator=generator) for _ in range(2)]
         # Each crop is also moved to a random place in the frame, so where the object is (for
         # instance at the end of the crop, which its reversal does not share) cannot give the
-        # match away: only which way it moves can.
+        # answer away: only which way it moves can.
         cnn = self.encoder.frame_cnn
         shifted = [cnn.translate(features, torch.rand(len(features), 1, 2, generator=generator,
                                                       device=features.device) - 0.5) for _ in crops]
         motion = [self.encoder.embed_motion(x, crop) for x, crop in zip(shifted, crops, strict=True)]
         backward = [self.encoder.embed_motion(*reverse_time(x, crop)) for x, crop in zip(shifted, crops, strict=True)]
-        target = torch.arange(features.shape[0], device=features.device)
+        forward_wins = torch.zeros(len(features), dtype=torch.long, device=features.device)
         motion_loss, fused_loss = zero, zero
         for a, b in ((0, 1), (1, 0)):
-            keys = torch.cat([motion[b], backward[b]])  # (2n, D)
-            motion_loss = motion_loss + 0.5 * F.cross_entropy(self.scale * motion[a] @ keys.T, target)
-            # The fused embedding sees crop a in place of the whole clip; only if it keeps the
-            # direction of motion can it tell crop b from crop b reversed.
+            keys = torch.stack([motion[b], backward[b]], dim=1)  # (n, 2, D): forward, reversed
+            logits = self.scale * torch.einsum("nd,nkd->nk", motion[a], keys)  # (n, 2)
+            motion_loss = motion_loss + 0.5 * F.cross_entropy(logits, forward_wins)
+            # The fused embedding sees crop a in place of the whole clip: it must keep the direction too.
             video = torch.stack([self.encoder.embed_frames(shifted[a], crops[a]), motion[a]], dim=1)  # (n, 2, D)
             view = torch.cat([video, stacked[:, 2:]], dim=1)  # (n, M, D): MODALITIES lists video first
             fused = self.encoder.fuse(view, mask)  # (n, D)
-            fused_loss = fused_loss + 0.5 * F.cross_entropy(self.scale * fused @ keys.T, target)
+            logits = self.scale * torch.einsum("nd,nkd->nk", fused, keys)  # (n, 2)
+            fused_loss = fused_loss + 0.5 * F.cross_entropy(logits, forward_wins)
         return motion_loss, fused_loss
 
     def _leave_one_out(self, stacked: Tensor, mask: Tensor, zero: Tensor) -> Tensor:

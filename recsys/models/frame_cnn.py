@@ -9,6 +9,7 @@ needs a network connection.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -193,7 +194,9 @@ class FrameCNN(nn.Module):
         super().__init__()
         self.backbone, self.channels = build_backbone(backbone, weights)
         self.out_dim = 3 * self.channels
-        self.log_temperature = nn.Parameter(torch.zeros(self.channels))
+        # A sharp softmax from the start (T = 0.2): a flat one puts every channel at the centre,
+        # and then the coordinates carry no motion for the temporal encoder to learn from.
+        self.log_temperature = nn.Parameter(torch.full((self.channels,), math.log(0.2)))
         self.frozen = freeze
         if freeze:
             self.backbone.requires_grad_(False)
