@@ -504,11 +504,11 @@ class ContentConfig:
     """Weight of the loss aligning fused embeddings with a trained two-tower model's item embeddings; 0: off"""
     distill_run: str | None = None
     """Two-tower run to distil from (see `recsys train retrieval`); unset: the dataset's latest"""
-    batch_size: int = 64
+    batch_size: int = 32
     """Items per batch (each other's negatives in the contrastive losses)"""
-    max_epochs: int = 15
+    max_epochs: int = 12
     """Most passes over the training items"""
-    patience: int = 4
+    patience: int = 3
     """Stop after this many epochs without a lower validation loss"""
     learning_rate: float = 2e-3
     """AdamW learning rate (cosine-annealed over max_epochs)"""

@@ -410,12 +410,12 @@ def _plain(spec: SynthSpec) -> dict[str, Any]:
 
 def _render_all(videos: list[VideoSpec], folder: Path, workers: int) -> int:
     """Render every video, spread over `workers` processes (0 = every core); deterministic in any order."""
-    workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(videos) < 8:
-        return render_videos(videos, str(folder))
+    workers = min(workers or os.cpu_count() or 1, len(videos)) or 1
     chunk = max(1, math.ceil(len(videos) / (workers * 8)))
     batches = [videos[i:i + chunk] for i in range(0, len(videos), chunk)]
-    # spawn: a fresh interpreter per worker, safe whatever threads the parent has started.
+    # Always in spawned workers, even for one: a fresh interpreter per worker is safe whatever threads
+    # the parent has started, and the encoded bytes cannot depend on what the calling process did before
+    # (in-process rendering after other PyAV work gave different H.264 frames in a full test run).
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         return sum(pool.map(render_videos, batches, [str(folder)] * len(batches)))
 
