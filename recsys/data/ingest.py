@@ -140,7 +140,7 @@ def _decode(row: MediaRow, file: Path, layout: StoreLayout, max_pixels: int
     if sampler is not None:
         frames, mask = sampler.finish()
         row.n_frames = sampler.decoded
-        expected = video.frames if video is not None else 0
+        expected = _trusted_frame_count(video)
         if sampler.decoded == 0:
             return row.fail("no decodable video frames"), empty_arrays(layout)
         if expected and sampler.decoded < 0.9 * expected:
@@ -422,3 +422,18 @@ def manifest_counts(manifest: pl.DataFrame) -> dict[str, int]:
         with_title=pl.col("has_title").sum(),
     ).row(0, named=True)
     return {name: int(value) for name, value in row.items()}
+
+
+def _trusted_frame_count(video: Any) -> int:
+    """The stream's declared frame count, or 0 when it cannot be evidence of truncation.
+
+    Muxers may leave the count of a very short stream unset or garbage (seen: a one-frame MP4
+    declaring 7.8e18 frames); only a count that agrees with the stream's own duration is used.
+    """
+    if video is None or not video.frames:
+        return 0
+    if video.duration and video.time_base and video.average_rate:
+        implied = float(video.duration * video.time_base * video.average_rate)
+        if video.frames > 2 * implied + 2:
+            return 0
+    return video.frames if video.frames < 10**7 else 0
