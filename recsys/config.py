@@ -497,7 +497,9 @@ class ContentConfig:
     temperature: float = 0.1
     """Initial InfoNCE temperature (learned during training)"""
     motion_weight: float = 1.0
-    """Weight of the loss matching two time crops of a clip against its time-reversed crop (teaches direction)"""
+    """Weight of the arrow-of-time loss: a crop of a clip must match another crop of it, not that crop reversed"""
+    augment: bool = True
+    """Train on random stretches of each clip and sound and with title dimensions dropped (less memorising)"""
     fusion_weight: float = 1.0
     """Weight of the loss making the fused embedding of the other modalities find each held-out one"""
     distill_weight: float = 0.0
@@ -510,6 +512,8 @@ class ContentConfig:
     """Most passes over the training items"""
     patience: int = 3
     """Stop after this many epochs without a lower validation loss"""
+    embed_from: Literal["last", "best"] = "last"
+    """Checkpoint that embeds the items: the last epoch, or the one with the lowest validation loss"""
     learning_rate: float = 2e-3
     """AdamW learning rate (cosine-annealed over max_epochs)"""
     weight_decay: float = 1e-4

@@ -42,7 +42,7 @@ class _DilatedBlock(nn.Module):
 class AudioEncoder(nn.Module):
     """Log-mel (B, n_mels, L) and time mask (B, L) → embedding (B, out_dim); zeros when no step is valid."""
 
-    def __init__(self, n_mels: int, out_dim: int, channels: int = 64, hidden_dim: int = 128,
+    def __init__(self, n_mels: int, out_dim: int, channels: int = 32, hidden_dim: int = 128,
                  dilations: tuple[int, ...] = (1, 2, 4, 8)) -> None:
         super().__init__()
         # Non-overlapping stem windows: output step j is valid exactly when its 4 input steps are.

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recsys.models.audio_encoder import AudioEncoder
-from recsys.models.frame_cnn import Backbone, FrameCNN, frames_to_float
+from recsys.models.frame_cnn import Backbone, FrameCNN
 from recsys.models.fusion import FusionKind, ModalityFusion
 from recsys.models.temporal import TemporalEncoder, TemporalKind, masked_mean
 from recsys.models.title_encoder import SENTENCE_DIM, TitleEncoder
@@ -100,11 +100,10 @@ class ContentEncoder(nn.Module):
     def frame_features(self, frames: Tensor, frame_mask: Tensor) -> Tensor:
         """Backbone features of every valid frame (B, T, F); padded frames are skipped and left zero."""
         b, t = frame_mask.shape
-        flat_mask = frame_mask.reshape(b * t)  # (B*T,)
-        images = frames_to_float(frames.reshape(b * t, *frames.shape[2:])[flat_mask])  # (V, 3, S, S)
+        rows = frame_mask.reshape(b * t).nonzero().squeeze(1)  # (V,) indices of the valid frames
+        images = self.frame_cnn.prepare(frames.reshape(b * t, *frames.shape[2:]).index_select(0, rows))  # (V, 3, S, S)
         valid = self.frame_cnn(images)  # (V, F)
-        features = valid.new_zeros(b * t, valid.shape[1])
-        features = features.index_put((flat_mask.nonzero().squeeze(1),), valid)  # (B*T, F)
+        features = valid.new_zeros(b * t, valid.shape[1]).index_put((rows,), valid)  # (B*T, F)
         return features.view(b, t, -1)  # (B, T, F)
 
     def modality_mask(self, inputs: ContentInputs) -> Tensor:

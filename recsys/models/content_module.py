@@ -1,23 +1,26 @@
-"""`ContentModule`: trains the content encoder by cross-modal contrastive alignment.
+"""`ContentModule`: trains the content encoder without labels or interactions.
 
-Three losses, all InfoNCE with one learnable temperature:
-- cross-modal: the video (frames, motion), audio and title embeddings of the same item must
-  find each other among the batch; pairs only join modalities of different sources, so the
-  only way to agree is through what the video is about (its topic), not its pixels;
+Loss terms, all scaled by one learnable temperature:
+- cross: InfoNCE between the video (frames, motion), audio and title embeddings of the same
+  item among the batch; pairs only join modalities of different sources, so the only way to
+  agree is through what the video is about (its topic), not its pixels;
 - motion (arrow of time): of two random temporal crops of a clip, the second must match the
   first better than the second played backwards does. The reversed crop has the same look,
   sound and title and differs only in which way things move, so this is what teaches the
   motion encoder direction (the synthetic corpus has topics that differ only in that);
   order-blind mean pooling scores both alike and can never win it, which is the point of the GRU;
-- fusion: the fused embedding of all *other* sources must find each held-out modality, which
-  trains the fusion weights and makes the fused embedding work when a modality is missing;
-- distillation (optional, weight > 0): a linear head on the fused embedding must find the
+- fusion: InfoNCE between the fused embedding of all *other* sources and each held-out
+  modality, which trains the fusion weights and makes the fused embedding work when a modality
+  is missing; fused_motion: the arrow-of-time choice made from the fused embedding, so that
+  fusing does not average the direction of motion away;
+- distill (optional, weight > 0): InfoNCE between a linear head on the fused embedding and the
   item's collaborative embedding from a trained two-tower model, for items with interactions;
   cold-start items then inherit collaborative structure through their content.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from itertools import combinations
 from typing import Any
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recsys.models.audio_encoder import STEM_STRIDE
 from recsys.models.content_encoder import (
     MODALITIES,
     SOURCES,
@@ -71,6 +75,7 @@ class ContentModule(pl.LightningModule):
         fusion_weight: float = 1.0,
         motion_weight: float = 1.0,
         crop: tuple[float, float] = (0.5, 0.8),
+        augment: bool = True,
         distill_weight: float = 0.0,
         collab_embeddings: Tensor | None = None,
         max_epochs: int = 20,
@@ -115,7 +120,8 @@ class ContentModule(pl.LightningModule):
         terms = {
             "cross": self._cross_modal(stacked, mask, zero),
             "motion": motion,
-            "fusion": 0.5 * (self._leave_one_out(stacked, mask, zero) + fused_motion),
+            "fused_motion": fused_motion,
+            "fusion": self._leave_one_out(stacked, mask, zero),
         }
         if self.distill_head is not None:
             terms["distill"] = self._distill(fused, inputs.item_idx, zero)
@@ -191,7 +197,9 @@ class ContentModule(pl.LightningModule):
     def total(self, terms: dict[str, Tensor]) -> Tensor:
         """Weighted sum of the loss terms."""
         hp = self.hparams
-        loss = terms["cross"] + hp.motion_weight * terms["motion"] + hp.fusion_weight * terms["fusion"]
+        # The fusion's two objectives (leave-one-source-out, arrow of time) share its weight equally.
+        loss = (terms["cross"] + hp.motion_weight * terms["motion"]
+                + hp.fusion_weight * 0.5 * (terms["fusion"] + terms["fused_motion"]))
         if "distill" in terms:
             loss = loss + hp.distill_weight * terms["distill"]
         return loss
@@ -199,7 +207,21 @@ class ContentModule(pl.LightningModule):
     # ---------------------------------------------------------------------------------------
     # Lightning hooks
 
+    def augment(self, batch: ContentInputs) -> ContentInputs:
+        """A training view of a batch: a random stretch of each clip and of each sound, title dimensions dropped.
+
+        With a few hundred videos the encoders would otherwise learn each training pair by heart
+        (this title goes with that exact colour) instead of what the pairs share.
+        """
+        long_clips = batch.frame_mask.sum(1, keepdim=True) >= 4  # (B, 1): shorter clips stay whole
+        frame_mask = torch.where(long_clips, random_crop(batch.frame_mask, 0.6, 1.0), batch.frame_mask)
+        mel_mask = random_crop(batch.mel_mask, 0.6, 1.0, min_steps=STEM_STRIDE * 4)
+        title = F.dropout(batch.title, p=0.2, training=True)
+        return dataclasses.replace(batch, frame_mask=frame_mask, mel_mask=mel_mask, title=title)
+
     def training_step(self, batch: ContentInputs, batch_idx: int) -> Tensor:
+        if self.hparams.augment:
+            batch = self.augment(batch)
         terms, _ = self.losses(batch)
         loss = self.total(terms)
         n = batch.item_idx.shape[0]

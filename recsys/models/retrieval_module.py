@@ -66,10 +66,15 @@ def sampled_softmax_loss(
 
 def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude_rows: torch.Tensor,
                     exclude_items: torch.Tensor) -> torch.Tensor:
-    """0-based rank (B,) of each row's target among all items (B, N), excluded pairs pushed to the end."""
+    """0-based rank (B,) of each row's target among all items (B, N), excluded pairs pushed to the end.
+
+    Ties go to the lower item index (as in `recsys.evaluation`), so equal scores earn no credit.
+    """
     scores = scores.index_put((exclude_rows, exclude_items), torch.tensor(float("-inf"), device=scores.device))
     target_scores = scores.gather(1, targets.unsqueeze(1))  # (B, 1)
-    return (scores > target_scores).sum(dim=1)  # (B,)
+    index = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0)  # (1, N)
+    ahead = (scores > target_scores) | ((scores == target_scores) & (index < targets.unsqueeze(1)))  # (B, N)
+    return ahead.sum(dim=1)  # (B,)
 
 
 def ranking_metrics(users: torch.Tensor, items: torch.Tensor, batch: RetrievalBatch

@@ -1,8 +1,8 @@
 """The two towers: plain `nn.Module`s that map sparse IDs and content features to one shared space.
 
-- `ItemTower`: item ID embedding + projected content embedding. The ID part is dropped at
-  random in training and is always absent for items never seen in training, so a cold-start
-  video is embedded from its content alone.
+- `ItemTower`: item ID embedding + projected content embedding. With content, the ID part is
+  dropped at random in training and is always absent for items never seen in training, so a
+  cold-start video is embedded from its content alone.
 - `UserTower`: the ordered watch history (GRU or causal self-attention over the item
   representations that the item tower also scores) plus the user ID embedding (dropped at random
   in training, absent for unknown users), through an MLP to the shared space.
@@ -99,9 +99,12 @@ class ItemTower(nn.Module):
         """Unnormalised representation of items `ids` (...,) from their ID embeddings (..., D)."""
         parts = []
         if id_embedding is not None:
-            # An ID never trained carries no information: cold items rely on content only.
-            id_part = id_embedding * self.known_items[ids].unsqueeze(-1)  # (..., D)
+            id_part = id_embedding  # (..., D)
             if self.content_proj is not None:
+                # An ID never trained carries no information: with content, cold items rely on it alone.
+                # (Without content an untrained ID row stays a random vector: a random score, where a
+                # zero vector would put every cold item at score 0, above most items.)
+                id_part = id_part * self.known_items[ids].unsqueeze(-1)
                 id_part = _drop_rows(id_part, self.spec.item_id_dropout, self.training)
             parts.append(id_part)
         if self.content_proj is not None:

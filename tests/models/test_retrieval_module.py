@@ -144,6 +144,9 @@ def test_rank_ignores_excluded_items() -> None:
     scores = torch.tensor([[0.9, 0.8, 0.1, 0.5], [0.1, 0.2, 0.3, 0.4]])
     ranks = rank_of_targets(scores, torch.tensor([2, 0]), torch.tensor([0, 0]), torch.tensor([0, 1]))
     assert ranks.tolist() == [1, 3]
+    tied = rank_of_targets(torch.full((1, 3), 0.5), torch.tensor([1]), torch.tensor([], dtype=torch.long),
+                           torch.tensor([], dtype=torch.long))
+    assert tied.tolist() == [1]  # a tie earns no credit: the lower index goes first
 
 
 # ---------------------------------------------------------------------------------------------- training
