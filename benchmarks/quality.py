@@ -13,13 +13,17 @@ with the baselines (popularity, item-kNN, MF) and, on the synthetic corpus, the 
 Targets (issue 5): the full model beats every baseline on NDCG@10 on every dataset; on the
 cold-start slice it is far above popularity (here: at least 0.05 higher NDCG@10); on synthetic
 data its NDCG@10 is >= 0.8 of the oracle's. `--quick` runs only the smallest setting: the
-synthetic corpus' small preset with fewer epochs. Writes results/quality.json and quality.md.
+synthetic corpus' small preset with fewer epochs. Writes results/quality.json and quality.md;
+`--datasets` reruns some datasets and keeps the other datasets' rows of the last full run
+(each dataset's rows record the git commit they were measured at).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -150,6 +154,30 @@ def markdown(table: dict[str, dict[str, dict[str, float]]], seed: int) -> str:
     return "\n".join(lines) + "\n" + note
 
 
+def previous_full_run() -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """(table, seconds, commits) of the last full (not --quick) run in results/quality.json, else empty."""
+    path = RESULTS / "quality.json"
+    if not path.exists():
+        return {}, {}, {}
+    last = json.loads(path.read_text())
+    if last.get("quick", True):
+        return {}, {}, {}
+    return last.get("table", {}), last.get("seconds", {}), last.get("commits", {})
+
+
+def git_commit() -> str:
+    """The checked-out commit (with '+changes' when the work tree differs from it), or 'unknown'."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the small synthetic corpus (under two minutes)")
@@ -158,12 +186,14 @@ def main() -> None:
     args = parser.parse_args()
     datasets = args.datasets or (["synth"] if args.quick else ["movielens-100k", "microlens-50k", "synth"])
 
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    seconds: dict[str, dict[str, float]] = {}
+    table, seconds, commits = ({}, {}, {}) if args.quick else previous_full_run()
+    commit = git_commit()
     with tempfile.TemporaryDirectory(prefix="recsys-quality-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         for dataset in datasets:
-            root, steps = Path(tmp) / dataset, seconds.setdefault(dataset, {})
+            root = Path(tmp) / dataset
+            seconds[dataset] = steps = {}
+            commits[dataset] = commit
             build_dataset(dataset, root, args.seed, args.quick, steps)
             with timed(steps, "train retrieval (3 variants)"):
                 runs = train_variants(dataset, root, args.seed, args.quick)
@@ -174,7 +204,8 @@ def main() -> None:
     (RESULTS / "quality.md").write_text(markdown(table, args.seed))
     print(markdown(table, args.seed))
     targets = judge(table)
-    report("quality", {**targets, "seed": args.seed, "quick": args.quick, "seconds": seconds, "table": table})
+    report("quality", {**targets, "seed": args.seed, "quick": args.quick, "seconds": seconds, "commits": commits,
+                       "table": table})
 
 
 if __name__ == "__main__":

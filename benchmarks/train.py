@@ -60,9 +60,8 @@ def run(root: Path, batches_per_run: int, repeats: int) -> dict[str, Any]:
     data = RetrievalDataModule(PreparedPaths.of(config.processed_dir, dataset), config.max_history,
                                config.batch_size, seed=config.seed)
     data.setup("fit")
-    rows = np.random.default_rng(config.seed).permutation(len(data.train_log))
-    batches = [data.train_batch(rows[i * config.batch_size:(i + 1) * config.batch_size])
-               for i in range(batches_per_run)]
+    windows, per_batch = np.random.default_rng(config.seed).permutation(len(data.windows)), data.windows_per_batch
+    batches = [data.train_batch(windows[i * per_batch:(i + 1) * per_batch]) for i in range(batches_per_run)]
     initial = build_model(config, data, ItemContent("none", None))
 
     def fresh_module() -> RetrievalModule:

@@ -243,28 +243,28 @@ class RetrievalConfig:
     """Probability of hiding a user's ID embedding in training, so users unseen in training get recommendations"""
     item_id_dropout: float = 0.2
     """Probability of hiding an item's ID embedding in training, so cold-start videos are embedded from content"""
-    temperature: float = 0.05
+    temperature: float = 0.1
     """Softmax temperature of the scores (cosine similarities)"""
     logq_correction: bool = True
     """Subtract log sampling probability from in-batch logits, so popular items are not over-penalised"""
     uniform_negatives: int = 0
     """Extra negatives per batch drawn uniformly from the catalogue (0: in-batch negatives only)"""
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     """AdamW learning rate"""
     weight_decay: float = 1e-4
     """AdamW weight decay of the dense weights"""
     batch_size: int = 1024
-    """Training examples per batch (the in-batch negatives of each other)"""
-    max_epochs: int = 10
+    """Training targets per batch, about (the in-batch negatives of each other; fewer on small datasets)"""
+    max_epochs: int = 20
     """Most passes over the training interactions"""
-    patience: int = 2
+    patience: int = 3
     """Stop after this many epochs without a better validation NDCG@10"""
     seed: int = 0
     """Random seed of initialisation, shuffling and dropout"""
     resume: bool = False
     """Continue the newest interrupted training of this dataset from its last checkpoint"""
-    threads: int = 0
-    """CPU threads for torch; 0 keeps torch's default"""
+    threads: int = 1
+    """CPU threads for torch (0: torch's default); the towers' operations are small: more threads mostly wait"""
     progress_bar: bool = True
     """Show a progress bar per epoch"""
     world_size: int = 1
@@ -455,7 +455,7 @@ class DemoConfig:
     """Number of recommendations shown"""
     content_epochs: int = 5
     """Most epochs of content training (the demo's time budget; `recsys train content` allows more)"""
-    retrieval_epochs: int = 3
+    retrieval_epochs: int = 20
     """Most epochs of two-tower training (the demo's time budget; `recsys train retrieval` allows more)"""
     pipeline: str | None = None
     """Pipeline ID tagged on every run of the demo (recsys.pipeline); unset: demo-<time>-<random>"""

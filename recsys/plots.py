@@ -1,23 +1,34 @@
 """Figures that pipeline steps log to MLflow as image artifacts, and notebooks show inline.
 
 Each function returns a matplotlib `Figure` built with the object-oriented API (no pyplot state,
-so it works headless and inside a training loop); `log_figure` stores one in the active run.
+so it works headless and inside a training loop); `log_figure` stores one in the active (or a given) run.
 
 - `training_curves`: per-epoch metrics of a run (losses and validation metrics).
-- `metric_at_k`: HR/NDCG/MRR against K, one line per model.
+- `metric_at_k`: HR/NDCG/MRR against K, one line per model (`at_k_table` reshapes an evaluation table for it).
 - `modality_ablation`: one metric per modality set (bars).
 - `embedding_map`: a 2-D projection of item embeddings coloured by topic or genre.
+
+`log_retrieval_plots` logs a two-tower training run's figures (curves and item embedding map).
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from recsys.data.paths import PreparedPaths
+from recsys.files import read_json
+
+if TYPE_CHECKING:
+    from recsys.models.towers import TwoTower
 
 MAX_LABELS = 10
 """Labels coloured individually in an embedding map; rarer ones are drawn grey as 'other'."""
@@ -38,6 +49,7 @@ def training_curves(history: Mapping[str, Sequence[tuple[int, float]]], title: s
             steps, values = zip(*sorted(points), strict=True) if points else ((), ())
             ax.plot(steps, values, marker="o", markersize=3, label=name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -79,6 +91,20 @@ def metric_at_k(table: pl.DataFrame, title: str = "ranking quality at K") -> Fig
     axes[-1].legend(fontsize=8, loc="best")
     figure.suptitle(title)
     return figure
+
+
+def at_k_table(table: pl.DataFrame, metrics: Sequence[str] = ("hr", "ndcg", "mrr")) -> pl.DataFrame:
+    """An evaluation table (one row per model, columns such as `ndcg@10`) as `metric_at_k` rows:
+    model, metric (upper case), k, value. Other columns (`cold_ndcg@10`, `ndcg@10/oracle`...) are left out."""
+    pattern = rf"({'|'.join(map(re.escape, metrics))})@(\d+)"
+    columns = [c for c in table.columns if re.fullmatch(pattern, c)]
+    long = table.unpivot(index="model", on=columns, variable_name="column")
+    return long.select(
+        "model",
+        pl.col("column").str.extract(r"^(.+)@").str.to_uppercase().alias("metric"),
+        pl.col("column").str.extract(r"@(\d+)$").cast(pl.Int64).alias("k"),
+        pl.col("value").cast(pl.Float64),
+    )
 
 
 def modality_ablation(scores: Mapping[str, float], metric: str = "NDCG@10", title: str = "modality ablation") -> Figure:
@@ -153,11 +179,24 @@ def item_labels(items: pl.DataFrame, truth_items: Path | None = None) -> list[st
     return [genres[0] if genres else "none" for genres in items.get_column("genres").to_list()]
 
 
-def log_figure(figure: Figure, name: str) -> None:
-    """Store a figure in the active MLflow run as `plots/<name>.png`."""
+def truth_items(paths: PreparedPaths) -> Path | None:
+    """The synthetic corpus' item truth (`<raw_dir>/<dataset>/truth/items.parquet`, raw_dir as `prepare`
+    recorded it) of a prepared dataset, when it exists; None for the other datasets."""
+    from recsys.data.synthetic_truth import TRUTH_DIR
+
+    raw_dir = read_json(paths.meta).get("config", {}).get("raw_dir")
+    path = Path(raw_dir) / paths.root.name / TRUTH_DIR / "items.parquet" if raw_dir else None
+    return path if path is not None and path.exists() else None
+
+
+def log_figure(figure: Figure, name: str, run_id: str | None = None) -> None:
+    """Store a figure as `plots/<name>.png` in run `run_id`, or in the active MLflow run without one."""
     import mlflow
 
-    mlflow.log_figure(figure, f"plots/{name}.png")
+    if run_id is None:
+        mlflow.log_figure(figure, f"plots/{name}.png")
+    else:
+        mlflow.MlflowClient().log_figure(run_id, figure, f"plots/{name}.png")
 
 
 def log_training_curves(run_id: str, title: str = "training") -> None:
@@ -167,3 +206,19 @@ def log_training_curves(run_id: str, title: str = "training") -> None:
     history = run_history(run_id)
     if history:
         MlflowClient().log_figure(run_id, training_curves(history, title), "plots/training_curves.png")
+
+
+def log_retrieval_plots(run_id: str, model: TwoTower, paths: PreparedPaths) -> None:
+    """Log a two-tower training run's figures into run `run_id` (open or not, so that rank 0 of sharded
+    training can log through a client): its per-epoch curves (`plots/training_curves.png`) and the
+    trained item embeddings in 2-D (`plots/item_embeddings.png`), coloured by latent topic on the
+    synthetic corpus and by first genre elsewhere."""
+    from recsys.retrieval.trained_model import TwoTowerScorer
+
+    dataset = paths.root.name
+    log_training_curves(run_id, title=f"{dataset}: two-tower training")
+    items = pl.read_parquet(paths.items).sort("item_idx")
+    embeddings = TwoTowerScorer(model).item_embeddings()  # (N, D), cold items from their content
+    labels = item_labels(items, truth_items(paths))
+    log_figure(embedding_map(embeddings, labels, title=f"{dataset}: two-tower item embeddings"), "item_embeddings",
+               run_id)

@@ -1,4 +1,4 @@
-"""Plots: what each figure draws, and that a run's curves land in MLflow as an image artifact."""
+"""Plots: what each figure draws, and that training runs land them in MLflow as image artifacts."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import polars as pl
 import pytest
 from mlflow import MlflowClient
 
+from recsys.data.paths import PreparedPaths
+from recsys.models.content_encoder import MODALITIES
+from recsys.models.train_content import ExtractedEmbeddings, _log_plots
 from recsys.plots import (
     MAX_LABELS,
+    at_k_table,
     embedding_map,
     item_labels,
     log_training_curves,
@@ -19,8 +23,21 @@ from recsys.plots import (
     modality_ablation,
     project_2d,
     training_curves,
+    truth_items,
 )
 from recsys.tracking import start_run
+from tests import tiny_model
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def plot_artifacts(run_id: str) -> list[str]:
+    """The PNG files under `plots/` of a run, after checking that each is a real PNG image."""
+    client = MlflowClient()
+    paths = sorted(a.path for a in client.list_artifacts(run_id, "plots"))
+    for path in paths:
+        assert open(client.download_artifacts(run_id, path), "rb").read(8) == PNG, path
+    return paths
 
 
 def test_training_curves_put_losses_and_metrics_on_separate_panels() -> None:
@@ -48,6 +65,17 @@ def test_metric_at_k_has_one_panel_per_metric_and_one_line_per_model() -> None:
     assert lines == {"two-tower": [0.3, 0.4], "popularity": [0.1, 0.15]}
     with pytest.raises(ValueError, match="missing \\['k'\\]"):
         metric_at_k(table.drop("k"))
+
+
+def test_at_k_table_keeps_only_the_metrics_at_k_of_an_evaluation_table() -> None:
+    table = pl.DataFrame({"model": ["mf", "popularity"], "hr@10": [0.3, 0.1], "ndcg@10": [0.2, 0.05],
+                          "hr@20": [0.4, 0.2], "cold_ndcg@10": [0.0, 0.0], "ndcg@10/oracle": [0.5, 0.1],
+                          "cases": [60, 60]})
+    long = at_k_table(table, ("hr", "ndcg"))
+    assert long.columns == ["model", "metric", "k", "value"] and long.height == 6
+    assert long.filter(pl.col("model") == "mf", pl.col("metric") == "HR").sort("k").rows() == [
+        ("mf", "HR", 10, 0.3), ("mf", "HR", 20, 0.4)]
+    assert [ax.get_title() for ax in metric_at_k(long).axes] == ["HR", "NDCG"]
 
 
 def test_modality_ablation_highlights_the_best() -> None:
@@ -83,7 +111,7 @@ def test_log_training_curves_stores_a_png_in_the_run() -> None:
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
     assert artifacts == ["plots/training_curves.png"]
     local = client.download_artifacts(run.info.run_id, "plots/training_curves.png")
-    assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert open(local, "rb").read(8) == PNG
 
 
 def test_item_labels_prefer_the_synthetic_topic_then_the_first_genre(tmp_path: Path) -> None:
@@ -93,3 +121,34 @@ def test_item_labels_prefer_the_synthetic_topic_then_the_first_genre(tmp_path: P
     pl.DataFrame({"item_id": ["a", "b"], "topic": [3, 1]}).write_parquet(truth)
     assert item_labels(items, truth) == ["topic 1", "topic 3", "unknown"]
     assert item_labels(items, tmp_path / "missing.parquet") == ["Drama", "none", "Comedy"]
+
+
+def test_truth_items_is_found_beside_the_raw_corpus_that_prepare_read(tmp_path: Path) -> None:
+    paths = PreparedPaths(tmp_path / "processed" / "synth")
+    paths.root.mkdir(parents=True)
+    paths.meta.write_text(f'{{"config": {{"raw_dir": "{tmp_path / "raw"}"}}}}')
+    assert truth_items(paths) is None  # no corpus there (MovieLens, or the raw files moved)
+    truth = tmp_path / "raw" / "synth" / "truth" / "items.parquet"
+    truth.parent.mkdir(parents=True)
+    pl.DataFrame({"item_id": ["a"], "topic": [0]}).write_parquet(truth)
+    assert truth_items(paths) == truth
+
+
+def test_a_two_tower_training_run_logs_its_curves_and_item_map(tmp_path: Path) -> None:
+    _, result = tiny_model.build(tmp_path, epochs=2)
+    assert plot_artifacts(result.run_id) == ["plots/item_embeddings.png", "plots/training_curves.png"]
+
+
+def test_content_plots_include_a_topic_coloured_map_of_the_embedded_items() -> None:
+    rng = np.random.default_rng(0)
+    n, m = 20, len(MODALITIES)
+    fused = rng.normal(size=(n, 8)).astype(np.float32)  # (N, D)
+    fused[3] = 0  # an item without any usable modality stays off the map
+    embeddings = ExtractedEmbeddings(fused, np.zeros((n, m, 8), np.float32), np.ones((n, m), bool),
+                                     np.full((n, m), 1 / m, np.float32))
+    epochs = [{"train_loss": 2.0, "val_loss": 2.1, "val_r1": 0.2, "val_r5": 0.5, "temperature": 0.07},
+              {"train_loss": 1.5, "val_loss": 1.9, "val_r1": 0.3, "val_r5": 0.6, "temperature": 0.06}]
+    with start_run("plots-test", "content", {}, inputs={}) as run:
+        _log_plots(epochs, embeddings, topics=np.arange(n) % 4)
+    assert plot_artifacts(run.info.run_id) == [
+        "plots/content_training.png", "plots/fusion_weights.png", "plots/item_embeddings.png"]

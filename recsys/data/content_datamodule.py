@@ -66,14 +66,21 @@ class ContentArrays:
     def batch(self, rows: np.ndarray) -> ContentInputs:
         """Rows `rows` as one batch of tensors (rows are read in sorted order, returned as given)."""
         rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        back = np.empty_like(order)
-        back[order] = np.arange(len(order))
+        if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
+            # A run of consecutive rows (extraction reads the store in order): one slice, one copy.
+            span = slice(int(rows[0]), int(rows[-1]) + 1)
 
-        def take(array: np.ndarray) -> torch.Tensor:
-            # Sorted reads walk the memory map forwards; `back` restores the caller's order.
-            return torch.from_numpy(np.ascontiguousarray(np.asarray(array[sorted_rows])[back]))
+            def take(array: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(np.array(array[span]))
+        else:
+            order = np.argsort(rows, kind="stable")
+            sorted_rows = rows[order]
+            back = np.empty_like(order)
+            back[order] = np.arange(len(order))
+
+            def take(array: np.ndarray) -> torch.Tensor:
+                # Sorted reads walk the memory map forwards; `back` restores the caller's order.
+                return torch.from_numpy(np.ascontiguousarray(np.asarray(array[sorted_rows])[back]))
 
         return ContentInputs(
             frames=take(self.frames),

@@ -1,10 +1,16 @@
 """Batches for two-tower training, read from the files `recsys data prepare` wrote.
 
 Training examples are the train interactions: (user, the user's items before this one, this
-item). The interaction log is sorted once by user and time with polars; an example is then just
-its row number, and its history is the slice of the same user's rows before it, so no per-example
-lists are ever materialised. Validation rows are the valid targets, with the user's train
-history; the user's train items are excluded from the full ranking.
+item). The interaction log is sorted once by user and time with polars, and each user's rows
+are cut into *windows* of consecutive targets: a window is one row of a batch, whose history
+input holds the user's items from a little before its first target up to its last one. The
+causal user tower reads that input once and yields the user state after every prefix, so each
+target is scored from exactly the items the user watched before it (at least
+`max_history - targets per window + 1` of them when the user has that many, at most `max_history`).
+That is how sequential recommenders train (GRU4Rec, SASRec): one pass over a sequence trains
+all its steps, where one history per target would repeat the same encoder work up to
+`max_history` times. Validation rows are the valid targets, with the user's train history; the
+user's train items are excluded from the full ranking.
 """
 
 from __future__ import annotations
@@ -21,15 +27,24 @@ from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError
 from recsys.models.sparse import SparseFeatures, collate
 
+MIN_BATCHES_PER_EPOCH = 20
+"""Fewer windows per batch (down to MIN_WINDOWS_PER_BATCH) on small datasets, so an epoch has this many steps."""
+MIN_WINDOWS_PER_BATCH = 8
+"""Fewest windows in a training batch: a target's negatives are the targets of the other windows."""
+
 
 @dataclass
 class RetrievalBatch:
     """One batch: sparse features plus what the loss and the validation ranking need."""
 
     features: SparseFeatures
-    """KeyedJaggedTensors: user_id, item_id (the target), history"""
+    """KeyedJaggedTensors: user_id (per row), item_id (the row's targets), history (the row's input)"""
     targets: torch.Tensor
-    """(B,) target item_idx per row"""
+    """(P,) target item_idx, rows' targets concatenated"""
+    target_rows: torch.Tensor
+    """(P,) batch row of each target"""
+    target_steps: torch.Tensor
+    """(P,) items of its row's history input that each target follows (the user state that scores it)"""
     exclude_rows: torch.Tensor
     """(E,) row of each (row, item) pair excluded from the ranking (validation only; empty in training)"""
     exclude_items: torch.Tensor
@@ -38,9 +53,8 @@ class RetrievalBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RetrievalBatch:
         return RetrievalBatch(
             self.features.to(device, non_blocking),
-            self.targets.to(device, non_blocking=non_blocking),
-            self.exclude_rows.to(device, non_blocking=non_blocking),
-            self.exclude_items.to(device, non_blocking=non_blocking),
+            *(t.to(device, non_blocking=non_blocking)
+              for t in (self.targets, self.target_rows, self.target_steps, self.exclude_rows, self.exclude_items)),
         )
 
     def __len__(self) -> int:
@@ -84,10 +98,41 @@ class InteractionLog:
     def __len__(self) -> int:
         return len(self.items)
 
-    def histories(self, rows: np.ndarray, max_history: int) -> tuple[np.ndarray, np.ndarray]:
-        """The last `max_history` items each row's user watched before it; (values, lengths)."""
-        starts = rows - np.minimum(self.position[rows], max_history)
-        return gather_ranges(self.items, starts, rows)
+
+@dataclass
+class TrainWindows:
+    """Each user's train rows cut into windows of consecutive targets (log row ranges, one per window).
+
+    Window w trains targets `[first_target, end)` from the history input `[input_start, end - 1)`;
+    the target at row r follows `r - input_start` of those input items.
+    """
+
+    users: np.ndarray
+    """(W,) user_idx"""
+    input_start: np.ndarray
+    """(W,) first log row of the history input"""
+    first_target: np.ndarray
+    """(W,) first log row trained as a target"""
+    end: np.ndarray
+    """(W,) one past the last target row"""
+
+    @classmethod
+    def cut(cls, log: InteractionLog, max_history: int) -> TrainWindows:
+        """Windows of `max_history // 2` targets (at least 1), each reading up to `max_history` earlier items."""
+        per_window = max(1, max_history // 2)
+        context = max_history - per_window + 1  # items before the first target that the input keeps
+        starts = np.flatnonzero(log.position == 0)  # first row of each user
+        ends = np.append(starts[1:], len(log))
+        counts = -(-(ends - starts) // per_window)  # windows per user
+        user_first = np.repeat(starts, counts)
+        window_of_user = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)  # 0, 1, ... per user
+        first_target = user_first + per_window * window_of_user
+        end = np.minimum(first_target + per_window, np.repeat(ends, counts))
+        input_start = np.maximum(user_first, first_target - context)
+        return cls(log.users[first_target], input_start, first_target, end)
+
+    def __len__(self) -> int:
+        return len(self.users)
 
 
 class RetrievalDataModule(L.LightningDataModule):
@@ -102,6 +147,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.train_log: InteractionLog | None = None
+        self.windows: TrainWindows | None = None
 
     # ------------------------------------------------------------------ data read once
     def setup(self, stage: str | None = None) -> None:
@@ -110,6 +156,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.train_log = InteractionLog.read(str(self.paths.train))
         if len(self.train_log) == 0:
             raise DataFormatError(f"{self.paths.train} holds no training interactions")
+        self.windows = TrainWindows.cut(self.train_log, self.max_history)
         counts = pl.read_parquet(self.paths.popularity).sort("item_idx")
         self.item_counts = counts.get_column("count").to_numpy().astype(np.int64)
         self.n_items = len(self.item_counts)
@@ -126,6 +173,19 @@ class RetrievalDataModule(L.LightningDataModule):
         self.valid_items = valid.get_column("item_idx").to_numpy().astype(np.int64)
 
     @property
+    def windows_per_batch(self) -> int:
+        """Training windows per batch: about `batch_size` targets, fewer on small datasets.
+
+        Training length is set in epochs; on a few thousand interactions a batch of `batch_size`
+        targets would give a handful of optimizer steps per epoch, and training would stop before
+        the model learns. Below MIN_BATCHES_PER_EPOCH batches the batches shrink instead.
+        """
+        assert self.windows is not None
+        per_window = max(1, self.max_history // 2)
+        wanted = max(1, self.batch_size // per_window)
+        return max(MIN_WINDOWS_PER_BATCH, min(wanted, len(self.windows) // MIN_BATCHES_PER_EPOCH))
+
+    @property
     def known_items(self) -> np.ndarray:
         """(N,) bool: items with at least one training interaction."""
         return self.item_counts > 0
@@ -135,14 +195,20 @@ class RetrievalDataModule(L.LightningDataModule):
         return self.item_counts / self.item_counts.sum()
 
     # ------------------------------------------------------------------ collate
-    def train_batch(self, rows: np.ndarray) -> RetrievalBatch:
-        """Training batch of log rows: history = the user's earlier items, target = the row's item."""
-        assert self.train_log is not None
-        values, lengths = self.train_log.histories(rows, self.max_history)
-        targets = self.train_log.items[rows]
-        features = collate(self.train_log.users[rows], targets, values, lengths)
+    def train_batch(self, windows: np.ndarray) -> RetrievalBatch:
+        """Training batch of `windows` (indices into `self.windows`): one row per window."""
+        assert self.train_log is not None and self.windows is not None
+        w = self.windows
+        input_start, first_target, end = w.input_start[windows], w.first_target[windows], w.end[windows]
+        values, lengths = gather_ranges(self.train_log.items, input_start, end - 1)
+        target_rows, target_counts = gather_ranges(np.arange(len(self.train_log)), first_target, end)
+        row = np.repeat(np.arange(len(windows)), target_counts)
+        steps = target_rows - np.repeat(input_start, target_counts)
+        targets = self.train_log.items[target_rows]
+        features = collate(w.users[windows], targets, values, lengths, items_per_row=target_counts)
         empty = torch.empty(0, dtype=torch.long)
-        return RetrievalBatch(features, torch.from_numpy(targets), empty, empty)
+        return RetrievalBatch(features, torch.from_numpy(targets), torch.from_numpy(row), torch.from_numpy(steps),
+                              empty, empty)
 
     def eval_batch(self, users: np.ndarray, targets: np.ndarray) -> RetrievalBatch:
         """Ranking batch: history = the users' last train items, every train item but the target excluded."""
@@ -153,16 +219,16 @@ class RetrievalDataModule(L.LightningDataModule):
         rows = np.repeat(np.arange(len(users)), seen_lengths)
         keep = seen != np.repeat(targets, seen_lengths)  # a re-watched target stays rankable
         features = collate(users, targets, values, lengths)
-        return RetrievalBatch(features, torch.from_numpy(targets), torch.from_numpy(rows[keep]),
-                              torch.from_numpy(seen[keep]))
+        return RetrievalBatch(features, torch.from_numpy(targets), torch.arange(len(users)), torch.from_numpy(lengths),
+                              torch.from_numpy(rows[keep]), torch.from_numpy(seen[keep]))
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
-        assert self.train_log is not None
+        assert self.windows is not None
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            np.arange(len(self.train_log)), batch_size=self.batch_size, shuffle=True, generator=generator,
-            collate_fn=lambda rows: self.train_batch(np.asarray(rows, dtype=np.int64)),
+            np.arange(len(self.windows)), batch_size=self.windows_per_batch, shuffle=True, generator=generator,
+            collate_fn=lambda windows: self.train_batch(np.asarray(windows, dtype=np.int64)),
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -111,27 +111,23 @@ def metric_key(model: str, metric: str) -> str:
     return f"{slug(model)}/{slug(metric.replace('@', '_at_').replace('/oracle', '_over_oracle'))}"
 
 
-def metric_plot(table: pl.DataFrame, ks: Sequence[int]):  # -> matplotlib Figure (imported lazily)
-    """HR/NDCG/MRR against K, one line per model, one panel per metric."""
-    import matplotlib
+def log_plots(table: pl.DataFrame, two_towers: Sequence[str], ks: Sequence[int], split: str) -> None:
+    """Log to the active run `plots/metrics_at_k.png` (HR/NDCG/MRR against K, one line per model) and,
+    when two-tower models were evaluated, `plots/modality_ablation.png`: NDCG@10 (else @ the first K)
+    of each two-tower variant (IDs + content, IDs only, content only: whichever runs were given)."""
+    from recsys.plots import at_k_table, log_figure, metric_at_k, modality_ablation
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), constrained_layout=True)
-    for axis, metric in zip(np.atleast_1d(axes), METRICS, strict=True):
-        for row in table.iter_rows(named=True):
-            axis.plot(list(ks), [row[f"{metric}@{k}"] for k in ks], marker="o", label=row["model"])
-        axis.set_xlabel("K")
-        axis.set_title(f"{metric.upper()}@K")
-        axis.set_xticks(list(ks))
-        axis.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].legend(fontsize=7)
-    return figure
+    log_figure(metric_at_k(at_k_table(table, METRICS), title=f"ranking quality at K ({split} split)"),
+               "metrics_at_k")
+    k = 10 if 10 in ks else ks[0]
+    scores = {row["model"]: row[f"ndcg@{k}"] for row in table.iter_rows(named=True) if row["model"] in two_towers}
+    if scores:
+        log_figure(modality_ablation(scores, metric=f"NDCG@{k}", title=f"two-tower modality ablation ({split} split)"),
+                   "modality_ablation")
 
 
 def evaluate(config: EvaluateConfig) -> pl.DataFrame:
-    """Evaluate trained runs and baselines on one split; log every metric, the table and a plot to MLflow.
+    """Evaluate trained runs and baselines on one split; log every metric, the table and plots to MLflow.
 
     One row per model; besides the metrics, `run_id` names a two-tower row's training run (null for
     baselines) and `mlflow_run_id` is this evaluation's run.
@@ -158,11 +154,7 @@ def evaluate(config: EvaluateConfig) -> pl.DataFrame:
         for row in table.iter_rows(named=True):
             mlflow.log_metrics({metric_key(row["model"], k): v for k, v in row.items() if k != "model"})
         mlflow.log_table(table.to_pandas(), "evaluation.json")
-        figure = metric_plot(table, config.ks)
-        mlflow.log_figure(figure, "metrics_at_k.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
+        log_plots(table, list(models), config.ks, config.split)
         if notes:
             mlflow.set_tag("recsys.notes", "; ".join(notes))
         mlflow.set_tag("recsys.split", config.split)

@@ -50,6 +50,7 @@ from recsys.files import read_json
 from recsys.models.retrieval_module import VAL_METRIC, RetrievalObjective, optimizer_groups, validate
 from recsys.models.sparse import ITEM_TABLE, USER_TABLE
 from recsys.models.train_retrieval import RetrievalResult, build_model, load_content, upstream_inputs
+from recsys.plots import log_retrieval_plots
 from recsys.retrieval.trained_model import MODEL_FILE, WEIGHTS_FILE, models_dir, save_trained
 from recsys.tracking import start_run
 
@@ -72,13 +73,14 @@ def sharding_plan(module: nn.Module, world_size: int, compute_device: str, group
 
 def rank_batches(data: RetrievalDataModule, rank: int, world_size: int, epoch: int, seed: int,
                  batch_size: int) -> Iterator[RetrievalBatch]:
-    """This process's batches of one epoch: a disjoint share of a seeded shuffle, equal counts on every rank.
+    """This process's batches of one epoch: a disjoint share of a seeded shuffle of the training
+    windows, equal counts on every rank.
 
     Every process must run the same number of steps (each step is a collective), so the share
-    is cut to a whole number of batches; at most world_size * batch_size examples rest per epoch.
+    is cut to a whole number of batches; at most world_size * batch_size windows rest per epoch.
     """
-    assert data.train_log is not None
-    order = np.random.default_rng([seed, epoch]).permutation(len(data.train_log))
+    assert data.windows is not None
+    order = np.random.default_rng([seed, epoch]).permutation(len(data.windows))
     share = len(order) // world_size
     mine = order[rank * share:(rank + 1) * share]
     size = min(batch_size, share)
@@ -125,7 +127,7 @@ def train_rank(config: RetrievalConfig, rank: int, world_size: int, device: torc
     history: list[dict[str, float]] = []
     for epoch in range(config.max_epochs):
         total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, batches)
-        for batch in rank_batches(data, rank, world_size, epoch, config.seed + 1, config.batch_size):
+        for batch in rank_batches(data, rank, world_size, epoch, config.seed + 1, data.windows_per_batch):
             loss = sharded(batch.to(device))
             loss.backward()
             dense.step()
@@ -152,6 +154,7 @@ def train_rank(config: RetrievalConfig, rank: int, world_size: int, device: torc
         client.log_metric(run_id, VAL_METRIC, metrics[VAL_METRIC], step=config.max_epochs - 1)
         client.log_metric(run_id, "best_val_ndcg_10", metrics[VAL_METRIC])
         client.log_artifact(run_id, str(folder / WEIGHTS_FILE), artifact_path="model")
+        log_retrieval_plots(run_id, full, paths)
     return {"folder": str(folder), "history": history, "metrics": metrics}
 
 

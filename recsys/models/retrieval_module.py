@@ -1,11 +1,13 @@
 """`RetrievalModule`: the training objective and validation of the two-tower model.
 
-The towers only embed; this module owns the loss. Each batch is (user, history, target) rows,
-and every other row's target is a negative for a row (in-batch sampled softmax). Popular items
-are over-sampled as negatives that way, so each logit is corrected by the log of the item's
-expected count in the sample (logQ correction, Yi et al. 2019); optional uniformly drawn extra
-negatives reach the long tail. A negative that is in fact the row's own target (the same item
-twice in a batch) is masked. Validation ranks the whole catalogue for every validation user,
+The towers only embed; this module owns the loss. Each batch holds (user, history, target)
+examples — several consecutive targets of one user per batch row, see `RetrievalDataModule` —
+and every other example's target is a negative for an example (in-batch sampled softmax).
+Popular items are over-sampled as negatives that way, so each logit is corrected by the log of
+the item's expected count in the sample (logQ correction, Yi et al. 2019); optional uniformly
+drawn extra negatives reach the long tail. A negative that is in fact the example's own target
+(the same item twice in a batch) is masked, and so are the targets of the same batch row: they
+are videos the same user watched too. Validation ranks the whole catalogue for every validation user,
 excluding their training items, and reports NDCG@10 and HR@10, which drive checkpointing and
 early stopping.
 """
@@ -41,17 +43,21 @@ def sampled_softmax_loss(
     extra_items: torch.Tensor | None = None,
     extra_ids: torch.Tensor | None = None,
     extra_log_q: float = 0.0,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of each row's target against in-batch (and extra) negatives.
+    """Mean cross-entropy of each example's target against in-batch (and extra) negatives.
 
-    users, items (B, D): row i's user and target embeddings; targets (B,) target item IDs;
+    users, items (B, D): example i's user and target embeddings; targets (B,) target item IDs;
     log_q (B,): log expected count of each target in a batch (None: no correction);
-    extra_items (M, D) / extra_ids (M,): uniformly sampled negatives with log expected count extra_log_q.
+    extra_items (M, D) / extra_ids (M,): uniformly sampled negatives with log expected count extra_log_q;
+    groups (B,): examples of one group (one user's) are not negatives of each other.
     """
     logits = users @ items.T / temperature  # (B, B)
     if log_q is not None:
         logits = logits - log_q.unsqueeze(0)  # (B, B)
     same = targets.unsqueeze(0) == targets.unsqueeze(1)  # (B, B)
+    if groups is not None:
+        same = same | (groups.unsqueeze(0) == groups.unsqueeze(1))
     accidental = same & ~torch.eye(len(targets), dtype=torch.bool, device=targets.device)
     logits = logits.masked_fill(accidental, float("-inf"))
     if extra_items is not None and extra_ids is not None:
@@ -145,10 +151,10 @@ class RetrievalObjective(nn.Module):
         self.register_buffer("log_p", torch.log(probabilities.clamp(min=1e-12)), persistent=False)
 
     def forward(self, batch: RetrievalBatch) -> torch.Tensor:
-        users, items = self.model(batch.features)  # (B, D), (B, D)
+        users, items = self.model(batch.features, batch.target_rows, batch.target_steps)  # (P, D), (P, D)
         device = batch.targets.device
-        # Expected count of an item among the B in-batch candidates is B * p(item).
-        log_q = self.log_p[batch.targets] + math.log(len(batch)) if self.logq_correction else None  # (B,)
+        # Expected count of an item among the P in-batch candidates is P * p(item).
+        log_q = self.log_p[batch.targets] + math.log(len(batch)) if self.logq_correction else None  # (P,)
         extra_items = extra_ids = None
         extra_log_q = 0.0
         if self.uniform_negatives > 0:
@@ -159,7 +165,7 @@ class RetrievalObjective(nn.Module):
             extra_ids = extra_ids.to(device)
             extra_log_q = math.log(m / n_items)
         return sampled_softmax_loss(users, items, batch.targets, self.temperature, log_q,
-                                    extra_items, extra_ids, extra_log_q)
+                                    extra_items, extra_ids, extra_log_q, groups=batch.target_rows)
 
 
 class RetrievalModule(L.LightningModule):

@@ -4,7 +4,8 @@ Three sparse features reach the model as `KeyedJaggedTensor`s built by `collate`
 
 - `user_id`: one ID per row (none for a user the model has never seen), pooled by an
   `EmbeddingBagCollection` table of users;
-- `item_id`: the candidate / target video of each row;
+- `item_id`: the candidate / target videos of each row (one per row, except in training
+  batches, where a row trains several consecutive targets of one user);
 - `history`: the row's watch history, oldest first, at most `max_history` IDs.
 
 `item_id` and `history` look up the same item table (one `EmbeddingConfig` with both feature
@@ -65,13 +66,15 @@ def collate(
     item_idx: np.ndarray | None,
     history_values: np.ndarray,
     history_lengths: np.ndarray,
+    items_per_row: np.ndarray | None = None,
 ) -> SparseFeatures:
     """Build the KeyedJaggedTensors of one batch of B rows (the only place they are built).
 
     `user_idx` (B,): a user index per row, -1 for a user unknown to the model (empty ID bag), or
-    None for no user at all (item-only batches). `item_idx` (B,): the candidate per row, or None
-    (user-only batches). `history_values` holds the B histories concatenated, `history_lengths`
-    (B,) their lengths; each history is oldest first.
+    None for no user at all (item-only batches). `item_idx`: the candidate per row (B,), or None
+    (user-only batches); with `items_per_row` (B,), the rows' candidates concatenated.
+    `history_values` holds the B histories concatenated, `history_lengths` (B,) their lengths;
+    each history is oldest first.
     """
     batch = len(history_lengths)
     users = np.full(batch, -1, dtype=np.int64) if user_idx is None else np.asarray(user_idx, dtype=np.int64)
@@ -80,7 +83,8 @@ def collate(
     if item_idx is None:
         item_values, item_lengths = _jagged(np.empty(0, np.int64), np.zeros(batch, np.int64))
     else:
-        item_values, item_lengths = _jagged(np.asarray(item_idx), np.ones(batch, np.int64))
+        item_values, item_lengths = _jagged(np.asarray(item_idx),
+                                            np.ones(batch, np.int64) if items_per_row is None else items_per_row)
     hist_values, hist_lengths = _jagged(np.asarray(history_values), np.asarray(history_lengths))
     return SparseFeatures(
         users=KeyedJaggedTensor.from_lengths_sync(
@@ -113,9 +117,9 @@ class SparseEmbeddings:
     user: torch.Tensor | None
     """(B, D) user ID embedding, zero for rows without a known user; None without ID tables"""
     item_ids: torch.Tensor
-    """(B,) candidate item per row (0 where the batch has none)"""
+    """(P,) candidate items, the rows' candidates concatenated"""
     item: torch.Tensor | None
-    """(B, D) candidate item ID embedding; None without ID tables"""
+    """(P, D) candidate item ID embeddings; None without ID tables"""
     history_ids: torch.Tensor
     """(B, T) history item IDs, oldest first, right-padded with 0"""
     history_lengths: torch.Tensor
@@ -152,14 +156,14 @@ class SparseArch(nn.Module):
 
     def forward(self, features: SparseFeatures) -> SparseEmbeddings:
         items = features.items.to_dict()
-        item_ids = items[ITEM_FEATURE].to_padded_dense(1, padding_value=0)[:, 0].long()  # (B,)
+        item_ids = items[ITEM_FEATURE].values().long()  # (P,)
         history_ids = items[HISTORY_FEATURE].to_padded_dense(self.max_history, padding_value=0).long()  # (B, T)
         history_lengths = items[HISTORY_FEATURE].lengths().clamp(max=self.max_history)  # (B,)
         if self.user_bags is None or self.item_embeddings is None:
             return SparseEmbeddings(None, item_ids, None, history_ids, history_lengths, None)
         user = self.user_bags(features.users)[USER_FEATURE]  # (B, D)
         looked_up = self.item_embeddings(features.items)
-        item = looked_up[ITEM_FEATURE].to_padded_dense(1)[:, 0]  # (B, D)
+        item = looked_up[ITEM_FEATURE].values()  # (P, D)
         history = looked_up[HISTORY_FEATURE].to_padded_dense(self.max_history)  # (B, T, D)
         return SparseEmbeddings(user, item_ids, item, history_ids, history_lengths, history)
 

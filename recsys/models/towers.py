@@ -5,7 +5,9 @@
   cold-start video is embedded from its content alone.
 - `UserTower`: the ordered watch history (GRU or causal self-attention over the item
   representations that the item tower also scores) plus the user ID embedding (dropped at random
-  in training, absent for unknown users), through an MLP to the shared space.
+  in training, absent for unknown users), through an MLP to the shared space. Both encoders are
+  causal, so one pass over a history gives the user after every prefix of it: training scores
+  many targets of one user from one pass, inference takes the state after the whole history.
 - `TwoTower`: the TorchRec tables (`SparseArch`) and both towers. Outputs are L2-normalised
   embeddings; scores are dot products. The training objective lives in `RetrievalModule`.
 """
@@ -108,7 +110,9 @@ class ItemTower(nn.Module):
                 id_part = _drop_rows(id_part, self.spec.item_id_dropout, self.training)
             parts.append(id_part)
         if self.content_proj is not None:
-            parts.append(self.content_proj(self.content[ids]))  # (..., D)
+            # Histories repeat items: project each distinct item once.
+            unique, inverse = torch.unique(ids, return_inverse=True)  # (U,), (...,)
+            parts.append(self.content_proj(self.content[unique])[inverse])  # (..., D)
         return self.norm(torch.stack(parts).sum(0))  # (..., D)
 
     def forward(self, ids: torch.Tensor, id_embedding: torch.Tensor | None) -> torch.Tensor:
@@ -127,7 +131,7 @@ class UserTower(nn.Module):
             self.gru = nn.GRU(d, d, num_layers=spec.layers, batch_first=True,
                               dropout=spec.dropout if spec.layers > 1 else 0.0)
         else:
-            # Positions count back from the newest item: recency, not absolute position, matters.
+            # Positions count from the oldest item of the history the tower reads.
             self.positions = nn.Embedding(spec.max_history, d)
             layer = nn.TransformerEncoderLayer(d, spec.heads, dim_feedforward=2 * d, dropout=spec.dropout,
                                                batch_first=True, norm_first=True)
@@ -136,30 +140,32 @@ class UserTower(nn.Module):
         in_dim = 2 * d if spec.use_ids else d
         self.mlp = nn.Sequential(nn.Linear(in_dim, 2 * d), nn.GELU(), nn.Dropout(spec.dropout), nn.Linear(2 * d, d))
 
-    def encode_history(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """State after the last real item of each right-padded history (B, T, D) -> (B, D)."""
+    def encode_prefixes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """History state after every prefix of right-padded histories (B, T, D) -> (B, T + 1, D).
+
+        State s has read the first s items (state 0: the learned empty history). Both encoders
+        are causal, so right padding never reaches the state of a real prefix.
+        """
         batch, steps, _ = tokens.shape
-        last = (lengths - 1).clamp(min=0)  # (B,)
         if self.spec.encoder == "gru":
-            # Right padding never reaches earlier steps of a forward GRU, so no packing is needed.
             out, _ = self.gru(tokens)  # (B, T, D)
         else:
-            t = torch.arange(steps, device=tokens.device)  # (T,)
-            back = (last.unsqueeze(1) - t).clamp(min=0)  # (B, T) steps before the newest item
-            x = tokens + self.positions(back)  # (B, T, D)
+            x = tokens + self.positions(torch.arange(steps, device=tokens.device))  # (B, T, D)
             causal = nn.Transformer.generate_square_subsequent_mask(steps, device=tokens.device)  # (T, T)
             out = self.attention(x, mask=causal, is_causal=True)  # (B, T, D)
-        state = out[torch.arange(batch, device=tokens.device), last]  # (B, D)
-        return torch.where((lengths > 0).unsqueeze(1), state, self.empty_history)  # (B, D)
+        return torch.cat([self.empty_history.expand(batch, 1, -1), out], dim=1)  # (B, T + 1, D)
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, user_embedding: torch.Tensor | None
-                ) -> torch.Tensor:
-        """L2-normalised user embeddings (B, D) from history tokens (B, T, D) and user IDs (B, D)."""
-        history = self.encode_history(tokens, lengths)  # (B, D)
+    def forward(self, tokens: torch.Tensor, user_embedding: torch.Tensor | None, rows: torch.Tensor,
+                steps: torch.Tensor) -> torch.Tensor:
+        """L2-normalised user embeddings (P, D) of history row `rows` (P,) after its first `steps` (P,) items.
+
+        tokens (B, T, D): right-padded histories; user_embedding (B, D): the rows' user IDs.
+        """
+        history = self.encode_prefixes(tokens)[rows, steps]  # (P, D)
         if user_embedding is not None:
-            user = _drop_rows(user_embedding, self.spec.user_id_dropout, self.training)  # (B, D)
-            history = torch.cat([history, user], dim=-1)  # (B, 2D)
-        return F.normalize(self.mlp(history), dim=-1)  # (B, D)
+            user = _drop_rows(user_embedding[rows], self.spec.user_id_dropout, self.training)  # (P, D)
+            history = torch.cat([history, user], dim=-1)  # (P, 2D)
+        return F.normalize(self.mlp(history), dim=-1)  # (P, D)
 
 
 class TwoTower(nn.Module):
@@ -176,18 +182,24 @@ class TwoTower(nn.Module):
         self.item_tower = ItemTower(spec, content, known)
         self.user_tower = UserTower(spec)
 
-    def _users(self, emb: SparseEmbeddings) -> torch.Tensor:
+    def _users(self, emb: SparseEmbeddings, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         tokens = self.item_tower.represent(emb.history_ids, emb.history)  # (B, T, D)
-        return self.user_tower(tokens, emb.history_lengths, emb.user)  # (B, D)
+        return self.user_tower(tokens, emb.user, rows, steps)  # (P, D)
 
-    def forward(self, features: SparseFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        """(user embeddings (B, D), candidate item embeddings (B, D)) of one batch."""
+    def forward(self, features: SparseFeatures, rows: torch.Tensor, steps: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user embeddings (P, D), candidate item embeddings (P, D)) of a batch's P candidates.
+
+        Candidate p belongs to history row `rows[p]` and follows its first `steps[p]` items.
+        """
         emb = self.sparse(features)
-        return self._users(emb), self.item_tower(emb.item_ids, emb.item)
+        return self._users(emb, rows, steps), self.item_tower(emb.item_ids, emb.item)
 
     def user_embeddings(self, features: SparseFeatures) -> torch.Tensor:
-        """User embeddings (B, D) of a batch (its item_id feature may be empty)."""
-        return self._users(self.sparse(features))
+        """User embeddings (B, D) after each row's whole history (the item_id feature may be empty)."""
+        emb = self.sparse(features)
+        rows = torch.arange(len(emb.history_lengths), device=emb.history_lengths.device)  # (B,)
+        return self._users(emb, rows, emb.history_lengths)
 
     def item_embeddings(self, features: SparseFeatures) -> torch.Tensor:
         """Candidate item embeddings (B, D) of a batch (its user and history features may be empty)."""

@@ -275,7 +275,7 @@ def train_content(config: ContentConfig) -> dict[str, Any]:
             summary.update(_probe_metrics(embeddings, topics, store, config.seed))
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)
                             and k != "epochs" and v is not None})
-        _log_plots(history.epochs, embeddings)
+        _log_plots(history.epochs, embeddings, topics)
         files = write_embeddings(store, embeddings, {
             "run_id": run_id,
             "checkpoint": checkpoint or None,
@@ -308,35 +308,31 @@ def _probe_metrics(embeddings: ExtractedEmbeddings, topics: np.ndarray, store: F
     return metrics
 
 
-def _log_plots(epochs: list[dict[str, float]], embeddings: ExtractedEmbeddings) -> None:
-    """Loss curves per epoch and the modalities' mean share of the fused embedding."""
-    import matplotlib
+def _log_plots(epochs: list[dict[str, float]], embeddings: ExtractedEmbeddings, topics: np.ndarray | None = None
+               ) -> None:
+    """Log to the active run: per-epoch losses and cross-modal retrieval accuracy (`content_training`),
+    the modalities' mean share of the fused embedding (`fusion_weights`) and the fused embeddings in
+    2-D (`item_embeddings`), coloured by latent topic when `topics` (N,) is known (synthetic corpus)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import mlflow
+    from recsys.plots import embedding_map, log_figure, training_curves
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("train_loss", "val_loss", "train_cross_loss", "val_cross_loss", "val_motion_loss"):
-        values = [e[key] for e in epochs if key in e]
-        if values:
-            ax[0].plot(range(len(values)), values, label=key, linestyle="-" if key.startswith("val") else "--")
-    ax[0].set(xlabel="epoch", ylabel="InfoNCE loss", title="Content training losses")
-    ax[0].legend()
-    r1 = [e.get("val_r1", float("nan")) for e in epochs]
-    ax[1].plot(range(len(r1)), r1, label="top-1")
-    ax[1].plot(range(len(r1)), [e.get("val_r5", float("nan")) for e in epochs], label="top-5")
-    ax[1].set(xlabel="epoch", ylabel="accuracy", title="Cross-modal retrieval (validation items)")
-    ax[1].legend()
-    fig.tight_layout()
-    mlflow.log_figure(fig, "plots/content_training.png")
-    plt.close(fig)
+    curves = {name for epoch in epochs for name in epoch if name.endswith("loss") or name in ("val_r1", "val_r5")}
+    history = {name: [(step, epoch[name]) for step, epoch in enumerate(epochs) if name in epoch] for name in curves}
+    log_figure(training_curves(history, title="content training: InfoNCE losses, cross-modal top-1/top-5"),
+               "content_training")
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    figure = Figure(figsize=(5, 3.5), layout="constrained")
+    ax = figure.subplots()
     shares = [float(embeddings.weights[embeddings.mask[:, i], i].mean()) if embeddings.mask[:, i].any() else 0.0
               for i in range(len(MODALITIES))]
     ax.bar(MODALITIES, shares)
     ax.set(ylabel="mean fusion weight", title="Share of each modality in the fused embedding")
-    fig.tight_layout()
-    mlflow.log_figure(fig, "plots/fusion_weights.png")
-    plt.close(fig)
+    log_figure(figure, "fusion_weights")
+
+    # Items without any usable modality have a zero fused embedding: nothing to place on the map.
+    embedded = np.flatnonzero(np.abs(embeddings.fused).sum(axis=1) > 0)
+    if len(embedded) >= 2:
+        labels = None if topics is None else [f"topic {t}" for t in np.asarray(topics)[embedded]]
+        log_figure(embedding_map(embeddings.fused[embedded], labels, title="fused content embeddings"),
+                   "item_embeddings")

@@ -25,6 +25,7 @@ from recsys.data.retrieval_datamodule import RetrievalDataModule
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.models.retrieval_module import VAL_METRIC, RetrievalModule
 from recsys.models.towers import TwoTower, TwoTowerSpec
+from recsys.plots import log_retrieval_plots
 from recsys.retrieval.trained_model import models_dir, save_trained
 from recsys.tracking import fingerprint_files, latest_run_id, start_run
 
@@ -227,6 +228,7 @@ def _train(config: RetrievalConfig, paths: PreparedPaths) -> RetrievalResult:
         model_dir = save_trained(model.eval(), config.processed_dir, config.dataset, run_id, info)
         mlflow.log_metrics({"best_val_ndcg_10": best, "epochs_trained": trainer.current_epoch})
         mlflow.set_tag("recsys.model_dir", str(model_dir))
+        log_retrieval_plots(run_id, model, paths)
         mlflow.log_artifact(str(best_path), artifact_path="checkpoint")
         mlflow.log_artifact(str(model_dir / "model.json"), artifact_path="model")
     return RetrievalResult(run_id, model_dir, best_path, best, trainer.current_epoch, content.source, metrics.history)

@@ -34,8 +34,10 @@ def test_baselines_are_evaluated_and_logged_without_a_trained_model(paths: Prepa
     assert run.data.tags["recsys.step"] == "evaluate" and run.data.tags["recsys.split"] == "test"
     assert run.data.metrics[metric_key("itemknn", "ndcg@10")] == pytest.approx(ndcg["itemknn"])
     assert run.data.metrics["mf/cold_hr_at_50"] == pytest.approx(table["cold_hr@50"][2])
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"metrics_at_k.png", "evaluation.json", "config.json"} <= artifacts
+    client = mlflow.MlflowClient()
+    assert {"evaluation.json", "config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # no two-tower model, so no modality ablation: only the baselines' metric@K curves
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/metrics_at_k.png"]
 
 
 def test_a_sample_of_cases_is_seeded(paths: PreparedPaths) -> None:
@@ -104,3 +106,20 @@ def test_trained_two_tower_run_is_evaluated_beside_the_baselines(tmp_path: Path)
     assert rows["two-tower no-content"]["ndcg@10"] > rows["popularity"]["ndcg@10"]
     run = mlflow.get_run(table["mlflow_run_id"][0])
     assert run.data.tags["recsys.input.model.two-tower-no-content"] == result.run_id
+
+
+def test_two_tower_variants_are_compared_in_a_modality_ablation_plot(tmp_path: Path) -> None:
+    from recsys.models.train_retrieval import train_retrieval
+    from tests.models.test_retrieval_module import quick_config, write_topic_dataset
+
+    paths = write_topic_dataset(tmp_path)  # with a title embedding that knows each video's topic
+    runs = [train_retrieval(quick_config(paths, max_epochs=1, content=content)).run_id for content in ("title", "none")]
+    table = evaluate(EvaluateConfig(processed_dir=paths.root.parent, run_ids=tuple(runs), baselines=("popularity",),
+                                    ks=(5, 10)))
+    assert table["model"].to_list() == ["two-tower (title)", "two-tower no-content", "popularity"]
+    client = mlflow.MlflowClient()
+    run_id = table["mlflow_run_id"][0]
+    plots = sorted(a.path for a in client.list_artifacts(run_id, "plots"))
+    assert plots == ["plots/metrics_at_k.png", "plots/modality_ablation.png"]
+    for path in plots:
+        assert open(client.download_artifacts(run_id, path), "rb").read(8) == b"\x89PNG\r\n\x1a\n"

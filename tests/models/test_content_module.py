@@ -21,7 +21,7 @@ from recsys.errors import MissingInputError
 from recsys.models.content_encoder import MODALITIES, ContentEncoder, EncoderSpec
 from recsys.models.content_module import ContentModule, cross_modal_retrieval, info_nce
 from recsys.models.temporal import random_crop, reverse_time
-from recsys.models.train_content import train_content
+from recsys.models.train_content import extract_embeddings, topic_probe, train_content
 from tests.models.content_store import write_store
 
 DATASET = "synth"
@@ -108,6 +108,32 @@ def test_only_an_order_aware_encoder_learns_the_arrow_of_time() -> None:
         losses[kind] = motion.item()
     assert losses["mean"] == pytest.approx(math.log(2), abs=1e-4)
     assert losses["gru"] < 0.25 * math.log(2)
+
+
+def test_gru_tells_apart_topics_that_differ_only_in_motion_and_mean_pooling_cannot(tmp_path: Path) -> None:
+    """Two topics with the same look, sound and title, moving opposite ways: after the real training
+    objective, a linear probe finds the topic in the GRU's motion embedding, not in mean pooling's
+    (chance: 0.5; over store seeds 0, 1, 2 the GRU scored 0.73, 0.82, 0.66 and mean pooling 0.56, 0.54, 0.43)."""
+    topics = write_store(tmp_path / "features", n_items=96, topics=2, motion_only=True)
+    data = ContentDataModule(tmp_path / "features", batch_size=16)
+    data.setup("fit")
+    assert data.arrays is not None
+    accuracy = {}
+    for kind in ("gru", "mean"):
+        torch.manual_seed(0)
+        module = ContentModule(ContentEncoder(EncoderSpec(embedding_dim=16, hidden_dim=32, n_mels=16, temporal=kind)))  # type: ignore[arg-type]
+        optimiser = module.configure_optimizers()["optimizer"]
+        module.train()
+        for _ in range(20):  # the training step without the Trainer: a few seconds per encoder
+            for batch in data.train_dataloader():
+                terms, _ = module.losses(module.augment(batch))
+                optimiser.zero_grad()
+                module.total(terms).backward()
+                optimiser.step()
+        embeddings = extract_embeddings(module.encoder, data.arrays)
+        accuracy[kind] = topic_probe(embeddings.modality("motion"), topics, seed=0)
+    assert accuracy["gru"] >= 0.65 and accuracy["mean"] <= 0.6, accuracy
+    assert accuracy["gru"] >= accuracy["mean"] + 0.15, accuracy
 
 
 def test_distillation_needs_collaborative_embeddings_and_skips_cold_items() -> None:
