@@ -1,8 +1,9 @@
 """Two-tower training throughput: the Lightning module against a plain PyTorch loop (target >= 0.9x).
 
 Both train the same model (the default `RetrievalConfig`: GRU user tower, dim 64, history 50,
-batch 1024, ID-only) on the same pre-built batches of MovieLens-100k (from ../shared/data,
-prepared in a temporary folder), from the same initial weights, with the same AdamW optimizer:
+batches of about 1024 targets in windows of 25, one torch thread, ID-only) on the same pre-built
+batches of MovieLens-100k (from ../shared/data, prepared in a temporary folder), from the same
+initial weights, with the same AdamW optimizer:
 
 - plain loop: `loss = objective(batch); loss.backward(); optimizer.step(); optimizer.zero_grad()`
 - Lightning: `Trainer.fit` of `RetrievalModule` over a DataLoader that yields those batches,
@@ -57,6 +58,7 @@ def run(root: Path, batches_per_run: int, repeats: int) -> dict[str, Any]:
     prepare(PrepareConfig(dataset=dataset, raw_dir=root / "raw", processed_dir=root / "processed"))
     config = RetrievalConfig(dataset=dataset, processed_dir=root / "processed", content="none")
     L.seed_everything(config.seed, verbose=False)
+    torch.set_num_threads(config.threads or torch.get_num_threads())  # as `recsys train retrieval` runs
     data = RetrievalDataModule(PreparedPaths.of(config.processed_dir, dataset), config.max_history,
                                config.batch_size, seed=config.seed)
     data.setup("fit")

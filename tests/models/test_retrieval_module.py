@@ -24,6 +24,7 @@ from recsys.cli import main
 from recsys.config import PrepareConfig, RetrievalConfig
 from recsys.data.paths import PreparedPaths
 from recsys.data.prepare import prepare
+from recsys.data.retrieval_datamodule import RetrievalDataModule
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.models.retrieval_module import rank_of_targets, sampled_softmax_loss
 from recsys.models.train_retrieval import RetrievalResult, train_retrieval
@@ -127,6 +128,13 @@ def test_accidental_hits_are_masked_and_logq_correction_favours_popular_negative
     corrected = manual(logits - log_q)
     torch.testing.assert_close(sampled_softmax_loss(users, items, targets, 1.0, log_q), torch.stack(corrected).mean())
     assert all(c < u for c, u in zip(corrected[:3], manual(logits)[:3], strict=True))
+    # Examples of one group (one user's window) are not negatives of each other: rows 1 and 3 here.
+    groups = torch.tensor([0, 1, 2, 1])
+    grouped = sampled_softmax_loss(users, items, targets, 1.0, None, groups=groups)
+    by_hand = [torch.logsumexp(logits[i, [j for j in range(4) if j == i or (targets[j] != targets[i]
+                                                                      and groups[j] != groups[i])]], 0)
+               - logits[i, i] for i in range(4)]
+    torch.testing.assert_close(grouped, torch.stack(by_hand).mean())
 
 
 def test_uniform_negatives_equal_to_the_target_are_masked() -> None:
@@ -147,6 +155,36 @@ def test_rank_ignores_excluded_items() -> None:
     tied = rank_of_targets(torch.full((1, 3), 0.5), torch.tensor([1]), torch.tensor([], dtype=torch.long),
                            torch.tensor([], dtype=torch.long))
     assert tied.tolist() == [1]  # a tie earns no credit: the lower index goes first
+
+
+@pytest.mark.parametrize("max_history", [1, 4, 50])
+def test_training_windows_score_every_target_once_from_exactly_the_videos_before_it(
+    topic_data: PreparedPaths, max_history: int
+) -> None:
+    data = RetrievalDataModule(topic_data, max_history=max_history, batch_size=64)
+    data.setup("fit")
+    assert data.train_log is not None and data.windows is not None
+    batch = data.train_batch(np.arange(len(data.windows)))
+    history = batch.features.items.to_dict()["history"]
+    inputs = [h.numpy() for h in torch.split(history.values(), history.lengths().tolist())]
+    assert all(len(x) <= max_history for x in inputs)
+    # Every training interaction is a target exactly once, and its user's sequence is known from the log.
+    assert len(batch) == len(data.train_log)
+    sequences = {u: data.train_log.items[data.train_log.users == u] for u in np.unique(data.train_log.users)}
+    seen_per_user: dict[int, int] = {}
+    users = batch.features.users.values().numpy()
+    shortest = min(max_history - max(1, max_history // 2) + 1, max_history)
+    for target, row, step in zip(batch.targets.tolist(), batch.target_rows.tolist(), batch.target_steps.tolist(),
+                                 strict=True):
+        user = int(users[row])
+        position = seen_per_user.get(user, 0)  # targets come in time order within a user
+        seen_per_user[user] = position + 1
+        sequence = sequences[user]
+        assert target == sequence[position]
+        earlier = inputs[row][:step]
+        assert earlier.tolist() == sequence[position - step:position].tolist()  # exactly the videos before it
+        assert step >= min(position, shortest)  # and never fewer than a window guarantees
+    assert seen_per_user == {u: len(s) for u, s in sequences.items()}
 
 
 # ---------------------------------------------------------------------------------------------- training
