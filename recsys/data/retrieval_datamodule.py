@@ -116,10 +116,15 @@ class TrainWindows:
     end: np.ndarray
     """(W,) one past the last target row"""
 
+    @staticmethod
+    def targets_per_window(max_history: int) -> int:
+        """Half the history length (at least 1): the other half is context the window's first target reads."""
+        return max(1, max_history // 2)
+
     @classmethod
     def cut(cls, log: InteractionLog, max_history: int) -> TrainWindows:
-        """Windows of `max_history // 2` targets (at least 1), each reading up to `max_history` earlier items."""
-        per_window = max(1, max_history // 2)
+        """Windows of `targets_per_window` targets, each reading up to `max_history` earlier items."""
+        per_window = cls.targets_per_window(max_history)
         context = max_history - per_window + 1  # items before the first target that the input keeps
         starts = np.flatnonzero(log.position == 0)  # first row of each user
         ends = np.append(starts[1:], len(log))
@@ -181,8 +186,7 @@ class RetrievalDataModule(L.LightningDataModule):
         the model learns. Below MIN_BATCHES_PER_EPOCH batches the batches shrink instead.
         """
         assert self.windows is not None
-        per_window = max(1, self.max_history // 2)
-        wanted = max(1, self.batch_size // per_window)
+        wanted = max(1, self.batch_size // TrainWindows.targets_per_window(self.max_history))
         return max(MIN_WINDOWS_PER_BATCH, min(wanted, len(self.windows) // MIN_BATCHES_PER_EPOCH))
 
     @property

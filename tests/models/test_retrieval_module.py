@@ -24,7 +24,7 @@ from recsys.cli import main
 from recsys.config import PrepareConfig, RetrievalConfig
 from recsys.data.paths import PreparedPaths
 from recsys.data.prepare import prepare
-from recsys.data.retrieval_datamodule import RetrievalDataModule
+from recsys.data.retrieval_datamodule import RetrievalDataModule, TrainWindows
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.models.retrieval_module import rank_of_targets, sampled_softmax_loss
 from recsys.models.train_retrieval import RetrievalResult, train_retrieval
@@ -173,7 +173,7 @@ def test_training_windows_score_every_target_once_from_exactly_the_videos_before
     sequences = {u: data.train_log.items[data.train_log.users == u] for u in np.unique(data.train_log.users)}
     seen_per_user: dict[int, int] = {}
     users = batch.features.users.values().numpy()
-    shortest = min(max_history - max(1, max_history // 2) + 1, max_history)
+    shortest = min(max_history - TrainWindows.targets_per_window(max_history) + 1, max_history)
     for target, row, step in zip(batch.targets.tolist(), batch.target_rows.tolist(), batch.target_steps.tolist(),
                                  strict=True):
         user = int(users[row])
