@@ -500,8 +500,10 @@ class ContentConfig:
     """Weight of the arrow-of-time loss: a crop of a clip must match another crop of it, not that crop reversed"""
     augment: bool = True
     """Train on random stretches of each clip and sound and with title dimensions dropped (less memorising)"""
-    fusion_weight: float = 1.0
+    fusion_weight: float = 0.5
     """Weight of the loss making the fused embedding of the other modalities find each held-out one"""
+    fused_motion_weight: float = 2.0
+    """Weight of the arrow-of-time loss asked of the fused embedding, so fusing keeps which way things move"""
     distill_weight: float = 0.0
     """Weight of the loss aligning fused embeddings with a trained two-tower model's item embeddings; 0: off"""
     distill_run: str | None = None
@@ -537,7 +539,7 @@ class ContentConfig:
         _require(self.hidden_dim >= 1, "hidden_dim must be at least 1")
         _require(0 <= self.modality_dropout < 1, "modality_dropout must lie in [0, 1)")
         _require(self.temperature > 0, "temperature must be positive")
-        for name in ("motion_weight", "fusion_weight", "distill_weight"):
+        for name in ("motion_weight", "fusion_weight", "fused_motion_weight", "distill_weight"):
             _require(getattr(self, name) >= 0, f"{name} must be 0 or more")
         _require(self.batch_size >= 2, "batch_size must be at least 2 (in-batch negatives need other items)")
         _require(self.max_epochs >= 1, "max_epochs must be at least 1")

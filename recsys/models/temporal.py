@@ -52,10 +52,23 @@ def random_crop(mask: Tensor, min_fraction: float, max_fraction: float, min_step
     return mask & inside
 
 
+CHANGE_SCALE = 0.05
+"""Change of a frame feature that counts as a full step in `with_changes`' bounded copy: in the frame
+CNN's position features ([-1, 1] across the frame) about a 1.6-pixel move at 64 pixels."""
+
+
 def with_changes(x: Tensor) -> Tensor:
-    """Each step's features next to their change since the previous step (zero change at the first): (B, T, 2F)."""
-    change = torch.diff(x, dim=1, prepend=x[:, :1])  # (B, T, F)
-    return torch.cat([x, change], dim=-1)  # (B, T, 2F)
+    """Each step's features next to their change since the previous step, raw and bounded: (B, T, 3F).
+
+    The bounded copy (tanh of the change over `CHANGE_SCALE`) makes every step vote about equally
+    for a direction, so one large jump cannot outvote the steady motion of all the other frames: a
+    shape leaving the frame on one side and coming back on the other (the synthetic corpus wraps its
+    shapes round the border, and most clips of its fast topics cross it), a cut, a tracked feature
+    switching to another object. With the raw change alone, such a jump cancels the motion summed
+    over the clip, and the GRU must first learn to discount it.
+    """
+    change = torch.diff(x, dim=1, prepend=x[:, :1])  # (B, T, F) zero at the first step
+    return torch.cat([x, change, torch.tanh(change / CHANGE_SCALE)], dim=-1)  # (B, T, 3F)
 
 
 class TemporalEncoder(nn.Module):
@@ -63,8 +76,8 @@ class TemporalEncoder(nn.Module):
 
     `gru`: the valid frames in order, each with its change since the previous frame (motion is a
     change of position, and handing the difference over directly saves the GRU from learning to
-    subtract), projected frame by frame, then a GRU; the summary is its state after the last
-    valid frame (both directions when bidirectional). `mean`: the ablation, order-blind by
+    subtract; see `with_changes`), projected frame by frame, then a GRU; the summary is its state
+    after the last valid frame (both directions when bidirectional). `mean`: the ablation, order-blind by
     design: the masked mean of the projected frames, no changes (a difference needs an order).
     """
 
@@ -82,7 +95,7 @@ class TemporalEncoder(nn.Module):
         self.kind = kind
         # Per-frame projection first, so the GRU (run several times per batch in training) stays
         # cheap whatever the backbone's width.
-        self.project = nn.Sequential(nn.Linear(2 * in_dim if kind == "gru" else in_dim, hidden_dim), nn.ReLU())
+        self.project = nn.Sequential(nn.Linear(3 * in_dim if kind == "gru" else in_dim, hidden_dim), nn.ReLU())
         summary_dim = hidden_dim
         if kind == "gru":
             self.gru = nn.GRU(hidden_dim, hidden_dim, batch_first=True, bidirectional=bidirectional)

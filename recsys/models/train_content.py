@@ -221,6 +221,7 @@ def train_content(config: ContentConfig) -> dict[str, Any]:
     module = ContentModule(
         ContentEncoder(spec), lr=config.learning_rate, weight_decay=config.weight_decay,
         temperature=config.temperature, fusion_weight=config.fusion_weight, motion_weight=config.motion_weight,
+        fused_motion_weight=config.fused_motion_weight,
         augment=config.augment,
         distill_weight=config.distill_weight, collab_embeddings=collab, max_epochs=config.max_epochs,
     )
