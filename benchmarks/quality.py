@@ -230,7 +230,9 @@ def main() -> None:
     args = parser.parse_args()
     datasets = args.datasets or (["synth"] if args.quick else ["movielens-100k", "microlens-50k", "synth"])
 
-    table, seconds, commits = ({}, {}, {}) if args.quick else previous_full_run()
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    seconds: dict[str, dict[str, float]] = {}
+    commits: dict[str, str] = {}
     commit = git_commit()
     with tempfile.TemporaryDirectory(prefix="recsys-quality-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
@@ -250,6 +252,9 @@ def main() -> None:
                                   for k in (10, 20, 50)})
                 table[dataset]["topic reference"] = reference
             print(f"{dataset}: {', '.join(f'{k} {v:.0f} s' for k, v in steps.items())}", flush=True)
+    if not args.quick:  # read only now: another run may have finished meanwhile
+        kept_table, kept_seconds, kept_commits = previous_full_run()
+        table, seconds, commits = {**kept_table, **table}, {**kept_seconds, **seconds}, {**kept_commits, **commits}
     (RESULTS / "quality.md").parent.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.md").write_text(markdown(table, args.seed))
     print(markdown(table, args.seed))
