@@ -52,9 +52,12 @@ from recsys.data.feature_store import FeatureStore  # noqa: E402
 from recsys.data.synthetic_truth import SynthTruth  # noqa: E402
 from recsys.models.content_encoder import MODALITIES, ContentEncoder  # noqa: E402
 from recsys.models.train_content import encoder_spec, extract_embeddings, topic_probe, train_content  # noqa: E402
+from recsys.threads import torch_threads  # noqa: E402
 
 DATASET = "synth"
 TARGET_OVERHEAD = 1.2
+TRAIN_THREADS = 1
+"""Torch threads of every content training run (one: seeds and models get equal CPU whatever the load)."""
 
 
 def build_corpus(work: Path, quick: bool) -> Path:
@@ -75,7 +78,7 @@ def build_corpus(work: Path, quick: bool) -> Path:
 def train(processed: Path, work: Path, temporal: str, seed: int, quick: bool) -> dict[str, Any]:
     """Train one content model; copies of its embeddings (the next run overwrites the store's files)."""
     config = ContentConfig(dataset=DATASET, processed_dir=processed, temporal=temporal, seed=seed,  # type: ignore[arg-type]
-                           checkpoint_dir=work / "checkpoints", progress_bar=False, threads=1,
+                           checkpoint_dir=work / "checkpoints", progress_bar=False, threads=TRAIN_THREADS,
                            max_epochs=20 if quick else 25, patience=20 if quick else 25)
     started = time.perf_counter()
     summary = train_content(config)
@@ -149,9 +152,7 @@ def throughput(processed: Path, backbone: str, repeats: int) -> dict[str, float]
         extract_embeddings(encoder, arrays, batch_size=batch_size)
 
     work = {"extract": extract, "bare_encoder": bare_encoder, "bare_backbone": bare_backbone}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         for run in work.values():
             run()  # warm-up: page in the memory maps, allocate
         times: dict[str, list[float]] = {name: [] for name in work}
@@ -160,8 +161,6 @@ def throughput(processed: Path, backbone: str, repeats: int) -> dict[str, float]
                 started = time.process_time()
                 run()
                 times[name].append(time.process_time() - started)
-    finally:
-        torch.set_num_threads(threads)
     seconds = {name: statistics.median(values) for name, values in times.items()}
     return {
         "backbone": backbone,
@@ -249,7 +248,7 @@ def main() -> None:
         "train_seconds_median": round(statistics.median(train_seconds), 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "quick": quick,
-        "threads": torch.get_num_threads(),
+        "threads": TRAIN_THREADS,
         "cpu_count": os.cpu_count(),
     })
 

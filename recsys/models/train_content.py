@@ -43,6 +43,7 @@ from recsys.errors import DataFormatError
 from recsys.files import read_json, write_json
 from recsys.models.content_encoder import MODALITIES, ContentEncoder, EncoderSpec
 from recsys.models.content_module import ContentModule, cross_modal_retrieval
+from recsys.threads import torch_threads
 
 CONTENT_JSON = "content.json"
 CONTENT_EMBEDDING = "content_embedding"
@@ -202,14 +203,17 @@ def train_content(config: ContentConfig) -> dict[str, Any]:
     Returns a summary: MLflow run ID, epochs, best validation loss, retrieval accuracy, probe
     accuracies (synthetic corpus), written files.
     """
+    with torch_threads(config.threads):
+        return _train(config)
+
+
+def _train(config: ContentConfig) -> dict[str, Any]:
     import mlflow
 
     from recsys.tracking import start_run
 
     paths = PreparedPaths.of(config.processed_dir, config.dataset).require()
     store = FeatureStore.open(paths.features)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     data = ContentDataModule(paths.features, config.batch_size, config.val_fraction, config.seed, config.workers)
     data.setup("fit")

@@ -8,8 +8,6 @@ NDCG@10; writes the trained model (safetensors + JSON) for retrieval and evaluat
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from recsys.models.retrieval_module import VAL_METRIC, RetrievalModule
 from recsys.models.towers import TwoTower, TwoTowerSpec
 from recsys.plots import log_retrieval_plots
 from recsys.retrieval.trained_model import models_dir, save_trained
+from recsys.threads import torch_threads
 from recsys.tracking import fingerprint_files, latest_run_id, start_run
 
 CONTENT_FILES = {"fused": "content_embedding.npy", "title": "title_embedding.npy"}
@@ -168,18 +167,6 @@ def train_retrieval(config: RetrievalConfig) -> RetrievalResult:
     paths = PreparedPaths.of(config.processed_dir, config.dataset).require()
     with torch_threads(config.threads):
         return _train(config, paths)
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run the block with `threads` torch CPU threads (0: unchanged), restoring the setting after."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _train(config: RetrievalConfig, paths: PreparedPaths) -> RetrievalResult:

@@ -18,6 +18,7 @@ from recsys.models.content_encoder import MODALITIES, ContentEncoder, ContentInp
 from recsys.models.frame_cnn import FrameCNN, build_backbone, spatial_soft_argmax
 from recsys.models.fusion import ModalityFusion, drop_modalities
 from recsys.models.temporal import TemporalEncoder
+from recsys.threads import torch_threads
 
 T, S, N_MELS, L = 6, 32, 16, 40
 
@@ -25,10 +26,8 @@ T, S, N_MELS, L = 6, 32, 16, 40
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     """Tiny tensors: one thread is faster than several contending for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def make_inputs(b: int = 4, seed: int = 0) -> ContentInputs:

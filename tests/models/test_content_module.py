@@ -22,6 +22,7 @@ from recsys.models.content_encoder import MODALITIES, ContentEncoder, EncoderSpe
 from recsys.models.content_module import ContentModule, cross_modal_retrieval, info_nce
 from recsys.models.temporal import random_crop, reverse_time
 from recsys.models.train_content import extract_embeddings, topic_probe, train_content
+from recsys.threads import torch_threads
 from tests.models.content_store import write_store
 
 DATASET = "synth"
@@ -30,10 +31,8 @@ DATASET = "synth"
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     """Tiny tensors: one thread is faster than several contending for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def prepared_store(root: Path, **store: object) -> tuple[Path, np.ndarray]:
