@@ -13,6 +13,7 @@ import numpy as np
 from recsys.config import PrepareConfig, RetrievalConfig
 from recsys.data.prepare import prepare
 from recsys.models.train_retrieval import RetrievalResult, train_retrieval
+from tests.movielens_files import write_ml100k
 
 DATASET = "movielens-100k"
 GROUPS = 4
@@ -23,22 +24,15 @@ USERS = 80
 def write_raw(raw_dir: Path, seed: int = 0) -> Path:
     """u.data and u.item for the tiny dataset under raw_dir/movielens-100k."""
     rng = np.random.default_rng(seed)
-    folder = raw_dir / DATASET
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
+    events = []
     for user in range(1, USERS + 1):
         group = user % GROUPS
         items = group * ITEMS_PER_GROUP + rng.permutation(ITEMS_PER_GROUP)[:9] + 1
         for step, item in enumerate(items):
-            lines.append(f"{user}\t{item}\t{int(rng.integers(3, 6))}\t{880000000 + user * 100 + step}")
-    (folder / "u.data").write_text("\n".join(lines) + "\n")
-    flags = "|".join(["0"] * 19)
-    movies = [
-        f"{item}|Video {item} of group {(item - 1) // ITEMS_PER_GROUP} (1995)|01-Jan-1995||http://x|{flags}"
-        for item in range(1, GROUPS * ITEMS_PER_GROUP + 1)
-    ]
-    (folder / "u.item").write_bytes(("\n".join(movies) + "\n").encode("latin-1"))
-    return folder
+            events.append((user, int(item), int(rng.integers(3, 6)), 880000000 + user * 100 + step))
+    titles = {item: f"Video {item} of group {(item - 1) // ITEMS_PER_GROUP} (1995)"
+              for item in range(1, GROUPS * ITEMS_PER_GROUP + 1)}
+    return write_ml100k(raw_dir / DATASET, events, titles)
 
 
 def build(root: Path, epochs: int = 4, seed: int = 0) -> tuple[Path, RetrievalResult]:

@@ -13,6 +13,7 @@ from recsys.config import FetchConfig, PrepareConfig
 from recsys.data.fetch import fetch
 from recsys.data.paths import PreparedPaths
 from recsys.data.prepare import prepare
+from tests.movielens_files import write_ml100k
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +97,7 @@ def test_prepare_logs_an_mlflow_run(ml100k: PreparedPaths) -> None:
 
 
 def _write_raw_ml100k(folder: Path, events: list[tuple[int, int, int, int]], items: list[int]) -> None:
-    folder.mkdir(parents=True)
-    (folder / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in events))
-    flags = "|".join(["0"] * 19)
-    (folder / "u.item").write_bytes(
-        "".join(f"{i}|Film {i} (1999)|01-Jan-1999||http://x|{flags}\n" for i in items).encode("latin-1")
-    )
+    write_ml100k(folder, events, {i: f"Film {i} (1999)" for i in items}, release_date="01-Jan-1999")
 
 
 def test_rejections_are_counted_by_reason(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from recsys.config import PrepareConfig
 from recsys.data.paths import PreparedPaths
 from recsys.data.prepare import prepare
+from tests.movielens_files import write_ml100k
 
 DATASET = "movielens-100k"
 GROUPS = 4
@@ -43,24 +44,16 @@ def cold_users() -> list[int]:
 def write_raw(raw_dir: Path, seed: int = 0) -> Path:
     """u.data and u.item under raw_dir/movielens-100k."""
     rng = np.random.default_rng(seed)
-    folder = raw_dir / DATASET
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
+    events = []
     for user in range(1, USERS + 1):
         group = group_of_user(user)
         items = [int(i) for i in group * ITEMS_PER_GROUP + rng.permutation(ITEMS_PER_GROUP)[:8] + 1]
         if user in cold_users():
             items.append(int(COLD_ITEM))
-        for step, item in enumerate(items):
-            lines.append(f"{user}\t{item}\t4\t{880000000 + user * 100 + step}")
-    (folder / "u.data").write_text("\n".join(lines) + "\n")
-    flags = "|".join(["0"] * 19)
-    movies = [
-        f"{item}|Video {item} of group {group_of_item(item)} (1995)|01-Jan-1995||http://x|{flags}"
-        for item in range(1, GROUPS * ITEMS_PER_GROUP + 3)
-    ]
-    (folder / "u.item").write_bytes(("\n".join(movies) + "\n").encode("latin-1"))
-    return folder
+        events += [(user, item, 4, 880000000 + user * 100 + step) for step, item in enumerate(items)]
+    titles = {item: f"Video {item} of group {group_of_item(item)} (1995)"
+              for item in range(1, GROUPS * ITEMS_PER_GROUP + 3)}
+    return write_ml100k(raw_dir / DATASET, events, titles)
 
 
 def build_prepared(root: Path) -> PreparedPaths:

@@ -29,6 +29,7 @@ from recsys.errors import DataFormatError, MissingInputError
 from recsys.models.retrieval_module import rank_of_targets, sampled_softmax_loss
 from recsys.models.train_retrieval import RetrievalResult, train_retrieval
 from recsys.retrieval.trained_model import load_trained
+from tests.movielens_files import write_ml100k
 
 TOPICS, PER_TOPIC, USERS_PER_TOPIC, EVENTS = 6, 10, 20, 8
 DATASET = "movielens-100k"
@@ -37,22 +38,18 @@ DATASET = "movielens-100k"
 def write_topic_dataset(root: Path, seed: int = 0) -> PreparedPaths:
     """Raw MovieLens-format files with topic-sequential users, prepared into `root/processed`."""
     rng = np.random.default_rng(seed)
-    raw = root / "raw" / DATASET
-    raw.mkdir(parents=True)
-    ratings = []
+    events = []
     user = 0
     for topic in range(TOPICS):
         for _ in range(USERS_PER_TOPIC):
             user += 1
             start = rng.integers(PER_TOPIC)
             for step in range(EVENTS):
-                item = topic * PER_TOPIC + (start + step) % PER_TOPIC + 1
-                ratings.append(f"{user}\t{item}\t4\t{880000000 + user * 1000 + step}")
-    (raw / "u.data").write_text("\n".join(ratings) + "\n")
+                item = int(topic * PER_TOPIC + (start + step) % PER_TOPIC + 1)
+                events.append((user, item, 4, 880000000 + user * 1000 + step))
     n_warm = TOPICS * PER_TOPIC
-    titles = [f"{i}|Topic{topic_of_item_id(i)} video {i} (1995)|01-Jan-1995||http://x|" + "|".join("0" * 19)
-              for i in range(1, n_warm + TOPICS + 1)]
-    (raw / "u.item").write_text("\n".join(titles) + "\n", encoding="latin-1")
+    titles = {i: f"Topic{topic_of_item_id(i)} video {i} (1995)" for i in range(1, n_warm + TOPICS + 1)}
+    write_ml100k(root / "raw" / DATASET, events, titles)
     prepare(PrepareConfig(dataset=DATASET, raw_dir=root / "raw", processed_dir=root / "processed"))
     paths = PreparedPaths.of(root / "processed", DATASET)
     topics = item_topics(paths)
