@@ -259,6 +259,8 @@ class RetrievalConfig:
     """Most passes over the training interactions"""
     patience: int = 3
     """Stop after this many epochs without a better validation NDCG@10"""
+    validation_users: int = 10_000
+    """Users whose validation target is ranked each epoch (a fixed seeded sample; 0: every user)"""
     seed: int = 0
     """Random seed of initialisation, shuffling and dropout"""
     resume: bool = False
@@ -286,6 +288,7 @@ class RetrievalConfig:
         _require(self.batch_size >= 2, "batch_size must be at least 2 (in-batch negatives need other rows)")
         _require(self.max_epochs >= 1, "max_epochs must be at least 1")
         _require(self.patience >= 1, "patience must be at least 1")
+        _require(self.validation_users >= 0, "validation_users must be 0 (every user) or more")
         _require(self.threads >= 0, "threads must be 0 (torch's default) or more")
         _require(self.world_size >= 1, "world_size must be at least 1")
         _require(self.world_size == 1 or not self.resume, "--resume continues single-process (Lightning) runs only")
@@ -305,8 +308,8 @@ class ExportConfig:
     """Folder of the raw datasets: the synthetic corpus' latent topics colour the logged item-embedding map"""
     max_k: int = 1000
     """Largest k a request to the exported model may ask for"""
-    index: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
-    """Item index of the exported model (as `recsys recommend --index`): auto picks FAISS for large catalogues"""
+    index: Literal["auto", "exact", "pq", "hnsw", "ivf"] = "auto"
+    """Item index of the exported model (as `recsys recommend --index`): auto picks FAISS pq for large catalogues"""
 
     def __post_init__(self) -> None:
         self.processed_dir, self.raw_dir = Path(self.processed_dir), Path(self.raw_dir)
@@ -401,8 +404,8 @@ class RecommendConfig:
     """Folder holding the prepared datasets and their trained models"""
     run_id: str | None = None
     """Training run of the model to use; unset: the newest trained model of the dataset"""
-    index: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
-    """Item index: exact matrix product, FAISS HNSW or IVF; auto picks FAISS for large catalogues"""
+    index: Literal["auto", "exact", "pq", "hnsw", "ivf"] = "auto"
+    """Item index: exact matrix product, or FAISS pq (re-ranked 4-bit PQ), HNSW or IVF; auto: pq for large catalogues"""
 
     def __post_init__(self) -> None:
         self.processed_dir = Path(self.processed_dir)
@@ -426,8 +429,8 @@ class SimilarConfig:
     """Folder holding the prepared datasets and their trained models"""
     run_id: str | None = None
     """Training run of the model to use; unset: the newest trained model of the dataset"""
-    index: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
-    """Item index: exact matrix product, FAISS HNSW or IVF; auto picks FAISS for large catalogues"""
+    index: Literal["auto", "exact", "pq", "hnsw", "ivf"] = "auto"
+    """Item index: exact matrix product, or FAISS pq (re-ranked 4-bit PQ), HNSW or IVF; auto: pq for large catalogues"""
 
     def __post_init__(self) -> None:
         self.processed_dir = Path(self.processed_dir)

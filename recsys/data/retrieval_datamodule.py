@@ -10,7 +10,9 @@ target is scored from exactly the items the user watched before it (at least
 That is how sequential recommenders train (GRU4Rec, SASRec): one pass over a sequence trains
 all its steps, where one history per target would repeat the same encoder work up to
 `max_history` times. Validation rows are the valid targets, with the user's train history; the
-user's train items are excluded from the full ranking.
+user's train items are excluded from the full ranking. On large datasets validation ranks a fixed
+seeded sample of `validation_users` users, the same every epoch: ranking every user's whole
+catalogue each epoch would cost more than the training pass.
 """
 
 from __future__ import annotations
@@ -144,13 +146,14 @@ class RetrievalDataModule(L.LightningDataModule):
     """Train and validation batches of one prepared dataset (seeded shuffling)."""
 
     def __init__(self, paths: PreparedPaths, max_history: int = 50, batch_size: int = 1024,
-                 eval_batch_size: int = 1024, seed: int = 0) -> None:
+                 eval_batch_size: int = 1024, seed: int = 0, validation_users: int = 0) -> None:
         super().__init__()
         self.paths = paths.require()
         self.max_history = max_history
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
+        self.validation_users = validation_users
         self.train_log: InteractionLog | None = None
         self.windows: TrainWindows | None = None
 
@@ -174,6 +177,8 @@ class RetrievalDataModule(L.LightningDataModule):
         self.user_start[self.train_log.users[firsts]] = firsts
         self.user_end[self.train_log.users[firsts]] = ends
         valid = pl.read_parquet(self.paths.valid).sort("user_idx")
+        if 0 < self.validation_users < len(valid):
+            valid = valid.sample(self.validation_users, seed=self.seed).sort("user_idx")
         self.valid_users = valid.get_column("user_idx").to_numpy().astype(np.int64)
         self.valid_items = valid.get_column("item_idx").to_numpy().astype(np.int64)
 

@@ -108,7 +108,8 @@ def train_rank(config: RetrievalConfig, rank: int, world_size: int, device: torc
     """One process of sharded training; rank 0 (which needs `run_id`) saves the model and returns its summary."""
     L.seed_everything(config.seed, verbose=False)  # equal dense initialisation on every rank
     paths = PreparedPaths.of(config.processed_dir, config.dataset).require()
-    data = RetrievalDataModule(paths, max_history=config.max_history, batch_size=config.batch_size, seed=config.seed)
+    data = RetrievalDataModule(paths, max_history=config.max_history, batch_size=config.batch_size,
+                               seed=config.seed, validation_users=config.validation_users)
     data.setup("fit")
     content = load_content(paths, config.content, data.n_items)
     model = build_model(config, data, content)

@@ -171,7 +171,8 @@ def train_retrieval(config: RetrievalConfig) -> RetrievalResult:
 
 def _train(config: RetrievalConfig, paths: PreparedPaths) -> RetrievalResult:
     L.seed_everything(config.seed, workers=True, verbose=False)
-    data = RetrievalDataModule(paths, max_history=config.max_history, batch_size=config.batch_size, seed=config.seed)
+    data = RetrievalDataModule(paths, max_history=config.max_history, batch_size=config.batch_size,
+                               seed=config.seed, validation_users=config.validation_users)
     data.setup("fit")
     content = load_content(paths, config.content, data.n_items)
     model = build_model(config, data, content)

@@ -184,6 +184,22 @@ def test_training_windows_score_every_target_once_from_exactly_the_videos_before
     assert seen_per_user == {u: len(s) for u, s in sequences.items()}
 
 
+def test_validation_ranks_a_fixed_sample_of_users_when_asked(topic_data: PreparedPaths) -> None:
+    every = RetrievalDataModule(topic_data, validation_users=0)
+    every.setup("fit")
+    pairs = set(zip(every.valid_users.tolist(), every.valid_items.tolist(), strict=True))
+    samples = []
+    for _ in range(2):
+        data = RetrievalDataModule(topic_data, validation_users=10)
+        data.setup("fit")
+        samples.append(list(zip(data.valid_users.tolist(), data.valid_items.tolist(), strict=True)))
+        rows = sum(len(batch) for batch in data.val_dataloader())
+        assert rows == 10
+    assert samples[0] == samples[1]  # the same users every time (and so every epoch)
+    assert len(set(samples[0])) == 10 and set(samples[0]) <= pairs  # each user's own validation target
+    assert len(pairs) > 10
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 

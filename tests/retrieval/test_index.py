@@ -46,13 +46,42 @@ def test_faiss_recall_against_exact(items: np.ndarray, queries: np.ndarray, kind
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
 
 
+def test_pq_recall_against_exact_with_exact_scores() -> None:
+    items, queries = _random(20_000, 64, seed=4), _random(100, 64, seed=5)
+    _, exact = ExactIndex().build(items).search(queries, 10)
+    scores, ids = FaissIndex("pq").build(items).search(queries, 10)
+    assert _recall(ids, exact) >= 0.9
+    # Re-ranking scores the candidates with the float vectors: the scores are exact inner products.
+    assert np.allclose(scores, np.einsum("bd,bkd->bk", queries, items[ids]), atol=1e-5)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+
+
+def test_pq_pads_an_odd_dimension() -> None:
+    items, queries = _random(3000, 33, seed=6), _random(50, 33, seed=7)
+    _, exact = ExactIndex().build(items).search(queries, 10)
+    scores, ids = FaissIndex("pq").build(items).search(queries, 10)
+    assert _recall(ids, exact) >= 0.9
+    assert np.allclose(scores, np.einsum("bd,bkd->bk", queries, items[ids]), atol=1e-5)
+
+
+def test_pq_on_a_catalogue_too_small_to_train_is_exact() -> None:
+    items, queries = _random(50, 64, seed=8), _random(20, 64, seed=9)
+    exclude = [np.array([q, q + 1]) for q in range(20)]
+    expected_scores, expected = ExactIndex().build(items).search(queries, 10, exclude=exclude)
+    scores, ids = FaissIndex("pq").build(items).search(queries, 10, exclude=exclude)
+    assert np.array_equal(ids, expected)
+    assert np.allclose(scores, expected_scores, atol=1e-5)
+
+
 def test_ivf_probing_every_list_is_exact(items: np.ndarray, queries: np.ndarray) -> None:
     _, exact = ExactIndex().build(items).search(queries, 10)
     index = FaissIndex("ivf", nlist=20, nprobe=20).build(items)
     assert _recall(index.search(queries, 10)[1], exact) == 1.0
 
 
-@pytest.mark.parametrize("index", [ExactIndex(), FaissIndex("hnsw"), FaissIndex("ivf", nlist=20, nprobe=20)])
+@pytest.mark.parametrize(
+    "index", [ExactIndex(), FaissIndex("pq"), FaissIndex("hnsw"), FaissIndex("ivf", nlist=20, nprobe=20)]
+)
 def test_excluded_items_are_never_returned(items: np.ndarray, queries: np.ndarray, index) -> None:
     index.build(items)
     _, exact = ExactIndex().build(items).search(queries, 15)
@@ -64,7 +93,7 @@ def test_excluded_items_are_never_returned(items: np.ndarray, queries: np.ndarra
     assert np.isfinite(scores).all()
 
 
-@pytest.mark.parametrize("index", [ExactIndex(), FaissIndex("hnsw")])
+@pytest.mark.parametrize("index", [ExactIndex(), FaissIndex("pq"), FaissIndex("hnsw")])
 def test_fewer_items_than_k_pads_with_minus_one(index) -> None:
     index.build(_random(6, 8, seed=2))
     scores, ids = index.search(_random(2, 8, seed=3), 10, exclude=[np.array([0, 1]), np.array([], dtype=np.int64)])
@@ -81,8 +110,9 @@ def test_invalid_k_and_mismatched_exclusions_are_clear_errors(items: np.ndarray)
         index.search(items[:1], 5, exclude=[np.array([1]), np.array([2])])
 
 
-def test_make_index_picks_faiss_for_large_catalogues(items: np.ndarray) -> None:
+def test_make_index_picks_faiss_pq_for_large_catalogues(items: np.ndarray) -> None:
     assert isinstance(make_index(items), ExactIndex)
-    assert isinstance(make_index(items, faiss_min_items=1000), FaissIndex)
+    auto = make_index(items, faiss_min_items=1000)
+    assert isinstance(auto, FaissIndex) and auto.kind == "pq"
     assert isinstance(make_index(items, kind="ivf"), FaissIndex)
     assert isinstance(make_index(items, kind="exact", faiss_min_items=10), ExactIndex)
