@@ -160,6 +160,14 @@ class ImplicitALS:
         seen = history_matrix(histories, self.item_factors.shape[0])
         return solve_exact(seen.indptr, seen.indices, self.item_factors, self.settings).numpy()
 
+    def item_vectors(self) -> np.ndarray:
+        """(N, F): what user vectors are matched against (the item factors themselves)."""
+        return self.item_embeddings()
+
+    def user_vectors(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """(B, F): the user factors, whose inner product with `item_vectors` is the score."""
+        return self.user_embeddings(user_idx, histories)
+
     def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
         users = torch.from_numpy(self.user_embeddings(user_idx, histories))  # (B, F)
         return (users @ self.item_factors.T).numpy()  # (B, N)

@@ -47,11 +47,17 @@ from recsys.data.paths import PreparedPaths
 from recsys.data.retrieval_datamodule import RetrievalBatch, RetrievalDataModule
 from recsys.errors import RecsysError
 from recsys.files import read_json
-from recsys.models.retrieval_module import VAL_METRIC, RetrievalObjective, optimizer_groups, validate
+from recsys.models.retrieval_module import (
+    VAL_METRIC,
+    RetrievalObjective,
+    fit_cold_item_bias,
+    optimizer_groups,
+    validate,
+)
 from recsys.models.sparse import ITEM_TABLE, USER_TABLE
 from recsys.models.train_retrieval import RetrievalResult, build_model, load_content, upstream_inputs
 from recsys.plots import log_retrieval_plots
-from recsys.retrieval.trained_model import MODEL_FILE, WEIGHTS_FILE, models_dir, save_trained
+from recsys.retrieval.trained_model import COLD_ITEM_BIAS, MODEL_FILE, WEIGHTS_FILE, models_dir, save_trained
 from recsys.tracking import start_run
 
 
@@ -147,13 +153,16 @@ def train_rank(config: RetrievalConfig, rank: int, world_size: int, device: torc
     full.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     metrics = validate(full, data.val_dataloader())
     history[-1].update(metrics)
+    cold_item_bias, _ = fit_cold_item_bias(full, data.val_dataloader())
     info = {"best_val_ndcg_10": metrics[VAL_METRIC], "epochs": config.max_epochs, "content_source": content.source,
-            "sharded": {"world_size": world_size, "plan": str(plan)}, "history": history, "config": to_dict(config)}
+            COLD_ITEM_BIAS: cold_item_bias, "sharded": {"world_size": world_size, "plan": str(plan)},
+            "history": history, "config": to_dict(config)}
     assert run_id is not None, "rank 0 saves the model under its MLflow run ID"
     folder = save_trained(full, config.processed_dir, config.dataset, run_id, info)
     if client is not None:
         client.log_metric(run_id, VAL_METRIC, metrics[VAL_METRIC], step=config.max_epochs - 1)
         client.log_metric(run_id, "best_val_ndcg_10", metrics[VAL_METRIC])
+        client.log_metric(run_id, COLD_ITEM_BIAS, cold_item_bias)
         client.log_artifact(run_id, str(folder / WEIGHTS_FILE), artifact_path="model")
         log_retrieval_plots(run_id, full, paths)
     return {"folder": str(folder), "history": history, "metrics": metrics}

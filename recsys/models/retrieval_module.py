@@ -10,6 +10,11 @@ drawn extra negatives reach the long tail. A negative that is in fact the exampl
 are videos the same user watched too. Validation ranks the whole catalogue for every validation user,
 excluding their training items, and reports NDCG@10 and HR@10, which drive checkpointing and
 early stopping.
+
+Videos nobody watched in training never appear as targets, so the loss cannot tell how often users
+pick such a video: the scores of those items are only comparable among themselves. After training,
+`fit_cold_item_bias` reads that rate off the validation split instead: it adds one score offset to
+every never-trained item and keeps the offset whose validation NDCG@10 is best (0 if none beats it).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ K = 10
 """Cut-off of the validation metrics."""
 VAL_METRIC = "val_ndcg_10"
 """The metric that picks the best checkpoint and stops training (MLflow names allow no '@')."""
+COLD_ITEM_BIASES = (-0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+"""Score offsets `fit_cold_item_bias` tries for items without training interactions (scores are cosines)."""
 
 
 def sampled_softmax_loss(
@@ -83,10 +90,15 @@ def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude_rows: t
     return ahead.sum(dim=1)  # (B,)
 
 
-def ranking_metrics(users: torch.Tensor, items: torch.Tensor, batch: RetrievalBatch
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NDCG@K and HR@K (B,) of each row's target in the full ranking of users (B, D) against items (N, D)."""
+def ranking_metrics(users: torch.Tensor, items: torch.Tensor, batch: RetrievalBatch,
+                    item_offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NDCG@K and HR@K (B,) of each row's target in the full ranking of users (B, D) against items (N, D).
+
+    item_offsets (N,): added to every user's score of each item (None: none).
+    """
     scores = users @ items.T  # (B, N)
+    if item_offsets is not None:
+        scores = scores + item_offsets
     rank = rank_of_targets(scores, batch.targets, batch.exclude_rows, batch.exclude_items).float()  # (B,)
     hit = rank < K
     ndcg = torch.where(hit, 1.0 / torch.log2(rank + 2.0), torch.zeros_like(rank))  # (B,)
@@ -131,6 +143,30 @@ def validate(model: TwoTower, batches: Iterable[RetrievalBatch]) -> dict[str, fl
         ndcg_sum, hit_sum, rows = ndcg_sum + float(ndcg.sum()), hit_sum + float(hit.sum()), rows + len(batch)
     model.train(was_training)
     return {VAL_METRIC: ndcg_sum / max(rows, 1), "val_hr_10": hit_sum / max(rows, 1)}
+
+
+@torch.no_grad()
+def fit_cold_item_bias(model: TwoTower, batches: Iterable[RetrievalBatch]) -> tuple[float, float]:
+    """(offset, validation NDCG@K with it): the `COLD_ITEM_BIASES` entry that ranks validation targets best.
+
+    The offset is added to the score of every item without training interactions; ties go to the
+    smallest offset in size. A catalogue without such items gets 0 and NaN.
+    """
+    model.eval()
+    cold = (~model.item_tower.known_items).float()  # (N,)
+    if not cold.any():
+        return 0.0, float("nan")
+    items = catalogue_embeddings(model)  # (N, D)
+    batches = list(batches)
+    users = [model.user_embeddings(batch.features) for batch in batches]  # (B, D) each
+    rows = max(sum(len(batch) for batch in batches), 1)
+    ndcg = {
+        bias: sum(float(ranking_metrics(u, items, batch, bias * cold)[0].sum())
+                  for u, batch in zip(users, batches, strict=True)) / rows
+        for bias in COLD_ITEM_BIASES
+    }
+    best = max(COLD_ITEM_BIASES, key=lambda bias: (ndcg[bias], -abs(bias)))
+    return best, ndcg[best]
 
 
 class RetrievalObjective(nn.Module):

@@ -42,11 +42,15 @@ class EmbeddingModel(Protocol):
     """A model with user and item vectors whose inner product scores a video for a user."""
 
     def item_embeddings(self) -> np.ndarray:
-        """(n_items, D) float32, row i = item_idx i."""
+        """(n_items, D) float32, row i = item_idx i: what `similar` compares videos by."""
         ...
 
-    def user_embeddings(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        """(B, D) float32 for user indices (-1: unknown) and their histories (item_idx, oldest first)."""
+    def item_vectors(self) -> np.ndarray:
+        """(n_items, D') float32, row i = item_idx i: what user vectors are matched against."""
+        ...
+
+    def user_vectors(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        """(B, D') float32 for user indices (-1: unknown) and their histories (item_idx, oldest first)."""
         ...
 
 
@@ -109,8 +113,8 @@ class Recommender:
 
     @cached_property
     def user_index(self) -> ItemIndex:
-        """Inner-product index over the model's item embeddings (what user vectors are matched against)."""
-        return make_index(self.model.item_embeddings(), self.index_kind)
+        """Inner-product index over the model's item vectors (what user vectors are matched against)."""
+        return make_index(self.model.item_vectors(), self.index_kind)
 
     @cached_property
     def unit_items(self) -> np.ndarray:
@@ -170,7 +174,7 @@ class Recommender:
         if not known and not len(extra):
             return self._popular(k)  # nothing watched, so nothing to exclude
         exclude = [np.unique(watched)] if exclude_seen else None
-        query = self.model.user_embeddings(np.array([user_idx]), [watched])  # (1, D)
+        query = self.model.user_vectors(np.array([user_idx]), [watched])  # (1, D + 1)
         scores, ids = self.user_index.search(query, k, exclude)
         return self._frame(ids[0], scores[0])
 

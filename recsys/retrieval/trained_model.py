@@ -13,6 +13,12 @@ data/processed/<dataset>/models/
 `TwoTowerScorer` is what the rest of recsys calls: `item_embeddings()`, `user_embeddings(...)`
 and `score(...)`, all numpy in and out. A user index of -1 means "a user the model has never
 seen": such a user is embedded from their history alone.
+
+A score is the cosine of user and item embedding plus, for an item without training
+interactions, the model's cold-item bias (fitted on the validation split at the end of
+training, see `recsys.models.retrieval_module.fit_cold_item_bias`). `item_vectors()` and
+`user_vectors(...)` carry the bias as one more dimension, so that an inner-product index ranks
+exactly by the score.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ LATEST_FILE = "latest.json"
 FORMAT_VERSION = 1
 UNKNOWN_USER = -1
 """User index meaning 'not in the model's user table': no ID embedding, history only."""
+COLD_ITEM_BIAS = "cold_item_bias"
+"""Key of the training summary (model.json "info") holding the score offset of never-trained items."""
 
 
 def models_dir(processed_dir: Path, dataset: str) -> Path:
@@ -117,9 +125,25 @@ class TwoTowerScorer:
             return np.zeros((0, self.dim), np.float32)
         return np.concatenate(chunks).astype(np.float32)
 
+    @property
+    def cold_item_bias(self) -> float:
+        """Score offset of the items without training interactions (0 for models trained before it existed)."""
+        return float(self.info.get(COLD_ITEM_BIAS, 0.0))
+
+    def item_vectors(self) -> np.ndarray:
+        """float32 (n_items, D + 1): item embeddings, then each item's score offset (the cold-item bias or 0)."""
+        cold = ~self.model.item_tower.known_items.numpy()  # (N,)
+        offsets = np.where(cold, self.cold_item_bias, 0.0).astype(np.float32)[:, None]  # (N, 1)
+        return np.hstack([self.item_embeddings(), offsets])
+
+    def user_vectors(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        """float32 (B, D + 1): user embeddings, then 1, so that user_vectors @ item_vectors.T is the score."""
+        users = self.user_embeddings(user_idx, histories)  # (B, D)
+        return np.hstack([users, np.ones((len(users), 1), np.float32)])
+
     def score(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         """float32 (B, n_items): the model's score of every item for each user (higher = better)."""
-        return self.user_embeddings(user_idx, histories) @ self.item_embeddings().T  # (B, N)
+        return self.user_vectors(user_idx, histories) @ self.item_vectors().T  # (B, N)
 
 
 def save_trained(

@@ -26,7 +26,13 @@ from recsys.data.paths import PreparedPaths
 from recsys.data.prepare import prepare
 from recsys.data.retrieval_datamodule import RetrievalDataModule, TrainWindows
 from recsys.errors import DataFormatError, MissingInputError
-from recsys.models.retrieval_module import rank_of_targets, sampled_softmax_loss
+from recsys.models.retrieval_module import (
+    VAL_METRIC,
+    fit_cold_item_bias,
+    rank_of_targets,
+    sampled_softmax_loss,
+    validate,
+)
 from recsys.models.train_retrieval import RetrievalResult, train_retrieval
 from recsys.retrieval.trained_model import load_trained
 from tests.movielens_files import write_ml100k
@@ -236,6 +242,36 @@ def test_cold_items_are_ranked_by_their_content(trained: RetrievalResult, topic_
     histories = [warm[topics[warm] == t][:4] for t in range(TOPICS)]
     scores = scorer.score(np.full(TOPICS, -1), histories)[:, cold]  # (topics, cold items)
     assert (topics[cold][scores.argmax(axis=1)] == np.arange(TOPICS)).all()
+
+
+def test_the_cold_item_bias_follows_how_often_validation_targets_are_new_videos(
+    trained: RetrievalResult, topic_data: PreparedPaths
+) -> None:
+    scorer = load_trained(topic_data.root.parent, DATASET, trained.run_id)
+    data = RetrievalDataModule(topic_data)
+    data.setup("fit")
+    # This dataset's validation targets are all watched videos: boosting the new ones only hurts.
+    assert scorer.cold_item_bias == fit_cold_item_bias(scorer.model, data.val_dataloader())[0] <= 0
+    # Had every user's validation target been the new video of their topic, a boost pays.
+    topics = item_topics(topic_data)
+    new_video_of_topic = {topics[i]: i for i in np.flatnonzero(~data.known_items)}
+    targets = np.array([new_video_of_topic[t] for t in topics[data.valid_items]])
+    batch = data.eval_batch(data.valid_users, targets)
+    bias, ndcg = fit_cold_item_bias(scorer.model, [batch])
+    assert bias > 0 and ndcg > validate(scorer.model, [batch])[VAL_METRIC] + 0.1
+
+
+def test_scores_add_the_cold_item_bias_to_new_videos_only(trained: RetrievalResult, topic_data: PreparedPaths
+                                                          ) -> None:
+    scorer = load_trained(topic_data.root.parent, DATASET, trained.run_id)
+    scorer.info["cold_item_bias"] = 0.25
+    histories = [np.array([0, 1, 2]), np.array([30, 31])]
+    users = np.array([0, -1])
+    cosine = scorer.user_embeddings(users, histories) @ scorer.item_embeddings().T  # (2, N)
+    offset = scorer.score(users, histories) - cosine
+    cold = ~scorer.model.item_tower.known_items.numpy()
+    np.testing.assert_allclose(offset[:, cold], 0.25, atol=1e-5)
+    np.testing.assert_allclose(offset[:, ~cold], 0.0, atol=1e-5)
 
 
 def test_an_unseen_user_with_a_history_gets_the_next_video(trained: RetrievalResult, topic_data: PreparedPaths
