@@ -243,6 +243,8 @@ class RetrievalConfig:
     """Probability of hiding a user's ID embedding in training, so users unseen in training get recommendations"""
     item_id_dropout: float = 0.2
     """Probability of hiding an item's ID embedding in training, so cold-start videos are embedded from content"""
+    content_only_weight: float = 0.5
+    """Weight of a second loss scoring every target from its content alone, as new videos are (0: off)"""
     temperature: float = 0.1
     """Softmax temperature of the scores (cosine similarities)"""
     logq_correction: bool = True
@@ -282,6 +284,7 @@ class RetrievalConfig:
         for name in ("dropout", "user_id_dropout", "item_id_dropout"):
             _require(0 <= getattr(self, name) < 1, f"{name} must lie in [0, 1)")
         _require(self.temperature > 0, "temperature must be positive")
+        _require(self.content_only_weight >= 0, "content_only_weight must be 0 or more")
         _require(self.uniform_negatives >= 0, "uniform_negatives must be 0 or more")
         _require(self.learning_rate > 0, "learning_rate must be positive")
         _require(self.weight_decay >= 0, "weight_decay must be 0 or more")
@@ -542,6 +545,7 @@ class ContentConfig:
         _require(self.hidden_dim >= 1, "hidden_dim must be at least 1")
         _require(0 <= self.modality_dropout < 1, "modality_dropout must lie in [0, 1)")
         _require(self.temperature > 0, "temperature must be positive")
+        _require(self.content_only_weight >= 0, "content_only_weight must be 0 or more")
         for name in ("motion_weight", "fusion_weight", "fused_motion_weight", "distill_weight"):
             _require(getattr(self, name) >= 0, f"{name} must be 0 or more")
         _require(self.batch_size >= 2, "batch_size must be at least 2 (in-batch negatives need other items)")

@@ -120,7 +120,7 @@ def train_rank(config: RetrievalConfig, rank: int, world_size: int, device: torc
     content = load_content(paths, config.content, data.n_items)
     model = build_model(config, data, content)
     objective = RetrievalObjective(model, data.item_probabilities(), config.temperature, config.logq_correction,
-                                   config.uniform_negatives)
+                                   config.uniform_negatives, config.content_only_weight)
     # Fused into the backward pass of the sharded tables; must be declared before sharding.
     apply_optimizer_in_backward(RowWiseAdagrad, model.sparse.parameters(), {"lr": config.learning_rate})
     group = dist.GroupMember.WORLD

@@ -7,7 +7,10 @@ Popular items are over-sampled as negatives that way, so each logit is corrected
 the item's expected count in the sample (logQ correction, Yi et al. 2019); optional uniformly
 drawn extra negatives reach the long tail. A negative that is in fact the example's own target
 (the same item twice in a batch) is masked, and so are the targets of the same batch row: they
-are videos the same user watched too. Validation ranks the whole catalogue for every validation user,
+are videos the same user watched too. With content and IDs, a second loss of the same form
+(weight `content_only_weight`) scores every target from its content alone, as if nobody had
+watched it: ID dropout hides a few IDs at random, this trains the content path on every target,
+which is what new videos are ranked by. Validation ranks the whole catalogue for every validation user,
 excluding their training items, and reports NDCG@10 and HR@10, which drive checkpointing and
 early stopping.
 
@@ -177,12 +180,15 @@ class RetrievalObjective(nn.Module):
     """
 
     def __init__(self, model: TwoTower, item_probabilities: np.ndarray, temperature: float,
-                 logq_correction: bool, uniform_negatives: int) -> None:
+                 logq_correction: bool, uniform_negatives: int, content_only_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.temperature = temperature
         self.logq_correction = logq_correction
         self.uniform_negatives = uniform_negatives
+        # A content-only model's main loss already is that loss; an ID-only model has no content.
+        has_both = model.spec.use_ids and model.spec.content_dim > 0
+        self.content_only_weight = content_only_weight if has_both else 0.0
         probabilities = torch.as_tensor(np.asarray(item_probabilities), dtype=torch.float32)  # (N,)
         self.register_buffer("log_p", torch.log(probabilities.clamp(min=1e-12)), persistent=False)
 
@@ -200,8 +206,13 @@ class RetrievalObjective(nn.Module):
             extra_items = self.model.item_embeddings(features.to(device))  # (M, D)
             extra_ids = extra_ids.to(device)
             extra_log_q = math.log(m / n_items)
-        return sampled_softmax_loss(users, items, batch.targets, self.temperature, log_q,
+        loss = sampled_softmax_loss(users, items, batch.targets, self.temperature, log_q,
                                     extra_items, extra_ids, extra_log_q, groups=batch.target_rows)
+        if self.content_only_weight > 0:
+            content_only = self.model.item_tower(batch.targets, None)  # (P, D) as if never watched
+            loss = loss + self.content_only_weight * sampled_softmax_loss(
+                users, content_only, batch.targets, self.temperature, log_q, groups=batch.target_rows)
+        return loss
 
 
 class RetrievalModule(L.LightningModule):
@@ -217,12 +228,13 @@ class RetrievalModule(L.LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 1e-4,
         eval_chunk: int = 4096,
+        content_only_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "item_probabilities"])
         self.hparams["spec"] = model.spec.to_dict()
         self.objective = RetrievalObjective(model, item_probabilities, temperature, logq_correction,
-                                            uniform_negatives)
+                                            uniform_negatives, content_only_weight)
         self._val_items: torch.Tensor | None = None
 
     @property

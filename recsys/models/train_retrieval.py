@@ -179,7 +179,7 @@ def _train(config: RetrievalConfig, paths: PreparedPaths) -> RetrievalResult:
     module = RetrievalModule(
         model, data.item_probabilities(), temperature=config.temperature, logq_correction=config.logq_correction,
         uniform_negatives=config.uniform_negatives, learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
+        weight_decay=config.weight_decay, content_only_weight=config.content_only_weight,
     )
     resume_from = newest_checkpoint(config.processed_dir, config.dataset) if config.resume else None
     inputs = upstream_inputs(config, paths)

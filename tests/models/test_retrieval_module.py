@@ -28,12 +28,13 @@ from recsys.data.retrieval_datamodule import RetrievalDataModule, TrainWindows
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.models.retrieval_module import (
     VAL_METRIC,
+    RetrievalObjective,
     fit_cold_item_bias,
     rank_of_targets,
     sampled_softmax_loss,
     validate,
 )
-from recsys.models.train_retrieval import RetrievalResult, train_retrieval
+from recsys.models.train_retrieval import RetrievalResult, build_model, load_content, train_retrieval
 from recsys.retrieval.trained_model import load_trained
 from tests.movielens_files import write_ml100k
 
@@ -149,6 +150,31 @@ def test_uniform_negatives_equal_to_the_target_are_masked() -> None:
     assert masked == 0  # the "negatives" are the target itself
     real = sampled_softmax_loss(user, item, target, 1.0, None, extra, torch.tensor([3, 8]), 0.0)
     torch.testing.assert_close(real, torch.log(torch.tensor(2.0)))  # one real negative as close as the target
+
+
+@pytest.mark.parametrize("ids, content", [(True, "title"), (False, "title"), (True, "none")])
+def test_the_content_only_loss_scores_every_target_from_its_content_alone(
+    topic_data: PreparedPaths, ids: bool, content: str
+) -> None:
+    data = RetrievalDataModule(topic_data, batch_size=64)
+    data.setup("fit")
+    batch = data.train_batch(np.arange(16))
+    config = quick_config(topic_data, ids=ids, content=content)
+    model = build_model(config, data, load_content(topic_data, content, data.n_items)).eval()  # no dropout
+
+    def loss(weight: float) -> torch.Tensor:
+        return RetrievalObjective(model, data.item_probabilities(), 0.1, True, 0, content_only_weight=weight)(batch)
+
+    if not (ids and content != "none"):  # content-only and ID-only models: nothing to add
+        torch.testing.assert_close(loss(0.5), loss(0.0))
+        return
+    users, _ = model(batch.features, batch.target_rows, batch.target_steps)
+    probabilities = torch.as_tensor(data.item_probabilities(), dtype=torch.float32)
+    log_q = torch.log(probabilities)[batch.targets] + math.log(len(batch))
+    new_videos = model.item_tower(batch.targets, None)  # (P, D): the targets as if nobody had watched them
+    by_hand = sampled_softmax_loss(users, new_videos, batch.targets, 0.1, log_q, groups=batch.target_rows)
+    torch.testing.assert_close(loss(0.5), loss(0.0) + 0.5 * by_hand)
+    assert by_hand > 0
 
 
 def test_rank_ignores_excluded_items() -> None:
