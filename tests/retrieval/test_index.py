@@ -46,22 +46,15 @@ def test_faiss_recall_against_exact(items: np.ndarray, queries: np.ndarray, kind
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
 
 
-def test_pq_recall_against_exact_with_exact_scores() -> None:
-    items, queries = _random(20_000, 64, seed=4), _random(100, 64, seed=5)
+@pytest.mark.parametrize("n_items, dim", [(20_000, 64), (3000, 33)])  # 33: an odd dimension is padded
+def test_pq_recall_against_exact_with_exact_scores(n_items: int, dim: int) -> None:
+    items, queries = _random(n_items, dim, seed=4), _random(100, dim, seed=5)
     _, exact = ExactIndex().build(items).search(queries, 10)
     scores, ids = FaissIndex("pq").build(items).search(queries, 10)
     assert _recall(ids, exact) >= 0.9
     # Re-ranking scores the candidates with the float vectors: the scores are exact inner products.
     assert np.allclose(scores, np.einsum("bd,bkd->bk", queries, items[ids]), atol=1e-5)
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
-
-
-def test_pq_pads_an_odd_dimension() -> None:
-    items, queries = _random(3000, 33, seed=6), _random(50, 33, seed=7)
-    _, exact = ExactIndex().build(items).search(queries, 10)
-    scores, ids = FaissIndex("pq").build(items).search(queries, 10)
-    assert _recall(ids, exact) >= 0.9
-    assert np.allclose(scores, np.einsum("bd,bkd->bk", queries, items[ids]), atol=1e-5)
 
 
 def test_pq_on_a_catalogue_too_small_to_train_is_exact() -> None:
