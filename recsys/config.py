@@ -545,7 +545,6 @@ class ContentConfig:
         _require(self.hidden_dim >= 1, "hidden_dim must be at least 1")
         _require(0 <= self.modality_dropout < 1, "modality_dropout must lie in [0, 1)")
         _require(self.temperature > 0, "temperature must be positive")
-        _require(self.content_only_weight >= 0, "content_only_weight must be 0 or more")
         for name in ("motion_weight", "fusion_weight", "fused_motion_weight", "distill_weight"):
             _require(getattr(self, name) >= 0, f"{name} must be 0 or more")
         _require(self.batch_size >= 2, "batch_size must be at least 2 (in-batch negatives need other items)")

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+import recsys.config
 from recsys.cli import build_parser, main
 from recsys.config import ConfigError, PrepareConfig, load_config, save_config
+
+CONFIGS = [c for c in vars(recsys.config).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
+REQUIRED = {"ExportConfig": {"dataset": "synth"}, "RecommendConfig": {"user_id": "7"},
+            "SimilarConfig": {"item_id": "v1"}}
+"""What a config cannot do without: no default, or checked in __post_init__."""
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_config_round_trips_through_a_file(tmp_path: Path, suffix: str) -> None:
     config = PrepareConfig("microlens-50k", min_rating=3.5, split="temporal", max_history=20)
     assert load_config(PrepareConfig, save_config(config, tmp_path / f"c{suffix}")) == config
+
+
+@pytest.mark.parametrize("config_class", CONFIGS, ids=lambda c: c.__name__)
+def test_every_config_validates_its_defaults(tmp_path: Path, config_class: type) -> None:
+    config = config_class(**REQUIRED.get(config_class.__name__, {}))
+    assert load_config(config_class, save_config(config, tmp_path / "c.json")) == config
 
 
 def test_invalid_values_are_rejected_with_the_field_name() -> None:
