@@ -10,9 +10,9 @@ drawn extra negatives reach the long tail. A negative that is in fact the exampl
 are videos the same user watched too. With content and IDs, a second loss of the same form
 (weight `content_only_weight`) scores every target from its content alone, as if nobody had
 watched it: ID dropout hides a few IDs at random, this trains the content path on every target,
-which is what new videos are ranked by. Validation ranks the whole catalogue for every validation user,
-excluding their training items, and reports NDCG@10 and HR@10, which drive checkpointing and
-early stopping.
+which is what new videos are ranked by. Validation ranks the whole catalogue for every validation
+user (a fixed sample of them on large datasets), excluding their training items, and reports
+NDCG@10 and HR@10, which drive checkpointing and early stopping.
 
 Videos nobody watched in training never appear as targets, so the loss cannot tell how often users
 pick such a video: the scores of those items are only comparable among themselves. After training,
