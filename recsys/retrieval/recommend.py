@@ -174,7 +174,7 @@ class Recommender:
         if not known and not len(extra):
             return self._popular(k)  # nothing watched, so nothing to exclude
         exclude = [np.unique(watched)] if exclude_seen else None
-        query = self.model.user_vectors(np.array([user_idx]), [watched])  # (1, D + 1)
+        query = self.model.user_vectors(np.array([user_idx]), [watched])  # (1, D')
         scores, ids = self.user_index.search(query, k, exclude)
         return self._frame(ids[0], scores[0])
 

@@ -72,6 +72,7 @@ class TwoTowerScorer:
         self.info = info or {}
         self.batch_size = batch_size
         self._items = item_embeddings
+        self._vectors: np.ndarray | None = None
 
     @property
     def n_items(self) -> int:
@@ -131,10 +132,15 @@ class TwoTowerScorer:
         return float(self.info.get(COLD_ITEM_BIAS, 0.0))
 
     def item_vectors(self) -> np.ndarray:
-        """float32 (n_items, D + 1): item embeddings, then each item's score offset (the cold-item bias or 0)."""
-        cold = ~self.model.item_tower.known_items.numpy()  # (N,)
-        offsets = np.where(cold, self.cold_item_bias, 0.0).astype(np.float32)[:, None]  # (N, 1)
-        return np.hstack([self.item_embeddings(), offsets])
+        """float32 (n_items, D + 1): item embeddings, then each item's score offset (the cold-item bias or 0).
+
+        Built once: `score` reads it for every batch of users.
+        """
+        if self._vectors is None:
+            cold = ~self.model.item_tower.known_items.numpy()  # (N,)
+            offsets = np.where(cold, self.cold_item_bias, 0.0).astype(np.float32)[:, None]  # (N, 1)
+            self._vectors = np.hstack([self.item_embeddings(), offsets])
+        return self._vectors
 
     def user_vectors(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         """float32 (B, D + 1): user embeddings, then 1, so that user_vectors @ item_vectors.T is the score."""
