@@ -2,8 +2,7 @@
 
 For each dataset the real pipeline runs in a temporary folder and MLflow store: fetch (from the
 shared data folder) or synthesize, prepare, ingest (titles, and videos/audio on the synthetic
-corpus), content training (synthetic corpus: all modalities, then `DISTILL_ROUNDS` more passes,
-each distilled from a two-tower model trained on the one before), then three two-tower runs (full;
+corpus), content training (synthetic corpus: all modalities), then three two-tower runs (full;
 content off = sequential without content; ID embeddings off = content-only) and `evaluate`
 with the baselines (popularity, item-kNN, MF) and, on the synthetic corpus, the oracle.
 
@@ -39,7 +38,6 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +54,6 @@ VARIANTS = {
     "two-tower content-only": {"content": "auto", "ids": False},
 }
 """The full model and its two ablations (the 'sequential without content' and 'content-only' baselines)."""
-DISTILL_ROUNDS = 2
-"""Second content passes on the synthetic corpus, each distilled from a two-tower model trained on the
-content of the pass before (`recsys demo` runs one, for time). Three two-tower seeds on one corpus,
-test NDCG@10: 0.123 without distillation, 0.129 after one round, 0.136 after two."""
 COLD_MARGIN = 0.05
 ORACLE_SHARE = 0.8
 SHARED_SOURCES = {
@@ -70,13 +64,12 @@ SHARED_SOURCES = {
 
 def build_dataset(dataset: str, root: Path, seed: int, quick: bool, seconds: dict[str, float]) -> None:
     """Raw files, prepared splits and the feature store (plus content embeddings on synth) under root."""
-    from recsys.config import ContentConfig, FetchConfig, IngestConfig, PrepareConfig, RetrievalConfig, SynthConfig
+    from recsys.config import ContentConfig, FetchConfig, IngestConfig, PrepareConfig, SynthConfig
     from recsys.data.fetch import fetch
     from recsys.data.ingest import ingest
     from recsys.data.prepare import prepare
     from recsys.data.synthetic import synthesize
-    from recsys.models.train_content import DISTILL_WEIGHT, train_content
-    from recsys.models.train_retrieval import train_retrieval
+    from recsys.models.train_content import train_content
 
     raw, processed = root / "raw", root / "processed"
     with timed(seconds, "raw data"):
@@ -89,17 +82,11 @@ def build_dataset(dataset: str, root: Path, seed: int, quick: bool, seconds: dic
     with timed(seconds, "ingest"):
         ingest(IngestConfig(dataset=dataset, processed_dir=processed))
     if dataset == "synth":
-        content = ContentConfig(dataset=dataset, processed_dir=processed, seed=seed,
-                                checkpoint_dir=root / "checkpoints", progress_bar=False,
-                                **({"max_epochs": 4} if quick else {}))
         with timed(seconds, "train content"):
-            train_content(content)
-        with timed(seconds, "distil content (teacher two-tower + content)"):
-            for _ in range(DISTILL_ROUNDS):
-                teacher = train_retrieval(RetrievalConfig(
-                    dataset=dataset, processed_dir=processed, seed=seed, progress_bar=False,
-                    **({"max_epochs": 4} if quick else {})))
-                train_content(replace(content, distill_weight=DISTILL_WEIGHT, distill_run=teacher.run_id))
+            train_content(ContentConfig(
+                dataset=dataset, processed_dir=processed, seed=seed, checkpoint_dir=root / "checkpoints",
+                progress_bar=False, **({"max_epochs": 4} if quick else {}),
+            ))
 
 
 @contextmanager

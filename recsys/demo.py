@@ -1,10 +1,7 @@
 """`recsys demo`: the whole pipeline on the embedded synthetic corpus, one step after another.
 
-synthetic corpus → prepare → ingest → train content → train retrieval → distil content →
-retrain retrieval → evaluate → register → recommend. The second content pass aligns the content
-embeddings with the first two-tower model's item embeddings (`DISTILL_WEIGHT`), so that new videos
-land where watched videos like them sit; the retrained two-tower model is the one evaluated and
-registered. Each step is the same typed function its subcommand runs; the demo only chains them,
+synthetic corpus → prepare → ingest → train content → train retrieval → evaluate → register →
+recommend. Each step is the same typed function its subcommand runs; the demo only chains them,
 logs a line when each step starts and ends (the long ones show their own progress bars), tags
 every MLflow run with one pipeline ID (`recsys.pipeline`), records the step times in a final
 `demo` run, and ends by printing the quality table, the top-10 of one user from the registered
@@ -19,16 +16,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TextIO, TypeVar
 
 import polars as pl
 
 from recsys.config import DemoConfig, to_dict
 from recsys.tracking import PIPELINE_TAG, start_run
-
-if TYPE_CHECKING:
-    from recsys.models.train_retrieval import RetrievalResult
 
 DATASET = "synth"
 T = TypeVar("T")
@@ -100,8 +94,8 @@ class DemoResult:
     """The final `demo` run holding the step times"""
 
 
-STEPS = ("synthetic corpus", "prepare", "ingest", "train content", "train retrieval", "distil content",
-         "retrain retrieval", "evaluate", "register", "recommend")
+STEPS = ("synthetic corpus", "prepare", "ingest", "train content", "train retrieval", "evaluate", "register",
+         "recommend")
 
 
 def demo(config: DemoConfig, out: TextIO = sys.stdout) -> DemoResult:
@@ -120,7 +114,7 @@ def demo(config: DemoConfig, out: TextIO = sys.stdout) -> DemoResult:
     from recsys.data.synthetic import synthesize
     from recsys.evaluation.evaluate import evaluate
     from recsys.export import export
-    from recsys.models.train_content import DISTILL_WEIGHT, train_content
+    from recsys.models.train_content import train_content
     from recsys.models.train_retrieval import train_retrieval
 
     log = StepLog(len(STEPS), out)
@@ -136,16 +130,12 @@ def demo(config: DemoConfig, out: TextIO = sys.stdout) -> DemoResult:
         log.run("ingest", lambda: ingest(IngestConfig(
             dataset=DATASET, processed_dir=config.processed_dir, workers=config.workers)),
             lambda summary: f"{summary['counts']['ok']} videos ok, {summary['counts']['failed']} failed")
-        content = ContentConfig(dataset=DATASET, processed_dir=config.processed_dir, seed=config.seed,
-                                max_epochs=config.content_epochs,
-                                checkpoint_dir=config.processed_dir / DATASET / "checkpoints")
-        retrieval = RetrievalConfig(dataset=DATASET, processed_dir=config.processed_dir, seed=config.seed,
-                                    max_epochs=config.retrieval_epochs)
-        log.run("train content", lambda: train_content(content), _content_detail)
-        teacher = log.run("train retrieval", lambda: train_retrieval(retrieval), _retrieval_detail)
-        log.run("distil content", lambda: train_content(replace(
-            content, distill_weight=DISTILL_WEIGHT, distill_run=teacher.run_id)), _content_detail)
-        trained = log.run("retrain retrieval", lambda: train_retrieval(retrieval), _retrieval_detail)
+        log.run("train content", lambda: train_content(ContentConfig(
+            dataset=DATASET, processed_dir=config.processed_dir, seed=config.seed, max_epochs=config.content_epochs,
+            checkpoint_dir=config.processed_dir / DATASET / "checkpoints")), _content_detail)
+        trained = log.run("train retrieval", lambda: train_retrieval(RetrievalConfig(
+            dataset=DATASET, processed_dir=config.processed_dir, seed=config.seed, max_epochs=config.retrieval_epochs)),
+            lambda result: f"content {result.content_source}, validation NDCG@10 {result.best_val_ndcg:.4f}")
         quality = log.run("evaluate", lambda: evaluate(EvaluateConfig(
             dataset=DATASET, processed_dir=config.processed_dir, raw_dir=config.raw_dir,
             run_ids=(trained.run_id,), seed=config.seed)))
@@ -156,8 +146,7 @@ def demo(config: DemoConfig, out: TextIO = sys.stdout) -> DemoResult:
         top = log.run("recommend", lambda: champion_recommendations(user_id, config.k),
                       lambda table: f"{table.height} videos for user {user_id}")
         with start_run(DATASET, "demo", to_dict(config), inputs={
-            "distil_from": teacher.run_id, "train_retrieval": trained.run_id,
-            "evaluate": str(quality["mlflow_run_id"][0]), "export": exported.run_id,
+            "train_retrieval": trained.run_id, "evaluate": str(quality["mlflow_run_id"][0]), "export": exported.run_id,
         }) as run:
             import mlflow
 
@@ -177,10 +166,6 @@ def _content_detail(summary: dict[str, Any]) -> str:
     if "probe_fused" in summary:  # linear probes to the synthetic corpus' latent topics
         detail += f"; topic probe accuracy fused {summary['probe_fused']:.2f}"
     return detail
-
-
-def _retrieval_detail(result: RetrievalResult) -> str:
-    return f"content {result.content_source}, validation NDCG@10 {result.best_val_ndcg:.4f}"
 
 
 def _first_user(config: DemoConfig) -> str:

@@ -48,13 +48,6 @@ from recsys.threads import torch_threads
 CONTENT_JSON = "content.json"
 CONTENT_EMBEDDING = "content_embedding"
 STEP = "content"
-DISTILL_WEIGHT = 1.0
-"""`distill_weight` of the second content pass that `recsys demo` and the quality benchmark run.
-
-On the default synthetic corpus it raised the fused embedding's topic probe from 0.79 to 0.87
-(0.90 after a second round distilled from a two-tower model trained on the first), and the mean
-test NDCG@10 of three two-tower seeds trained on it from 0.123 to 0.129 (0.136 after the second
-round); weight 2 gave a probe of 0.88 and 0.126."""
 
 
 def encoder_spec(config: ContentConfig, n_mels: int) -> EncoderSpec:
