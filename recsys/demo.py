@@ -22,6 +22,7 @@ from typing import Any, TextIO, TypeVar
 import polars as pl
 
 from recsys.config import DemoConfig, to_dict
+from recsys.environment import environment
 from recsys.tracking import PIPELINE_TAG, start_run
 
 DATASET = "synth"
@@ -31,15 +32,8 @@ T = TypeVar("T")
 @contextmanager
 def pipeline_id(value: str) -> Iterator[str]:
     """Set RECSYS_PIPELINE for the block, so every run `start_run` opens is tagged with it."""
-    previous = os.environ.get("RECSYS_PIPELINE")
-    os.environ["RECSYS_PIPELINE"] = value
-    try:
+    with environment(RECSYS_PIPELINE=value):
         yield value
-    finally:
-        if previous is None:
-            os.environ.pop("RECSYS_PIPELINE", None)
-        else:
-            os.environ["RECSYS_PIPELINE"] = previous
 
 
 def _cpu_seconds() -> float:

@@ -43,6 +43,7 @@ from recsys.config import ConfigError, SynthConfig, to_dict
 from recsys.data.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, BadLines, RawDataset
 from recsys.data.synthetic_render import SHAPES, VideoSpec, render_videos
 from recsys.data.synthetic_truth import SynthTruth
+from recsys.environment import environment
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.files import read_json, write_json
 
@@ -408,6 +409,15 @@ def _plain(spec: SynthSpec) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(spec)))
 
 
+DETERMINISTIC_HEAP = "165"
+"""glibc's MALLOC_PERTURB_ for the rendering workers: every block they allocate starts as the same bytes.
+
+x264 reads some memory it allocated without writing it first (with these 64x64 frames), so
+without this 11-14 of 40 videos encoded to different bits from one run to the next: decoded
+frames then differed slightly and, through content training, so did the benchmark results of one
+seed. With it, runs are byte-identical (checked over 40 videos x 3 runs, and by the tests)."""
+
+
 def _render_all(videos: list[VideoSpec], folder: Path, workers: int) -> int:
     """Render every video, spread over `workers` processes (0 = every core); deterministic in any order."""
     workers = min(workers or os.cpu_count() or 1, len(videos)) or 1
@@ -416,8 +426,11 @@ def _render_all(videos: list[VideoSpec], folder: Path, workers: int) -> int:
     # Always in spawned workers, even for one: a fresh interpreter per worker is safe whatever threads
     # the parent has started, and the encoded bytes cannot depend on what the calling process did before
     # (in-process rendering after other PyAV work gave different H.264 frames in a full test run).
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    with environment(MALLOC_PERTURB_=DETERMINISTIC_HEAP), ProcessPoolExecutor(
+            max_workers=workers, mp_context=get_context("spawn")) as pool:
         return sum(pool.map(render_videos, batches, [str(folder)] * len(batches)))
+
+
 
 
 def _replace_folder(new: Path, folder: Path) -> None:
