@@ -431,8 +431,6 @@ def _render_all(videos: list[VideoSpec], folder: Path, workers: int) -> int:
         return sum(pool.map(render_videos, batches, [str(folder)] * len(batches)))
 
 
-
-
 def _replace_folder(new: Path, folder: Path) -> None:
     """Swap the finished corpus into place; an older corpus is removed only once the new one is complete."""
     old = folder.with_name(f".{FOLDER}.{os.getpid()}.old")
