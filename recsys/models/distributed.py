@@ -48,11 +48,12 @@ from recsys.data.retrieval_datamodule import RetrievalBatch, RetrievalDataModule
 from recsys.errors import RecsysError
 from recsys.files import read_json
 from recsys.models.retrieval_module import (
+    COLD_ITEM_BIASES,
     VAL_METRIC,
     RetrievalObjective,
-    fit_cold_item_bias,
+    best_cold_item_bias,
     optimizer_groups,
-    validate,
+    validate_per_cold_item_bias,
 )
 from recsys.models.sparse import ITEM_TABLE, USER_TABLE
 from recsys.models.train_retrieval import RetrievalResult, build_model, load_content, upstream_inputs
@@ -151,9 +152,10 @@ def train_rank(config: RetrievalConfig, rank: int, world_size: int, device: torc
     # The same TwoTower, unsharded: DMP's state keys are those of the wrapped RetrievalObjective.
     full = build_model(config, data, content)
     full.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-    metrics = validate(full, data.val_dataloader())
+    per_bias = validate_per_cold_item_bias(full, data.val_dataloader(), COLD_ITEM_BIASES)
+    metrics = per_bias[0.0]
     history[-1].update(metrics)
-    cold_item_bias, _ = fit_cold_item_bias(full, data.val_dataloader())
+    cold_item_bias, _ = best_cold_item_bias(full, per_bias)
     info = {"best_val_ndcg_10": metrics[VAL_METRIC], "epochs": config.max_epochs, "content_source": content.source,
             COLD_ITEM_BIAS: cold_item_bias, "sharded": {"world_size": world_size, "plan": str(plan)},
             "history": history, "config": to_dict(config)}

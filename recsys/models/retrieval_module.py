@@ -139,41 +139,53 @@ def catalogue_embeddings(model: TwoTower, device: torch.device | str = "cpu", ch
 
 
 @torch.no_grad()
-def validate(model: TwoTower, batches: Iterable[RetrievalBatch]) -> dict[str, float]:
-    """Mean NDCG@K and HR@K of a model (in eval mode) over validation batches (full ranking)."""
+def validate_per_cold_item_bias(model: TwoTower, batches: Iterable[RetrievalBatch],
+                                biases: Iterable[float] = (0.0,)) -> dict[float, dict[str, float]]:
+    """Mean NDCG@K and HR@K over validation batches (full ranking) for each cold-item offset in `biases`.
+
+    The offset is added to the score of every item without training interactions. The towers run
+    once; each offset costs only one more ranking of the catalogue.
+    """
     was_training = model.training
     model.eval()
     items = catalogue_embeddings(model)  # (N, D)
-    ndcg_sum = hit_sum = rows = 0.0
-    for batch in batches:
-        ndcg, hit = ranking_metrics(model.user_embeddings(batch.features), items, batch)  # (B,), (B,)
-        ndcg_sum, hit_sum, rows = ndcg_sum + float(ndcg.sum()), hit_sum + float(hit.sum()), rows + len(batch)
-    model.train(was_training)
-    return {VAL_METRIC: ndcg_sum / max(rows, 1), "val_hr_10": hit_sum / max(rows, 1)}
-
-
-@torch.no_grad()
-def fit_cold_item_bias(model: TwoTower, batches: Iterable[RetrievalBatch]) -> tuple[float, float]:
-    """(offset, validation NDCG@K with it): the `COLD_ITEM_BIASES` entry that ranks validation targets best.
-
-    The offset is added to the score of every item without training interactions; ties go to the
-    smallest offset. A catalogue without such items gets 0 and NaN.
-    """
-    model.eval()
     cold = (~model.item_tower.known_items).float()  # (N,)
-    if not cold.any():
+    biases = tuple(biases)
+    sums = {bias: [0.0, 0.0] for bias in biases}  # NDCG sum, HR sum
+    rows = 0
+    for batch in batches:
+        users = model.user_embeddings(batch.features)  # (B, D)
+        for bias in biases:
+            ndcg, hit = ranking_metrics(users, items, batch, bias * cold if bias else None)  # (B,), (B,)
+            sums[bias][0] += float(ndcg.sum())
+            sums[bias][1] += float(hit.sum())
+        rows += len(batch)
+    model.train(was_training)
+    rows = max(rows, 1)
+    return {bias: {VAL_METRIC: ndcg / rows, "val_hr_10": hit / rows} for bias, (ndcg, hit) in sums.items()}
+
+
+def validate(model: TwoTower, batches: Iterable[RetrievalBatch]) -> dict[str, float]:
+    """Mean NDCG@K and HR@K of a model over validation batches (full ranking, no cold-item offset)."""
+    return validate_per_cold_item_bias(model, batches)[0.0]
+
+
+def best_cold_item_bias(model: TwoTower, per_bias: dict[float, dict[str, float]]) -> tuple[float, float]:
+    """(offset, validation NDCG@K with it): the offset of `per_bias` that ranks validation targets best.
+
+    Ties go to the smallest offset. A catalogue without never-trained items gets 0 and NaN.
+    """
+    if bool(model.item_tower.known_items.all()):
         return 0.0, float("nan")
-    items = catalogue_embeddings(model)  # (N, D)
-    batches = list(batches)
-    users = [model.user_embeddings(batch.features) for batch in batches]  # (B, D) each
-    rows = max(sum(len(batch) for batch in batches), 1)
-    ndcg = {
-        bias: sum(float(ranking_metrics(u, items, batch, bias * cold)[0].sum())
-                  for u, batch in zip(users, batches, strict=True)) / rows
-        for bias in COLD_ITEM_BIASES
-    }
-    best = max(COLD_ITEM_BIASES, key=lambda bias: (ndcg[bias], -bias))
-    return best, ndcg[best]
+    best = max(per_bias, key=lambda bias: (per_bias[bias][VAL_METRIC], -bias))
+    return best, per_bias[best][VAL_METRIC]
+
+
+def fit_cold_item_bias(model: TwoTower, batches: Iterable[RetrievalBatch]) -> tuple[float, float]:
+    """`best_cold_item_bias` among the `COLD_ITEM_BIASES`, from one validation pass."""
+    if bool(model.item_tower.known_items.all()):
+        return 0.0, float("nan")
+    return best_cold_item_bias(model, validate_per_cold_item_bias(model, batches, COLD_ITEM_BIASES))
 
 
 class RetrievalObjective(nn.Module):

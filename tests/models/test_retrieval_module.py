@@ -27,12 +27,16 @@ from recsys.data.prepare import prepare
 from recsys.data.retrieval_datamodule import RetrievalDataModule, TrainWindows
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.models.retrieval_module import (
+    COLD_ITEM_BIASES,
     VAL_METRIC,
     RetrievalObjective,
+    catalogue_embeddings,
     fit_cold_item_bias,
     rank_of_targets,
+    ranking_metrics,
     sampled_softmax_loss,
     validate,
+    validate_per_cold_item_bias,
 )
 from recsys.models.train_retrieval import RetrievalResult, build_model, load_content, train_retrieval
 from recsys.retrieval.trained_model import load_trained
@@ -285,6 +289,15 @@ def test_the_cold_item_bias_follows_how_often_validation_targets_are_new_videos(
     batch = data.eval_batch(data.valid_users, targets)
     bias, ndcg = fit_cold_item_bias(scorer.model, [batch])
     assert bias > 0 and ndcg > validate(scorer.model, [batch])[VAL_METRIC] + 0.1
+    # One validation pass gives every offset's metrics: the same as ranking with each offset alone.
+    per_bias = validate_per_cold_item_bias(scorer.model, [batch], COLD_ITEM_BIASES)
+    with torch.no_grad():
+        users, items = scorer.model.user_embeddings(batch.features), catalogue_embeddings(scorer.model)
+    cold = torch.from_numpy(~data.known_items).float()
+    for offset, metrics in per_bias.items():
+        alone = ranking_metrics(users, items, batch, offset * cold)
+        assert metrics == pytest.approx({VAL_METRIC: float(alone[0].mean()), "val_hr_10": float(alone[1].mean())})
+    assert per_bias[bias][VAL_METRIC] == ndcg == max(m[VAL_METRIC] for m in per_bias.values())
 
 
 def test_scores_add_the_cold_item_bias_to_new_videos_only(trained: RetrievalResult, topic_data: PreparedPaths
