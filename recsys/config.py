@@ -243,6 +243,8 @@ class RetrievalConfig:
     """Probability of hiding a user's ID embedding in training, so users unseen in training get recommendations"""
     item_id_dropout: float = 0.2
     """Probability of hiding an item's ID embedding in training, so cold-start videos are embedded from content"""
+    taste_clusters: int = 20
+    """Clusters of watched videos whose share in a user's history scores new videos (0: content score only)"""
     content_only_weight: float = 0.5
     """Weight of a second loss scoring every target from its content alone, as new videos are (0: off)"""
     temperature: float = 0.1
@@ -285,6 +287,7 @@ class RetrievalConfig:
             _require(0 <= getattr(self, name) < 1, f"{name} must lie in [0, 1)")
         _require(self.temperature > 0, "temperature must be positive")
         _require(self.content_only_weight >= 0, "content_only_weight must be 0 or more")
+        _require(self.taste_clusters == 0 or self.taste_clusters >= 2, "taste_clusters must be 0 (off) or at least 2")
         _require(self.uniform_negatives >= 0, "uniform_negatives must be 0 or more")
         _require(self.learning_rate > 0, "learning_rate must be positive")
         _require(self.weight_decay >= 0, "weight_decay must be 0 or more")

@@ -47,18 +47,12 @@ from recsys.data.paths import PreparedPaths
 from recsys.data.retrieval_datamodule import RetrievalBatch, RetrievalDataModule
 from recsys.errors import RecsysError
 from recsys.files import read_json
-from recsys.models.retrieval_module import (
-    COLD_ITEM_BIASES,
-    VAL_METRIC,
-    RetrievalObjective,
-    best_cold_item_bias,
-    optimizer_groups,
-    validate_per_cold_item_bias,
-)
+from recsys.models.new_videos import fit_new_videos, new_video_metrics
+from recsys.models.retrieval_module import VAL_METRIC, RetrievalObjective, optimizer_groups
 from recsys.models.sparse import ITEM_TABLE, USER_TABLE
 from recsys.models.train_retrieval import RetrievalResult, build_model, load_content, upstream_inputs
 from recsys.plots import log_retrieval_plots
-from recsys.retrieval.trained_model import COLD_ITEM_BIAS, MODEL_FILE, WEIGHTS_FILE, models_dir, save_trained
+from recsys.retrieval.trained_model import MODEL_FILE, NEW_VIDEO_SCORING, WEIGHTS_FILE, models_dir, save_trained
 from recsys.tracking import start_run
 
 
@@ -152,19 +146,18 @@ def train_rank(config: RetrievalConfig, rank: int, world_size: int, device: torc
     # The same TwoTower, unsharded: DMP's state keys are those of the wrapped RetrievalObjective.
     full = build_model(config, data, content)
     full.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-    per_bias = validate_per_cold_item_bias(full, data.val_dataloader(), COLD_ITEM_BIASES)
-    metrics = per_bias[0.0]
+    scoring, scored_ndcg, metrics = fit_new_videos(full, data.val_dataloader(), config.seed)
     history[-1].update(metrics)
-    cold_item_bias, _ = best_cold_item_bias(full, per_bias)
     info = {"best_val_ndcg_10": metrics[VAL_METRIC], "epochs": config.max_epochs, "content_source": content.source,
-            COLD_ITEM_BIAS: cold_item_bias, "sharded": {"world_size": world_size, "plan": str(plan)},
+            NEW_VIDEO_SCORING: scoring.to_dict(), "sharded": {"world_size": world_size, "plan": str(plan)},
             "history": history, "config": to_dict(config)}
     assert run_id is not None, "rank 0 saves the model under its MLflow run ID"
     folder = save_trained(full, config.processed_dir, config.dataset, run_id, info)
     if client is not None:
         client.log_metric(run_id, VAL_METRIC, metrics[VAL_METRIC], step=config.max_epochs - 1)
         client.log_metric(run_id, "best_val_ndcg_10", metrics[VAL_METRIC])
-        client.log_metric(run_id, COLD_ITEM_BIAS, cold_item_bias)
+        for name, value in new_video_metrics(scoring, scored_ndcg).items():
+            client.log_metric(run_id, name, value)
         client.log_artifact(run_id, str(folder / WEIGHTS_FILE), artifact_path="model")
         log_retrieval_plots(run_id, full, paths)
     return {"folder": str(folder), "history": history, "metrics": metrics}

@@ -16,8 +16,7 @@ NDCG@10 and HR@10, which drive checkpointing and early stopping.
 
 Videos nobody watched in training never appear as targets, so the loss cannot tell how often users
 pick such a video: the scores of those items are only comparable among themselves. After training,
-`fit_cold_item_bias` reads that rate off the validation split instead: it adds one score offset to
-every never-trained item and keeps the offset (0 or more) whose validation NDCG@10 is best.
+`recsys.models.new_videos` fits how they are scored beside watched videos on the validation split.
 """
 
 from __future__ import annotations
@@ -40,12 +39,6 @@ K = 10
 """Cut-off of the validation metrics."""
 VAL_METRIC = "val_ndcg_10"
 """The metric that picks the best checkpoint and stops training (MLflow names allow no '@')."""
-COLD_ITEM_BIASES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
-"""Score offsets `fit_cold_item_bias` tries for items without training interactions (scores are cosines).
-
-None is negative: a new video is never ranked below what its content earns it. (On MicroLens-50k
-offsets from -0.2 to 0 tied on validation, and the -0.1 that sampling noise picked cut the test
-cold-start NDCG@10 from 0.013 to 0.003 for no gain overall.)"""
 
 
 def sampled_softmax_loss(
@@ -97,19 +90,18 @@ def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude_rows: t
     return ahead.sum(dim=1)  # (B,)
 
 
-def ranking_metrics(users: torch.Tensor, items: torch.Tensor, batch: RetrievalBatch,
-                    item_offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """NDCG@K and HR@K (B,) of each row's target in the full ranking of users (B, D) against items (N, D).
-
-    item_offsets (N,): added to every user's score of each item (None: none).
-    """
-    scores = users @ items.T  # (B, N)
-    if item_offsets is not None:
-        scores = scores + item_offsets
+def ndcg_and_hits(scores: torch.Tensor, batch: RetrievalBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """NDCG@K and HR@K (B,) of each row's target in the full ranking by scores (B, N)."""
     rank = rank_of_targets(scores, batch.targets, batch.exclude_rows, batch.exclude_items).float()  # (B,)
     hit = rank < K
     ndcg = torch.where(hit, 1.0 / torch.log2(rank + 2.0), torch.zeros_like(rank))  # (B,)
     return ndcg, hit.float()
+
+
+def ranking_metrics(users: torch.Tensor, items: torch.Tensor, batch: RetrievalBatch
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NDCG@K and HR@K (B,) of each row's target in the full ranking of users (B, D) against items (N, D)."""
+    return ndcg_and_hits(users @ items.T, batch)
 
 
 def optimizer_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float
@@ -139,53 +131,17 @@ def catalogue_embeddings(model: TwoTower, device: torch.device | str = "cpu", ch
 
 
 @torch.no_grad()
-def validate_per_cold_item_bias(model: TwoTower, batches: Iterable[RetrievalBatch],
-                                biases: Iterable[float] = (0.0,)) -> dict[float, dict[str, float]]:
-    """Mean NDCG@K and HR@K over validation batches (full ranking) for each cold-item offset in `biases`.
-
-    The offset is added to the score of every item without training interactions. The towers run
-    once; each offset costs only one more ranking of the catalogue.
-    """
+def validate(model: TwoTower, batches: Iterable[RetrievalBatch]) -> dict[str, float]:
+    """Mean NDCG@K and HR@K of a model (in eval mode) over validation batches (full ranking by cosine)."""
     was_training = model.training
     model.eval()
     items = catalogue_embeddings(model)  # (N, D)
-    cold = (~model.item_tower.known_items).float()  # (N,)
-    biases = tuple(biases)
-    sums = {bias: [0.0, 0.0] for bias in biases}  # NDCG sum, HR sum
-    rows = 0
+    ndcg_sum = hit_sum = rows = 0.0
     for batch in batches:
-        users = model.user_embeddings(batch.features)  # (B, D)
-        for bias in biases:
-            ndcg, hit = ranking_metrics(users, items, batch, bias * cold if bias else None)  # (B,), (B,)
-            sums[bias][0] += float(ndcg.sum())
-            sums[bias][1] += float(hit.sum())
-        rows += len(batch)
+        ndcg, hit = ranking_metrics(model.user_embeddings(batch.features), items, batch)  # (B,), (B,)
+        ndcg_sum, hit_sum, rows = ndcg_sum + float(ndcg.sum()), hit_sum + float(hit.sum()), rows + len(batch)
     model.train(was_training)
-    rows = max(rows, 1)
-    return {bias: {VAL_METRIC: ndcg / rows, "val_hr_10": hit / rows} for bias, (ndcg, hit) in sums.items()}
-
-
-def validate(model: TwoTower, batches: Iterable[RetrievalBatch]) -> dict[str, float]:
-    """Mean NDCG@K and HR@K of a model over validation batches (full ranking, no cold-item offset)."""
-    return validate_per_cold_item_bias(model, batches)[0.0]
-
-
-def best_cold_item_bias(model: TwoTower, per_bias: dict[float, dict[str, float]]) -> tuple[float, float]:
-    """(offset, validation NDCG@K with it): the offset of `per_bias` that ranks validation targets best.
-
-    Ties go to the smallest offset. A catalogue without never-trained items gets 0 and NaN.
-    """
-    if bool(model.item_tower.known_items.all()):
-        return 0.0, float("nan")
-    best = max(per_bias, key=lambda bias: (per_bias[bias][VAL_METRIC], -bias))
-    return best, per_bias[best][VAL_METRIC]
-
-
-def fit_cold_item_bias(model: TwoTower, batches: Iterable[RetrievalBatch]) -> tuple[float, float]:
-    """`best_cold_item_bias` among the `COLD_ITEM_BIASES`, from one validation pass."""
-    if bool(model.item_tower.known_items.all()):
-        return 0.0, float("nan")
-    return best_cold_item_bias(model, validate_per_cold_item_bias(model, batches, COLD_ITEM_BIASES))
+    return {VAL_METRIC: ndcg_sum / max(rows, 1), "val_hr_10": hit_sum / max(rows, 1)}
 
 
 class RetrievalObjective(nn.Module):

@@ -56,6 +56,8 @@ class TwoTowerSpec:
     """Width of the item content embedding; 0 when the model has no content"""
     content_source: str = "none"
     """Which feature store file gave the content embedding (fused, title or none)"""
+    taste_clusters: int = 0
+    """Clusters of watched videos whose share in a user's history scores new videos (0: none)"""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,6 +183,8 @@ class TwoTower(nn.Module):
         self.sparse = SparseArch(spec.n_users, spec.n_items, spec.dim, spec.max_history, spec.use_ids)
         self.item_tower = ItemTower(spec, content, known)
         self.user_tower = UserTower(spec)
+        # Filled after training (`recsys.models.new_videos.fit_new_videos`); saved with the weights.
+        self.register_buffer("cluster_membership", torch.zeros(spec.n_items, spec.taste_clusters))
 
     def _users(self, emb: SparseEmbeddings, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         tokens = self.item_tower.represent(emb.history_ids, emb.history)  # (B, T, D)

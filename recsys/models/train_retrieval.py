@@ -21,10 +21,11 @@ from recsys.config import RetrievalConfig, to_dict
 from recsys.data.paths import PreparedPaths
 from recsys.data.retrieval_datamodule import RetrievalDataModule
 from recsys.errors import DataFormatError, MissingInputError
-from recsys.models.retrieval_module import VAL_METRIC, RetrievalModule, fit_cold_item_bias
+from recsys.models.new_videos import fit_new_videos, new_video_metrics
+from recsys.models.retrieval_module import VAL_METRIC, RetrievalModule
 from recsys.models.towers import TwoTower, TwoTowerSpec
 from recsys.plots import log_retrieval_plots
-from recsys.retrieval.trained_model import COLD_ITEM_BIAS, models_dir, save_trained
+from recsys.retrieval.trained_model import NEW_VIDEO_SCORING, models_dir, save_trained
 from recsys.threads import torch_threads
 from recsys.tracking import fingerprint_files, latest_run_id, start_run
 
@@ -110,6 +111,7 @@ def build_model(config: RetrievalConfig, data: RetrievalDataModule, content: Ite
         item_id_dropout=config.item_id_dropout if content.embedding is not None else 0.0,
         content_dim=0 if content.embedding is None else content.embedding.shape[1],
         content_source=content.source,
+        taste_clusters=0 if content.embedding is None else config.taste_clusters,
     )
     embedding = None if content.embedding is None else torch.from_numpy(content.embedding)
     return TwoTower(spec, content=embedding, known_items=torch.from_numpy(data.known_items))
@@ -207,17 +209,17 @@ def _train(config: RetrievalConfig, paths: PreparedPaths) -> RetrievalResult:
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
         best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
-        cold_item_bias, biased_ndcg = fit_cold_item_bias(model, data.val_dataloader())
+        scoring, scored_ndcg, _ = fit_new_videos(model, data.val_dataloader(), config.seed)
         info: dict[str, Any] = {
             "best_val_ndcg_10": best,
             "epochs": trainer.current_epoch,
             "content_source": content.source,
-            COLD_ITEM_BIAS: cold_item_bias,
+            NEW_VIDEO_SCORING: scoring.to_dict(),
             "config": to_dict(config),
         }
         model_dir = save_trained(model.eval(), config.processed_dir, config.dataset, run_id, info)
         mlflow.log_metrics({"best_val_ndcg_10": best, "epochs_trained": trainer.current_epoch,
-                            COLD_ITEM_BIAS: cold_item_bias, "val_ndcg_10_with_cold_item_bias": biased_ndcg})
+                            **new_video_metrics(scoring, scored_ndcg)})
         mlflow.set_tag("recsys.model_dir", str(model_dir))
         log_retrieval_plots(run_id, model, paths)
         mlflow.log_artifact(str(best_path), artifact_path="checkpoint")

@@ -14,11 +14,11 @@ data/processed/<dataset>/models/
 and `score(...)`, all numpy in and out. A user index of -1 means "a user the model has never
 seen": such a user is embedded from their history alone.
 
-A score is the cosine of user and item embedding plus, for an item without training
-interactions, the model's cold-item bias (fitted on the validation split at the end of
-training, see `recsys.models.retrieval_module.fit_cold_item_bias`). `item_vectors()` and
-`user_vectors(...)` carry the bias as one more dimension, so that an inner-product index ranks
-exactly by the score.
+A watched video's score is the cosine of user and item embedding. A video without training
+interactions is scored as `recsys.models.new_videos` describes: its content cosine, the user's
+taste for the cluster its content points to, and an offset, with coefficients fitted on the
+validation split at the end of training. `item_vectors()` and `user_vectors(...)` carry those
+terms as more dimensions, so that an inner-product index ranks exactly by the score.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.files import atomic_path, read_json, write_json
+from recsys.models.new_videos import NewVideoScoring, log_cluster_shares
 from recsys.models.sparse import collate, collate_histories
 from recsys.models.towers import TwoTower, TwoTowerSpec
 
@@ -44,8 +45,10 @@ LATEST_FILE = "latest.json"
 FORMAT_VERSION = 1
 UNKNOWN_USER = -1
 """User index meaning 'not in the model's user table': no ID embedding, history only."""
-COLD_ITEM_BIAS = "cold_item_bias"
-"""Key of the training summary (model.json "info") holding the score offset of never-trained items."""
+NEW_VIDEO_SCORING = "new_video_scoring"
+"""Key of the training summary (model.json "info") holding the fitted `NewVideoScoring`."""
+LEGACY_COLD_ITEM_BIAS = "cold_item_bias"
+"""Where models trained before `NEW_VIDEO_SCORING` kept their one offset for new videos."""
 
 
 def models_dir(processed_dir: Path, dataset: str) -> Path:
@@ -127,25 +130,47 @@ class TwoTowerScorer:
         return np.concatenate(chunks).astype(np.float32)
 
     @property
-    def cold_item_bias(self) -> float:
-        """Score offset of the items without training interactions (0 for models trained before it existed)."""
-        return float(self.info.get(COLD_ITEM_BIAS, 0.0))
+    def new_video_scoring(self) -> NewVideoScoring:
+        """How videos without training interactions are scored (plain cosine for models without it)."""
+        if NEW_VIDEO_SCORING in self.info:
+            return NewVideoScoring.from_dict(self.info[NEW_VIDEO_SCORING])
+        return NewVideoScoring(bias=float(self.info.get(LEGACY_COLD_ITEM_BIAS, 0.0)))
+
+    def _uses_taste(self) -> bool:
+        return self.new_video_scoring.taste_weight > 0
 
     def item_vectors(self) -> np.ndarray:
-        """float32 (n_items, D + 1): item embeddings, then each item's score offset (the cold-item bias or 0).
+        """float32 (n_items, D [+ K] + 1): the item side of the score (see the module docstring).
 
-        Built once: `score` reads it for every batch of users.
+        A watched video: [e, 0, 0]. A new video: [weight e, taste_weight membership, bias]; the
+        K membership columns only when the model uses the taste term. Built once: `score` reads it
+        for every batch of users.
         """
         if self._vectors is None:
-            cold = ~self.model.item_tower.known_items.numpy()  # (N,)
-            offsets = np.where(cold, self.cold_item_bias, 0.0).astype(np.float32)[:, None]  # (N, 1)
-            self._vectors = np.hstack([self.item_embeddings(), offsets])
+            scoring = self.new_video_scoring
+            new = ~self.model.item_tower.known_items.numpy()[:, None]  # (N, 1)
+            parts = [self.item_embeddings() * np.where(new, scoring.weight, 1.0)]  # (N, D)
+            if self._uses_taste():
+                parts.append(self.model.cluster_membership.numpy() * new * scoring.taste_weight)  # (N, K)
+            parts.append(new * scoring.bias)  # (N, 1)
+            self._vectors = np.hstack(parts).astype(np.float32)
         return self._vectors
 
+    @torch.inference_mode()
     def user_vectors(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        """float32 (B, D + 1): user embeddings, then 1, so that user_vectors @ item_vectors.T is the score."""
+        """float32 (B, D [+ K] + 1): user embeddings [, log cluster shares], then 1.
+
+        `user_vectors(...) @ item_vectors().T` is the score.
+        """
         users = self.user_embeddings(user_idx, histories)  # (B, D)
-        return np.hstack([users, np.ones((len(users), 1), np.float32)])
+        parts = [users]
+        if self._uses_taste():
+            kept = [np.asarray(h, dtype=np.int64)[-self.spec.max_history:] for h in histories]
+            values = torch.from_numpy(np.concatenate(kept) if kept else np.empty(0, np.int64))
+            lengths = torch.tensor([len(h) for h in kept], dtype=torch.int64)
+            parts.append(log_cluster_shares(self.model.cluster_membership, values, lengths).numpy())  # (B, K)
+        parts.append(np.ones((len(users), 1), np.float32))
+        return np.hstack(parts).astype(np.float32)
 
     def score(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         """float32 (B, n_items): the model's score of every item for each user (higher = better)."""

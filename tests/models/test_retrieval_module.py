@@ -26,20 +26,18 @@ from recsys.data.paths import PreparedPaths
 from recsys.data.prepare import prepare
 from recsys.data.retrieval_datamodule import RetrievalDataModule, TrainWindows
 from recsys.errors import DataFormatError, MissingInputError
+from recsys.models.new_videos import fit_new_video_scoring
 from recsys.models.retrieval_module import (
-    COLD_ITEM_BIASES,
     VAL_METRIC,
     RetrievalObjective,
-    catalogue_embeddings,
-    fit_cold_item_bias,
+    ndcg_and_hits,
     rank_of_targets,
-    ranking_metrics,
     sampled_softmax_loss,
     validate,
-    validate_per_cold_item_bias,
 )
+from recsys.models.sparse import HISTORY_FEATURE
 from recsys.models.train_retrieval import RetrievalResult, build_model, load_content, train_retrieval
-from recsys.retrieval.trained_model import load_trained
+from recsys.retrieval.trained_model import NEW_VIDEO_SCORING, load_trained
 from tests.movielens_files import write_ml100k
 
 TOPICS, PER_TOPIC, USERS_PER_TOPIC, EVENTS = 6, 10, 20, 8
@@ -274,43 +272,54 @@ def test_cold_items_are_ranked_by_their_content(trained: RetrievalResult, topic_
     assert (topics[cold][scores.argmax(axis=1)] == np.arange(TOPICS)).all()
 
 
-def test_the_cold_item_bias_follows_how_often_validation_targets_are_new_videos(
+def test_new_video_scoring_follows_how_often_validation_targets_are_new_videos(
     trained: RetrievalResult, topic_data: PreparedPaths
 ) -> None:
     scorer = load_trained(topic_data.root.parent, DATASET, trained.run_id)
     data = RetrievalDataModule(topic_data)
     data.setup("fit")
     # This dataset's validation targets are all watched videos: boosting the new ones only hurts.
-    assert scorer.cold_item_bias == fit_cold_item_bias(scorer.model, data.val_dataloader())[0] == 0
-    # Had every user's validation target been the new video of their topic, a boost pays.
+    assert scorer.new_video_scoring.bias == 0
+    # Had every user's validation target been the new video of their topic, lifting new videos pays.
     topics = item_topics(topic_data)
     new_video_of_topic = {topics[i]: i for i in np.flatnonzero(~data.known_items)}
     targets = np.array([new_video_of_topic[t] for t in topics[data.valid_items]])
     batch = data.eval_batch(data.valid_users, targets)
-    bias, ndcg = fit_cold_item_bias(scorer.model, [batch])
-    assert bias > 0 and ndcg > validate(scorer.model, [batch])[VAL_METRIC] + 0.1
-    # One validation pass gives every offset's metrics: the same as ranking with each offset alone.
-    per_bias = validate_per_cold_item_bias(scorer.model, [batch], COLD_ITEM_BIASES)
-    with torch.no_grad():
-        users, items = scorer.model.user_embeddings(batch.features), catalogue_embeddings(scorer.model)
-    cold = torch.from_numpy(~data.known_items).float()
-    for offset, metrics in per_bias.items():
-        alone = ranking_metrics(users, items, batch, offset * cold)
-        assert metrics == pytest.approx({VAL_METRIC: float(alone[0].mean()), "val_hr_10": float(alone[1].mean())})
-    assert per_bias[bias][VAL_METRIC] == ndcg == max(m[VAL_METRIC] for m in per_bias.values())
+    scoring, ndcg, plain = fit_new_video_scoring(scorer.model, [batch])
+    assert scoring.bias > 0 and ndcg > plain[VAL_METRIC] + 0.1
+    assert plain == pytest.approx(validate(scorer.model, [batch]))
+    # The scorer, which serves the fitted scoring as one inner product, ranks exactly as the fit did.
+    scorer.info[NEW_VIDEO_SCORING] = scoring.to_dict()
+    history = batch.features.items[HISTORY_FEATURE]
+    histories = np.split(history.values().numpy(), np.cumsum(history.lengths().numpy())[:-1])
+    served = scorer.score(data.valid_users, histories)
+    assert float(ndcg_and_hits(torch.from_numpy(served), batch)[0].mean()) == pytest.approx(ndcg, abs=1e-6)
 
 
-def test_scores_add_the_cold_item_bias_to_new_videos_only(trained: RetrievalResult, topic_data: PreparedPaths
-                                                          ) -> None:
+def test_scores_add_the_new_video_terms_to_new_videos_only(trained: RetrievalResult, topic_data: PreparedPaths
+                                                           ) -> None:
     scorer = load_trained(topic_data.root.parent, DATASET, trained.run_id)
-    scorer.info["cold_item_bias"] = 0.25
     histories = [np.array([0, 1, 2]), np.array([30, 31])]
     users = np.array([0, -1])
     cosine = scorer.user_embeddings(users, histories) @ scorer.item_embeddings().T  # (2, N)
-    offset = scorer.score(users, histories) - cosine
-    cold = ~scorer.model.item_tower.known_items.numpy()
-    np.testing.assert_allclose(offset[:, cold], 0.25, atol=1e-5)
-    np.testing.assert_allclose(offset[:, ~cold], 0.0, atol=1e-5)
+    new = ~scorer.model.item_tower.known_items.numpy()
+    membership = scorer.model.cluster_membership.numpy()  # (N, K)
+    assert membership.shape[1] == 20 and np.allclose(membership.sum(axis=1), 1.0, atol=1e-5)
+    # The history's cluster shares, newest view weighing 1 and each older one 0.5 ** (1 / 20) less.
+    log_shares = []
+    for history in histories:
+        recency = 0.5 ** (np.arange(len(history))[::-1] / 20.0)
+        log_shares.append(np.log(recency @ membership[history] / recency.sum() + 0.01))
+    taste = np.array(log_shares) @ membership.T  # (2, N)
+    scorer.info[NEW_VIDEO_SCORING] = {"weight": 0.5, "taste_weight": 0.2, "bias": 0.25}
+    scores = scorer.score(users, histories)
+    np.testing.assert_allclose(scores[:, new], 0.5 * cosine[:, new] + 0.2 * taste[:, new] + 0.25, atol=1e-5)
+    np.testing.assert_allclose(scores[:, ~new], cosine[:, ~new], atol=1e-5)
+    # A model saved before this scoring existed kept one offset for new videos.
+    legacy = load_trained(topic_data.root.parent, DATASET, trained.run_id)
+    legacy.info = {"cold_item_bias": 0.25}
+    expected = np.broadcast_to(0.25 * new, cosine.shape)
+    np.testing.assert_allclose(legacy.score(users, histories) - cosine, expected, atol=1e-5)
 
 
 def test_an_unseen_user_with_a_history_gets_the_next_video(trained: RetrievalResult, topic_data: PreparedPaths
