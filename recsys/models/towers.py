@@ -9,7 +9,9 @@
   causal, so one pass over a history gives the user after every prefix of it: training scores
   many targets of one user from one pass, inference takes the state after the whole history.
 - `TwoTower`: the TorchRec tables (`SparseArch`) and both towers. Outputs are L2-normalised
-  embeddings; scores are dot products. The training objective lives in `RetrievalModule`.
+  embeddings; scores are dot products. The training objective lives in `RetrievalModule`. It also
+  keeps the cluster memberships that score new videos (`recsys.models.new_videos`), filled after
+  training.
 """
 
 from __future__ import annotations
