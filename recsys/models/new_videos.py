@@ -170,9 +170,10 @@ def fit_new_video_scoring(model: TwoTower, batches: Iterable[RetrievalBatch]
         history = batch.features.items[HISTORY_FEATURE]
         taste = (log_cluster_shares(membership, history.values(), history.lengths()) @ membership[new].T
                  if has_taste else torch.zeros(len(batch), int(new.sum())))  # (B, C)
+        new_cosines = cosines[:, new]  # (B, C)
         for scoring in grid:
             scores = cosines.clone()
-            scores[:, new] = new_video_scores(cosines[:, new], taste, scoring)
+            scores[:, new] = new_video_scores(new_cosines, taste, scoring)
             ndcg_sums[scoring] += float(ndcg_and_hits(scores, batch)[0].sum())
     rows = max(rows, 1)
     plain_metrics = {VAL_METRIC: plain[0] / rows, "val_hr_10": plain[1] / rows}

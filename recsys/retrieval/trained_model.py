@@ -35,7 +35,7 @@ from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.files import atomic_path, read_json, write_json
 from recsys.models.new_videos import NewVideoScoring, log_cluster_shares
-from recsys.models.sparse import collate, collate_histories
+from recsys.models.sparse import HISTORY_FEATURE, collate, collate_histories
 from recsys.models.towers import TwoTower, TwoTowerSpec
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -165,10 +165,10 @@ class TwoTowerScorer:
         users = self.user_embeddings(user_idx, histories)  # (B, D)
         parts = [users]
         if self._uses_taste():
-            kept = [np.asarray(h, dtype=np.int64)[-self.spec.max_history:] for h in histories]
-            values = torch.from_numpy(np.concatenate(kept) if kept else np.empty(0, np.int64))
-            lengths = torch.tensor([len(h) for h in kept], dtype=torch.int64)
-            parts.append(log_cluster_shares(self.model.cluster_membership, values, lengths).numpy())  # (B, K)
+            # The same last `max_history` views the user tower reads.
+            history = collate_histories(None, None, histories, self.spec.max_history).items[HISTORY_FEATURE]
+            shares = log_cluster_shares(self.model.cluster_membership, history.values(), history.lengths())
+            parts.append(shares.numpy())  # (B, K)
         parts.append(np.ones((len(users), 1), np.float32))
         return np.hstack(parts).astype(np.float32)
 
