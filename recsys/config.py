@@ -245,6 +245,8 @@ class RetrievalConfig:
     """Probability of hiding an item's ID embedding in training, so cold-start videos are embedded from content"""
     taste_clusters: int = 20
     """Clusters of watched videos whose share in a user's history scores new videos (0: content score only)"""
+    fresh_views: bool = True
+    """Score videos by their validation-period views too (--no-fresh-views: training views only)"""
     content_only_weight: float = 0.5
     """Weight of a second loss scoring every target from its content alone, as new videos are (0: off)"""
     temperature: float = 0.1

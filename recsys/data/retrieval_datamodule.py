@@ -177,6 +177,9 @@ class RetrievalDataModule(L.LightningDataModule):
         self.user_start[self.train_log.users[firsts]] = firsts
         self.user_end[self.train_log.users[firsts]] = ends
         valid = pl.read_parquet(self.paths.valid).sort("user_idx")
+        # Every validation interaction, before any sampling: the model's fresh views (recsys.models.fresh_views).
+        self.fresh_users = valid.get_column("user_idx").to_numpy().astype(np.int64)
+        self.fresh_items = valid.get_column("item_idx").to_numpy().astype(np.int64)
         if 0 < self.validation_users < len(valid):
             valid = valid.sample(self.validation_users, seed=self.seed).sort("user_idx")
         self.valid_users = valid.get_column("user_idx").to_numpy().astype(np.int64)

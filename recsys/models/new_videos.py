@@ -7,7 +7,8 @@ wrong ones too (on the synthetic corpus, 46% of the new videos an offset put in 
 outside the user's two main topics). So a new video's score gets one more term, the user's taste
 for the group of videos its content points to:
 
-    score(u, i) = weight * cos(u, e_i) + taste_weight * sum_k m_ik log(share_uk + EPSILON) + bias
+    score(u, i) = weight * cos(u, e_i) + taste_weight * sum_k m_ik log(share_uk + EPSILON)
+                  + fresh_weight * fresh_i + bias
 
 - the groups are k-means clusters of the trained embeddings of watched videos: videos the same
   people watch;
@@ -15,13 +16,17 @@ for the group of videos its content points to:
   probabilities that a logistic regression reads from its content embedding (trained on the watched
   videos);
 - share_u is the recency-weighted share of each cluster in the user's history (HALF_LIFE);
-- weight, taste_weight and bias are the grid point with the best validation NDCG@10
-  (`fit_new_video_scoring`). The grid holds weight 1 and taste_weight 0 (the content score plus an
-  offset), so validation can always choose the plain model.
+- fresh_i is the video's popularity among the views since the training cut-off
+  (`recsys.models.fresh_views`): how many people watch it now, which content cannot tell. A
+  watched video's score gets the same term with its own weight: cos(u, e_i) + watched_fresh_weight
+  * fresh_i (whether it is rising or fading);
+- weight, taste_weight, fresh_weight, watched_fresh_weight and bias are the grid point with the
+  best validation NDCG@10 (`fit_new_video_scoring`). The grid holds weight 1 and every other
+  weight 0 (the content score plus an offset), so validation can always choose the plain model.
 
 Each term is an inner product, so the scorer serves them as more dimensions of one user vector
-[u, log(share_u + EPSILON), 1] and one item vector: [weight e_i, taste_weight m_i, bias] for a
-new video, [e_i, 0, 0] for a watched one.
+[u, log(share_u + EPSILON), 1] and one item vector: [weight e_i, taste_weight m_i, fresh_weight
+fresh_i + bias] for a new video, [e_i, 0, watched_fresh_weight fresh_i] for a watched one.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np
 import torch
 
 from recsys.data.retrieval_datamodule import RetrievalBatch
-from recsys.models.retrieval_module import VAL_METRIC, catalogue_embeddings, ndcg_and_hits
+from recsys.models.retrieval_module import VAL_METRIC, K, catalogue_embeddings, ndcg_and_hits
 from recsys.models.sparse import HISTORY_FEATURE
 from recsys.models.towers import TwoTower
 
@@ -47,6 +52,10 @@ WEIGHTS = (1.0, 0.5, 0.25)
 """Weights of a new video's content cosine that `fit_new_video_scoring` tries."""
 TASTE_WEIGHTS = (0.0, 0.05, 0.1, 0.2)
 """Weights of the cluster-taste term that `fit_new_video_scoring` tries (scores are cosines)."""
+FRESH_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3)
+"""Weights of a new video's fresh popularity that `fit_new_video_scoring` tries."""
+WATCHED_FRESH_WEIGHTS = (0.0, 0.02, 0.05, 0.1)
+"""Weights of a watched video's fresh popularity that `fit_new_video_scoring` tries."""
 BIASES = tuple(round(0.05 * step, 2) for step in range(17))
 """Offsets (0 ... 0.8) that `fit_new_video_scoring` tries. None is negative: the taste term is."""
 
@@ -58,6 +67,8 @@ class NewVideoScoring:
     weight: float = 1.0
     taste_weight: float = 0.0
     bias: float = 0.0
+    fresh_weight: float = 0.0
+    watched_fresh_weight: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -66,9 +77,9 @@ class NewVideoScoring:
     def from_dict(cls, data: dict[str, Any]) -> NewVideoScoring:
         return cls(**{key: float(value) for key, value in data.items()})
 
-    def simplicity(self) -> tuple[float, float, float]:
-        """Sort key among equal validation scores: no taste term, full content weight, small offset."""
-        return -self.taste_weight, self.weight, -self.bias
+    def simplicity(self) -> tuple[float, ...]:
+        """Sort key among equal validation scores: fewer terms, full content weight, small offset."""
+        return -self.watched_fresh_weight, -self.fresh_weight, -self.taste_weight, self.weight, -self.bias
 
 
 def new_video_metrics(scoring: NewVideoScoring, val_ndcg: float) -> dict[str, float]:
@@ -135,9 +146,67 @@ def log_cluster_shares(membership: torch.Tensor, values: torch.Tensor, lengths: 
     return torch.log(shares / total[:, None] + EPSILON)  # (B, K)
 
 
-def new_video_scores(cosines: torch.Tensor, taste: torch.Tensor, scoring: NewVideoScoring) -> torch.Tensor:
-    """Scores (B, C) of C new videos from their cosines (B, C) and taste terms sum_k m_ik log(share_uk + eps) (B, C)."""
-    return scoring.weight * cosines + scoring.taste_weight * taste + scoring.bias
+def new_video_scores(cosines: torch.Tensor, taste: torch.Tensor, fresh: torch.Tensor, scoring: NewVideoScoring
+                     ) -> torch.Tensor:
+    """Scores (B, C) of C new videos from their cosines, taste terms sum_k m_ik log(share_uk + eps) and
+    fresh popularity, each (B, C)."""
+    return scoring.weight * cosines + scoring.taste_weight * taste + scoring.fresh_weight * fresh + scoring.bias
+
+
+class TargetRanks:
+    """Ranks of a batch's targets under scores in which only the new videos' columns change.
+
+    The watched videos' scores (B, N) are fixed: they are masked and sorted once, so each new
+    scoring costs a search per row and a comparison with the C new videos, not a pass over the
+    catalogue. Ranks are those of `rank_of_targets`: excluded pairs last, ties to the lower index.
+    """
+
+    def __init__(self, scores: torch.Tensor, batch: RetrievalBatch, new: torch.Tensor) -> None:
+        scores = scores.index_put((batch.exclude_rows, batch.exclude_items), torch.tensor(float("-inf")))
+        targets = batch.targets  # (B,)
+        index = torch.arange(scores.shape[1])
+        self.new_targets = new[targets]  # (B,)
+        self.new_columns = (torch.cumsum(new, 0) - 1)[targets].clamp(min=0)  # (B,) the target's column among new
+        excluded = torch.zeros_like(scores, dtype=torch.bool)
+        excluded[batch.exclude_rows, batch.exclude_items] = True
+        self.new_excluded = excluded[:, new]  # (B, C)
+        self.new_index = index[new]  # (C,)
+        self.targets = targets
+        watched = scores[:, ~new]  # (B, W)
+        lower = index[~new][None, :] < targets[:, None]  # (B, W) watched videos that win ties with the target
+        self.watched_sorted = torch.sort(watched, dim=1).values  # (B, W)
+        self.lower_sorted = torch.sort(watched.masked_fill(~lower, float("-inf")), dim=1).values  # (B, W)
+        self.watched_target_scores = scores.gather(1, targets[:, None]).squeeze(1)  # (B,) for watched targets
+        t = self.watched_target_scores[:, None]
+        self.watched_ahead_of_watched = ((watched > t) | ((watched == t) & lower)).sum(1)  # (B,) fixed
+
+    def ranks(self, new_scores: torch.Tensor) -> torch.Tensor:
+        """0-based rank (B,) of each target when the C new videos score `new_scores` (B, C)."""
+        new_scores = new_scores.masked_fill(self.new_excluded, float("-inf"))
+        from_new = new_scores.gather(1, self.new_columns[:, None]).squeeze(1) if new_scores.shape[1] else None
+        t = self.watched_target_scores if from_new is None else torch.where(
+            self.new_targets, from_new, self.watched_target_scores)  # (B,)
+        t_column = t[:, None]
+        above = self.watched_sorted.shape[1] - torch.searchsorted(self.watched_sorted, t_column, right=True)[:, 0]
+        tied = (torch.searchsorted(self.lower_sorted, t_column, right=True)
+                - torch.searchsorted(self.lower_sorted, t_column))[:, 0]  # (B,) lower-index ties
+        watched_ahead = torch.where(self.new_targets, above + tied, self.watched_ahead_of_watched)  # (B,)
+        new_ahead = (new_scores > t[:, None]) | ((new_scores == t[:, None])
+                                                 & (self.new_index[None, :] < self.targets[:, None]))  # (B, C)
+        return watched_ahead + new_ahead.sum(1)
+
+    def ndcg(self, new_scores: torch.Tensor) -> torch.Tensor:
+        """NDCG@K (B,) of each target when the new videos score `new_scores` (B, C)."""
+        rank = self.ranks(new_scores).float()
+        return torch.where(rank < K, 1.0 / torch.log2(rank + 2.0), torch.zeros_like(rank))
+
+
+def scoring_grid(has_new: bool, has_taste: bool, has_fresh: bool) -> list[NewVideoScoring]:
+    """Every scoring `fit_new_video_scoring` tries: terms without their inputs stay at 0."""
+    new_points = itertools.product(WEIGHTS, TASTE_WEIGHTS if has_taste else (0.0,), BIASES,
+                                   FRESH_WEIGHTS if has_fresh else (0.0,)) if has_new else [(1.0, 0.0, 0.0, 0.0)]
+    return [NewVideoScoring(*point, watched_fresh_weight=watched)
+            for point in new_points for watched in (WATCHED_FRESH_WEIGHTS if has_fresh else (0.0,))]
 
 
 @torch.no_grad()
@@ -145,17 +214,19 @@ def fit_new_video_scoring(model: TwoTower, batches: Iterable[RetrievalBatch]
                           ) -> tuple[NewVideoScoring, float, dict[str, float]]:
     """(best scoring, its validation NDCG@K, validation NDCG@K and HR@K of the plain model) from one pass.
 
-    Every combination of `WEIGHTS`, `TASTE_WEIGHTS` (only 0 without cluster memberships) and
-    `BIASES` ranks the validation targets; ties go to the simpler scoring. The plain model ranks
-    by cosine alone. A catalogue without new videos gets the default scoring and NaN.
+    Every scoring of `scoring_grid` ranks the validation targets; ties go to the simpler scoring.
+    The plain model ranks by cosine alone. Fresh popularity leaves each user's own fresh views out,
+    so a validation target does not lift itself. A catalogue without new videos or fresh views gets
+    the default scoring and NaN.
     """
     model.eval()
     items = catalogue_embeddings(model)  # (N, D)
     new = ~model.item_tower.known_items  # (N,)
     membership = model.cluster_membership  # (N, K)
     has_taste = bool(new.any()) and bool(membership.any())
-    grid = [NewVideoScoring(*point) for point in itertools.product(
-        WEIGHTS, TASTE_WEIGHTS if has_taste else (0.0,), BIASES)] if new.any() else []
+    fresh = model.fresh_views() if model.spec.fresh_views else None
+    fitting = bool(new.any()) or fresh is not None
+    grid = scoring_grid(bool(new.any()), has_taste, fresh is not None) if fitting else []
     ndcg_sums = dict.fromkeys(grid, 0.0)
     plain = [0.0, 0.0]  # NDCG sum, HR sum
     rows = 0
@@ -170,11 +241,15 @@ def fit_new_video_scoring(model: TwoTower, batches: Iterable[RetrievalBatch]
         history = batch.features.items[HISTORY_FEATURE]
         taste = (log_cluster_shares(membership, history.values(), history.lengths()) @ membership[new].T
                  if has_taste else torch.zeros(len(batch), int(new.sum())))  # (B, C)
-        new_cosines = cosines[:, new]  # (B, C)
-        for scoring in grid:
-            scores = cosines.clone()
-            scores[:, new] = new_video_scores(new_cosines, taste, scoring)
-            ndcg_sums[scoring] += float(ndcg_and_hits(scores, batch)[0].sum())
+        popularity = (fresh.popularity_for(batch.features.row_users()) if fresh is not None
+                      else torch.zeros_like(cosines))  # (B, N)
+        new_cosines, new_popularity = cosines[:, new], popularity[:, new]  # (B, C)
+        for watched_fresh_weight in sorted({scoring.watched_fresh_weight for scoring in grid}):
+            ranks = TargetRanks(cosines + watched_fresh_weight * popularity, batch, new)
+            for scoring in grid:
+                if scoring.watched_fresh_weight == watched_fresh_weight:
+                    scores = new_video_scores(new_cosines, taste, new_popularity, scoring)  # (B, C)
+                    ndcg_sums[scoring] += float(ranks.ndcg(scores).sum())
     rows = max(rows, 1)
     plain_metrics = {VAL_METRIC: plain[0] / rows, "val_hr_10": plain[1] / rows}
     if not grid:

@@ -54,6 +54,13 @@ class SparseFeatures:
     def batch_size(self) -> int:
         return self.items.stride()
 
+    def row_users(self) -> torch.Tensor:
+        """(B,) the user index of each row, -1 for a row without a known user."""
+        lengths = self.users[USER_FEATURE].lengths()  # (B,) 1 for a known user, else 0
+        users = torch.full((self.batch_size,), -1, dtype=torch.long, device=lengths.device)
+        users[lengths > 0] = self.users[USER_FEATURE].values()
+        return users
+
 
 def _jagged(values: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)), torch.from_numpy(

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys.models.fresh_views import FreshViews
 from recsys.models.sparse import SparseArch, SparseEmbeddings, SparseFeatures
 
 Encoder = Literal["gru", "attention"]
@@ -60,6 +61,8 @@ class TwoTowerSpec:
     """Which feature store file gave the content embedding (fused, title or none)"""
     taste_clusters: int = 0
     """Clusters of watched videos whose share in a user's history scores new videos (0: none)"""
+    fresh_views: int = 0
+    """(user, item) views after the training cut-off that the model holds (`recsys.models.fresh_views`)"""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,7 +179,8 @@ class TwoTower(nn.Module):
     """TorchRec ID tables + user tower + item tower; `forward` returns (user, item) embeddings."""
 
     def __init__(self, spec: TwoTowerSpec, content: torch.Tensor | None = None,
-                 known_items: torch.Tensor | None = None) -> None:
+                 known_items: torch.Tensor | None = None,
+                 fresh_views: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         if not spec.use_ids and not spec.content_dim:
             raise ValueError("a two-tower model needs ID embeddings, content, or both")
@@ -187,6 +191,18 @@ class TwoTower(nn.Module):
         self.user_tower = UserTower(spec)
         # Filled after training (`recsys.models.new_videos.fit_new_videos`); saved with the weights.
         self.register_buffer("cluster_membership", torch.zeros(spec.n_items, spec.taste_clusters))
+        # (user, item) of each fresh view: read by the scoring of every video, saved with the weights.
+        empty = torch.zeros(spec.fresh_views, dtype=torch.long)
+        users, items = fresh_views or (empty, empty.clone())
+        if not len(users) == len(items) == spec.fresh_views:
+            raise ValueError(f"the spec holds {spec.fresh_views} fresh views, got {len(users)} users, "
+                             f"{len(items)} items")
+        self.register_buffer("fresh_view_users", users.long())
+        self.register_buffer("fresh_view_items", items.long())
+
+    def fresh_views(self) -> FreshViews:
+        """The fresh views this model holds, and the popularity they give each video."""
+        return FreshViews(self.fresh_view_users, self.fresh_view_items, self.spec.n_items)
 
     def _users(self, emb: SparseEmbeddings, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         tokens = self.item_tower.represent(emb.history_ids, emb.history)  # (B, T, D)

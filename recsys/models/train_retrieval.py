@@ -112,9 +112,11 @@ def build_model(config: RetrievalConfig, data: RetrievalDataModule, content: Ite
         content_dim=0 if content.embedding is None else content.embedding.shape[1],
         content_source=content.source,
         taste_clusters=0 if content.embedding is None else config.taste_clusters,
+        fresh_views=len(data.fresh_items) if config.fresh_views else 0,
     )
     embedding = None if content.embedding is None else torch.from_numpy(content.embedding)
-    return TwoTower(spec, content=embedding, known_items=torch.from_numpy(data.known_items))
+    fresh = (torch.from_numpy(data.fresh_users), torch.from_numpy(data.fresh_items)) if config.fresh_views else None
+    return TwoTower(spec, content=embedding, known_items=torch.from_numpy(data.known_items), fresh_views=fresh)
 
 
 class MlflowEpochMetrics(Callback):

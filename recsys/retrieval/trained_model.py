@@ -16,9 +16,11 @@ seen": such a user is embedded from their history alone.
 
 A watched video's score is the cosine of user and item embedding. A video without training
 interactions is scored as `recsys.models.new_videos` describes: its content cosine, the user's
-taste for the cluster its content points to, and an offset, with coefficients fitted on the
-validation split at the end of training. `item_vectors()` and `user_vectors(...)` carry those
-terms as more dimensions, so that an inner-product index ranks exactly by the score.
+taste for the cluster its content points to, its popularity among the views since the training
+cut-off (`recsys.models.fresh_views`), and an offset; a watched video's score may get its fresh
+popularity too. The coefficients are fitted on the validation split at the end of training.
+`item_vectors()` and `user_vectors(...)` carry those terms as more dimensions, so that an
+inner-product index ranks exactly by the score.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.files import atomic_path, read_json, write_json
+from recsys.models.fresh_views import FreshViews
 from recsys.models.new_videos import NewVideoScoring, log_cluster_shares
 from recsys.models.sparse import HISTORY_FEATURE, collate, collate_histories
 from recsys.models.towers import TwoTower, TwoTowerSpec
@@ -43,6 +46,8 @@ MODEL_FILE = "model.json"
 ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"
 LATEST_FILE = "latest.json"
 FORMAT_VERSION = 1
+LATER_BUFFERS = ("cluster_membership", "fresh_view_users", "fresh_view_items")
+"""Buffers added to the model after format 1: a model saved before them keeps their empty default."""
 UNKNOWN_USER = -1
 """User index meaning 'not in the model's user table': no ID embedding, history only."""
 NEW_VIDEO_SCORING = "new_video_scoring"
@@ -76,6 +81,7 @@ class TwoTowerScorer:
         self.batch_size = batch_size
         self._items = item_embeddings
         self._vectors: np.ndarray | None = None
+        self._fresh: FreshViews | None = None
 
     @property
     def n_items(self) -> int:
@@ -139,12 +145,25 @@ class TwoTowerScorer:
     def _uses_taste(self) -> bool:
         return self.new_video_scoring.taste_weight > 0
 
+    @property
+    def fresh_views(self) -> FreshViews:
+        """The model's fresh views (`recsys.models.fresh_views`), read once."""
+        if self._fresh is None:
+            self._fresh = self.model.fresh_views()
+        return self._fresh
+
+    def _fresh_weights(self) -> np.ndarray:
+        """(N,) weight of each video's fresh popularity in its score (new and watched videos differ)."""
+        scoring = self.new_video_scoring
+        new = ~self.model.item_tower.known_items.numpy()
+        return np.where(new, scoring.fresh_weight, scoring.watched_fresh_weight).astype(np.float32)
+
     def item_vectors(self) -> np.ndarray:
         """float32 (n_items, D [+ K] + 1): the item side of the score (see the module docstring).
 
-        A watched video: [e, 0, 0]. A new video: [weight e, taste_weight membership, bias]; the
-        K membership columns only when the model uses the taste term. Built once: `score` reads it
-        for every batch of users.
+        A watched video: [e, 0, watched_fresh_weight fresh]. A new video: [weight e, taste_weight
+        membership, fresh_weight fresh + bias]; the K membership columns only when the model uses
+        the taste term. Built once: `score` reads it for every batch of users.
         """
         if self._vectors is None:
             scoring = self.new_video_scoring
@@ -152,7 +171,8 @@ class TwoTowerScorer:
             parts = [self.item_embeddings() * np.where(new, scoring.weight, 1.0)]  # (N, D)
             if self._uses_taste():
                 parts.append(self.model.cluster_membership.numpy() * new * scoring.taste_weight)  # (N, K)
-            parts.append(new * scoring.bias)  # (N, 1)
+            fresh = self.fresh_views.popularity.numpy()[:, None]  # (N, 1)
+            parts.append(new * scoring.bias + self._fresh_weights()[:, None] * fresh)  # (N, 1)
             self._vectors = np.hstack(parts).astype(np.float32)
         return self._vectors
 
@@ -173,8 +193,17 @@ class TwoTowerScorer:
         return np.hstack(parts).astype(np.float32)
 
     def score(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        """float32 (B, n_items): the model's score of every item for each user (higher = better)."""
-        return self.user_vectors(user_idx, histories) @ self.item_vectors().T  # (B, N)
+        """float32 (B, n_items): the model's score of every item for each user (higher = better).
+
+        `user_vectors(...) @ item_vectors().T`, except that a user's own fresh views do not count
+        towards the fresh popularity of what they watched (`recsys.models.fresh_views`); that only
+        changes the scores of videos in the user's history, which a ranking for them excludes.
+        """
+        scores = self.user_vectors(user_idx, histories) @ self.item_vectors().T  # (B, N)
+        if self.spec.fresh_views:
+            rows, items, change = self.fresh_views.own_view_changes(torch.as_tensor(user_idx).long())
+            scores[rows.numpy(), items.numpy()] += self._fresh_weights()[items.numpy()] * change.numpy()
+        return scores
 
 
 def save_trained(
@@ -231,7 +260,10 @@ def load_trained(processed_dir: Path, dataset: str, run_id: str | None = None) -
     spec = TwoTowerSpec.from_dict(document["spec"])
     content = torch.zeros(spec.n_items, spec.content_dim) if spec.content_dim else None
     model = TwoTower(spec, content=content)
-    model.load_state_dict(load_file(folder / WEIGHTS_FILE))
+    missing, unexpected = model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=False)
+    if unexpected or set(missing) - set(LATER_BUFFERS):
+        raise DataFormatError(f"{folder / WEIGHTS_FILE} does not fit its model.json: missing "
+                              f"{sorted(set(missing) - set(LATER_BUFFERS))}, unexpected {sorted(unexpected)}")
     items_file = folder / ITEM_EMBEDDINGS_FILE
     items = np.load(items_file) if items_file.exists() else None
     return TwoTowerScorer(model, run_id=run_id, folder=folder, info=document.get("info", {}), item_embeddings=items)

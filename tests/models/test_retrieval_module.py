@@ -296,6 +296,35 @@ def test_new_video_scoring_follows_how_often_validation_targets_are_new_videos(
     assert float(ndcg_and_hits(torch.from_numpy(served), batch)[0].mean()) == pytest.approx(ndcg, abs=1e-6)
 
 
+def test_fresh_views_lift_the_new_videos_that_other_people_watch_now(trained: RetrievalResult,
+                                                                    topic_data: PreparedPaths) -> None:
+    scorer = load_trained(topic_data.root.parent, DATASET, trained.run_id)
+    data = RetrievalDataModule(topic_data)
+    data.setup("fit")
+    # Users of topics 0-2 watch their topic's new video next; users of topics 3-5 a watched video.
+    # Content tells each user's new video; only the fresh views tell which of them people watch.
+    topics = item_topics(topic_data)
+    new_video_of_topic = {topics[i]: i for i in np.flatnonzero(~data.known_items)}
+    user_topics = topics[data.valid_items]
+    targets = np.where(user_topics < 3, [new_video_of_topic[t] for t in user_topics], data.valid_items)
+    batch = data.eval_batch(data.valid_users, targets)
+    model = scorer.model
+    model.fresh_view_users.copy_(torch.from_numpy(data.valid_users))
+    model.fresh_view_items.copy_(torch.from_numpy(targets))
+    with_fresh, ndcg, _ = fit_new_video_scoring(model, [batch])
+    model.spec = replace(model.spec, fresh_views=0)
+    without_fresh, ndcg_without, _ = fit_new_video_scoring(model, [batch])
+    model.spec = replace(model.spec, fresh_views=len(targets))
+    assert without_fresh.fresh_weight == 0 and with_fresh.fresh_weight > 0
+    assert ndcg > ndcg_without + 0.05
+    # Each user's own fresh view (the target) did not count: served scores rank as the fit did.
+    scorer.info[NEW_VIDEO_SCORING] = with_fresh.to_dict()
+    history = batch.features.items[HISTORY_FEATURE]
+    histories = np.split(history.values().numpy(), np.cumsum(history.lengths().numpy())[:-1])
+    served = scorer.score(data.valid_users, histories)
+    assert float(ndcg_and_hits(torch.from_numpy(served), batch)[0].mean()) == pytest.approx(ndcg, abs=1e-6)
+
+
 def test_scores_add_the_new_video_terms_to_new_videos_only(trained: RetrievalResult, topic_data: PreparedPaths
                                                            ) -> None:
     scorer = load_trained(topic_data.root.parent, DATASET, trained.run_id)
@@ -311,10 +340,19 @@ def test_scores_add_the_new_video_terms_to_new_videos_only(trained: RetrievalRes
         recency = 0.5 ** (np.arange(len(history))[::-1] / 20.0)
         log_shares.append(np.log(recency @ membership[history] / recency.sum() + 0.01))
     taste = np.array(log_shares) @ membership.T  # (2, N)
-    scorer.info[NEW_VIDEO_SCORING] = {"weight": 0.5, "taste_weight": 0.2, "bias": 0.25}
+    # Fresh views are the validation interactions: log(N (c + 1) / (T + N)) of each video's count c,
+    # user 0's own fresh view left out of what user 0 sees.
+    valid = pl.read_parquet(topic_data.valid)
+    n = len(new)
+    counts = np.tile(np.bincount(valid["item_idx"].to_numpy(), minlength=n).astype(np.float64), (2, 1))  # (2, N)
+    counts[0, valid.filter(pl.col("user_idx") == 0)["item_idx"].to_numpy()] -= 1
+    fresh = np.log(n * (counts + 1) / (valid.height + n))  # (2, N)
+    scorer.info[NEW_VIDEO_SCORING] = {"weight": 0.5, "taste_weight": 0.2, "bias": 0.25, "fresh_weight": 0.1,
+                                      "watched_fresh_weight": 0.05}
     scores = scorer.score(users, histories)
-    np.testing.assert_allclose(scores[:, new], 0.5 * cosine[:, new] + 0.2 * taste[:, new] + 0.25, atol=1e-5)
-    np.testing.assert_allclose(scores[:, ~new], cosine[:, ~new], atol=1e-5)
+    np.testing.assert_allclose(scores[:, new], 0.5 * cosine[:, new] + 0.2 * taste[:, new] + 0.1 * fresh[:, new]
+                               + 0.25, atol=1e-5)
+    np.testing.assert_allclose(scores[:, ~new], cosine[:, ~new] + 0.05 * fresh[:, ~new], atol=1e-5)
     # A model saved before this scoring existed kept one offset for new videos.
     legacy = load_trained(topic_data.root.parent, DATASET, trained.run_id)
     legacy.info = {"cold_item_bias": 0.25}

@@ -8,12 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.models.towers import TwoTower, TwoTowerSpec
 from recsys.retrieval.trained_model import (
+    LATER_BUFFERS,
     LATEST_FILE,
     MODEL_FILE,
+    WEIGHTS_FILE,
     TwoTowerScorer,
     load_trained,
     models_dir,
@@ -61,6 +64,26 @@ def test_missing_or_foreign_models_give_clear_errors(tmp_path: Path) -> None:
     document = json.loads((folder / MODEL_FILE).read_text())
     (folder / MODEL_FILE).write_text(json.dumps({**document, "format": 99}))
     with pytest.raises(DataFormatError, match="model format 99"):
+        load_trained(tmp_path, "synth")
+
+
+def test_a_model_saved_before_the_later_buffers_still_loads_and_a_mismatched_one_does_not(tmp_path: Path) -> None:
+    model = small_model(0)
+    folder = save_trained(model, tmp_path, "synth", "run-a", {"cold_item_bias": 0.25})
+    # What a model trained before cluster memberships and fresh views were saved looks like.
+    document = json.loads((folder / MODEL_FILE).read_text())
+    for key in ("taste_clusters", "fresh_views"):
+        del document["spec"][key]
+    (folder / MODEL_FILE).write_text(json.dumps(document))
+    weights = load_file(folder / WEIGHTS_FILE)
+    save_file({name: t for name, t in weights.items() if name not in LATER_BUFFERS}, folder / WEIGHTS_FILE)
+    histories = [np.array([1, 2, 3]), np.array([11])]
+    plain = TwoTowerScorer(model).score(np.array([0, -1]), histories)
+    legacy = load_trained(tmp_path, "synth").score(np.array([0, -1]), histories)
+    np.testing.assert_allclose(legacy - plain, np.broadcast_to(0.25 * (np.arange(12) >= 10), plain.shape), atol=1e-5)
+    # A weights file missing anything else, or holding more, does not fit its model.json.
+    save_file({name: t for name, t in weights.items() if "sparse" not in name}, folder / WEIGHTS_FILE)
+    with pytest.raises(DataFormatError, match="does not fit its model.json: missing"):
         load_trained(tmp_path, "synth")
 
 

@@ -1,0 +1,62 @@
+"""Fresh views: interactions after the training cut-off, which the model did not train on.
+
+A video's views since the cut-off say how popular it is now. For a new video they are the only
+sign of its popularity (content says what it is about, not how many people will watch it); for a
+watched one, whether it is rising or fading. The model is given the validation interactions as
+fresh views: they are in every user's history at test time and in serving, and training never
+read them. Each video's fresh popularity is the log of its share of fresh views against an even
+share, with one pseudo-view per video so that a video nobody has watched yet is not impossible:
+
+    fresh_popularity_i = log(N * (c_i + 1) / (T + N))
+
+with c_i the fresh views of video i, T all fresh views and N the catalogue size (0 for a video
+with an average share, negative below it).
+
+A user's own fresh views do not count when ranking for that user: it is what other people watch
+now that the term stands for. This changes nothing in serving or at test time, where a user's own
+views are in their history and never recommended, but it is what keeps validation honest: there
+a user's fresh view is the held-out target itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fresh_popularity(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """log(N (c_i + 1) / (T + N)) of fresh view counts (..., N), T = `total` fresh views."""
+    n_items = counts.shape[-1]
+    return torch.log(n_items * (counts + 1.0) / (total + n_items))
+
+
+class FreshViews:
+    """The fresh (user, item) views of a catalogue of `n_items` videos, and the popularity they give."""
+
+    def __init__(self, users: torch.Tensor, items: torch.Tensor, n_items: int) -> None:
+        order = torch.argsort(users, stable=True)
+        self.users = users[order]  # (E,) sorted, for each user's range
+        self.items = items[order]  # (E,)
+        self.counts = torch.bincount(items, minlength=n_items).float()  # (N,)
+        self.popularity = fresh_popularity(self.counts, len(items))  # (N,)
+
+    def own_view_changes(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, items, change of fresh popularity): leaving out each row's own fresh views.
+
+        users (B,): user index of each row (-1 for a user the model does not know: no own views).
+        Row `rows[j]` sees the popularity of `items[j]` change by `change[j]` (one view fewer).
+        """
+        starts = torch.searchsorted(self.users, users)  # (B,)
+        lengths = torch.searchsorted(self.users, users, right=True) - starts  # (B,)
+        rows = torch.repeat_interleave(torch.arange(len(users)), lengths)  # (V,)
+        offsets = torch.arange(len(rows)) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        items = self.items[starts[rows] + offsets]  # (V,)
+        counts = self.counts[items]  # (V,) >= 1: each includes the row's own view
+        change = torch.log(counts / (counts + 1.0))  # (V,) log(c) - log(c + 1): one pseudo-view remains
+        return rows, items, change
+
+    def popularity_for(self, users: torch.Tensor) -> torch.Tensor:
+        """(B, N) fresh popularity of every video for each user, their own fresh views left out."""
+        popularity = self.popularity.expand(len(users), -1).clone()
+        rows, items, change = self.own_view_changes(users)
+        popularity[rows, items] += change
+        return popularity
