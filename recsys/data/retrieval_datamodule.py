@@ -249,3 +249,10 @@ class RetrievalDataModule(L.LightningDataModule):
             order, batch_size=self.eval_batch_size, shuffle=False,
             collate_fn=lambda rows: self.eval_batch(self.valid_users[rows], self.valid_items[rows]),
         )
+
+    def fresh_view_dataloader(self) -> DataLoader:
+        """Every validation interaction (no sample) as a ranking batch: the model's fresh views."""
+        return DataLoader(
+            np.arange(len(self.fresh_users)), batch_size=self.eval_batch_size, shuffle=False,
+            collate_fn=lambda rows: self.eval_batch(self.fresh_users[rows], self.fresh_items[rows]),
+        )

@@ -146,7 +146,8 @@ def train_rank(config: RetrievalConfig, rank: int, world_size: int, device: torc
     # The same TwoTower, unsharded: DMP's state keys are those of the wrapped RetrievalObjective.
     full = build_model(config, data, content)
     full.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-    scoring, scored_ndcg, metrics = fit_new_videos(full, data.val_dataloader(), config.seed)
+    scoring, scored_ndcg, metrics = fit_new_videos(full, data.val_dataloader(), data.fresh_view_dataloader(),
+                                                     config.seed)
     history[-1].update(metrics)
     info = {"best_val_ndcg_10": metrics[VAL_METRIC], "epochs": config.max_epochs, "content_source": content.source,
             NEW_VIDEO_SCORING: scoring.to_dict(), "sharded": {"world_size": world_size, "plan": str(plan)},

@@ -14,7 +14,11 @@ for the group of videos its content points to:
   people watch;
 - m_i, the membership of video i, is one-hot for a watched video; for a new one, it is the cluster
   probabilities that a logistic regression reads from its content embedding (trained on the watched
-  videos);
+  videos), updated by Bayes' rule with the cluster shares of the people who watched it since the
+  training cut-off (its fresh views): m_i ~ m_i(content) * prod_v (share_v + EPSILON). Content
+  says roughly what a new video is about; a handful of its first viewers say it sharply. A user's
+  own fresh view is taken out of the membership again when ranking for that user (validation
+  targets must not lift themselves);
 - share_u is the recency-weighted share of each cluster in the user's history (HALF_LIFE);
 - fresh_i is the video's popularity among the views since the training cut-off
   (`recsys.models.fresh_views`): how many people watch it now, which content cannot tell. A
@@ -48,9 +52,11 @@ HALF_LIFE = 20.0
 """Views after which a history item counts half as much towards the user's cluster shares."""
 EPSILON = 0.01
 """Floor of every cluster share: a cluster the user never watched is unlikely, not impossible."""
+MIN_PROBABILITY = 1e-9
+"""Floor of a membership probability before its log is taken."""
 WEIGHTS = (1.0, 0.5, 0.25)
 """Weights of a new video's content cosine that `fit_new_video_scoring` tries."""
-TASTE_WEIGHTS = (0.0, 0.05, 0.1, 0.2)
+TASTE_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3)
 """Weights of the cluster-taste term that `fit_new_video_scoring` tries (scores are cosines)."""
 FRESH_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3)
 """Weights of a new video's fresh popularity that `fit_new_video_scoring` tries."""
@@ -116,19 +122,51 @@ def fit_membership(item_embeddings: np.ndarray, known: np.ndarray, content: np.n
     return membership
 
 
-def fit_new_videos(model: TwoTower, batches: Iterable[RetrievalBatch], seed: int = 0
-                   ) -> tuple[NewVideoScoring, float, dict[str, float]]:
+def add_fresh_viewers(membership: torch.Tensor, new: torch.Tensor, fresh_batches: Iterable[RetrievalBatch]
+                      ) -> torch.Tensor:
+    """(N, K) memberships with each new video's updated by the cluster shares of its fresh viewers.
+
+    fresh_batches: one row per fresh view, the viewer's history before it and the viewed video as
+    target. Each view of a new video multiplies its cluster probabilities by the viewer's
+    (share + EPSILON), then they are normalised again. Watched videos keep theirs.
+    """
+    evidence = torch.zeros_like(membership)  # (N, K) sum of log(share + EPSILON) over each video's viewers
+    for batch in fresh_batches:
+        history = batch.features.items[HISTORY_FEATURE]
+        log_shares = log_cluster_shares(membership, history.values(), history.lengths())  # (B, K)
+        of_new = new[batch.targets]  # (B,)
+        evidence.index_add_(0, batch.targets[of_new], log_shares[of_new])
+    updated = membership.clone()
+    updated[new] = torch.softmax(torch.log(membership[new].clamp(min=MIN_PROBABILITY)) + evidence[new], dim=1)
+    return updated
+
+
+def own_view_taste_changes(memberships: torch.Tensor, log_shares: torch.Tensor) -> torch.Tensor:
+    """(V,) change of the taste term sum_k m_ik log(share_k + EPSILON) of V (user, new video) own fresh views.
+
+    memberships (V, K): the videos' memberships, which include each user's own view;
+    log_shares (V, K): each user's log(share + EPSILON), the factor their view multiplied in.
+    """
+    without = torch.softmax(torch.log(memberships.clamp(min=MIN_PROBABILITY)) - log_shares, dim=1)  # (V, K)
+    return ((without - memberships) * log_shares).sum(1)
+
+
+def fit_new_videos(model: TwoTower, batches: Iterable[RetrievalBatch], fresh_batches: Iterable[RetrievalBatch],
+                   seed: int = 0) -> tuple[NewVideoScoring, float, dict[str, float]]:
     """Cluster memberships (written into `model.cluster_membership`), then `fit_new_video_scoring`.
 
-    Memberships need content (new videos are read from it), new videos and `spec.taste_clusters` > 0.
+    Memberships need content (new videos are read from it), new videos and `spec.taste_clusters` > 0;
+    `fresh_batches` (the model's fresh views, see `add_fresh_viewers`) sharpen those of new videos.
     """
     known = model.item_tower.known_items.numpy()
     if model.spec.taste_clusters and model.spec.content_dim and not known.all():
         model.eval()
         items = catalogue_embeddings(model).numpy()  # (N, D)
         content = model.item_tower.content.numpy()  # (N, C)
-        membership = fit_membership(items, known, content, model.spec.taste_clusters, seed)
-        model.cluster_membership.copy_(torch.from_numpy(membership))
+        membership = torch.from_numpy(fit_membership(items, known, content, model.spec.taste_clusters, seed))
+        if model.spec.fresh_views and membership.any():
+            membership = add_fresh_viewers(membership, torch.from_numpy(~known), fresh_batches)
+        model.cluster_membership.copy_(membership)
     return fit_new_video_scoring(model, batches)
 
 
@@ -226,6 +264,7 @@ def fit_new_video_scoring(model: TwoTower, batches: Iterable[RetrievalBatch]
     has_taste = bool(new.any()) and bool(membership.any())
     fresh = model.fresh_views() if model.spec.fresh_views else None
     fitting = bool(new.any()) or fresh is not None
+    new_columns = torch.cumsum(new, 0) - 1  # (N,) each new video's column among the new ones
     grid = scoring_grid(bool(new.any()), has_taste, fresh is not None) if fitting else []
     ndcg_sums = dict.fromkeys(grid, 0.0)
     plain = [0.0, 0.0]  # NDCG sum, HR sum
@@ -239,10 +278,17 @@ def fit_new_video_scoring(model: TwoTower, batches: Iterable[RetrievalBatch]
         if not grid:
             continue
         history = batch.features.items[HISTORY_FEATURE]
-        taste = (log_cluster_shares(membership, history.values(), history.lengths()) @ membership[new].T
-                 if has_taste else torch.zeros(len(batch), int(new.sum())))  # (B, C)
-        popularity = (fresh.popularity_for(batch.features.row_users()) if fresh is not None
-                      else torch.zeros_like(cosines))  # (B, N)
+        users = batch.features.row_users()  # (B,)
+        taste = torch.zeros(len(batch), int(new.sum()))  # (B, C)
+        if has_taste:
+            log_shares = log_cluster_shares(membership, history.values(), history.lengths())  # (B, K)
+            taste = log_shares @ membership[new].T
+            if fresh is not None:  # a user's own fresh view of a new video leaves its membership
+                viewers, viewed, _ = fresh.own_view_changes(users)
+                own = new[viewed]
+                viewers, viewed = viewers[own], viewed[own]
+                taste[viewers, new_columns[viewed]] += own_view_taste_changes(membership[viewed], log_shares[viewers])
+        popularity = fresh.popularity_for(users) if fresh is not None else torch.zeros_like(cosines)  # (B, N)
         new_cosines, new_popularity = cosines[:, new], popularity[:, new]  # (B, C)
         for watched_fresh_weight in sorted({scoring.watched_fresh_weight for scoring in grid}):
             ranks = TargetRanks(cosines + watched_fresh_weight * popularity, batch, new)

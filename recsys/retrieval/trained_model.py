@@ -37,7 +37,7 @@ from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.files import atomic_path, read_json, write_json
 from recsys.models.fresh_views import FreshViews
-from recsys.models.new_videos import NewVideoScoring, log_cluster_shares
+from recsys.models.new_videos import NewVideoScoring, log_cluster_shares, own_view_taste_changes
 from recsys.models.sparse import HISTORY_FEATURE, collate, collate_histories
 from recsys.models.towers import TwoTower, TwoTowerSpec
 
@@ -185,24 +185,33 @@ class TwoTowerScorer:
         users = self.user_embeddings(user_idx, histories)  # (B, D)
         parts = [users]
         if self._uses_taste():
-            # The same last `max_history` views the user tower reads.
-            history = collate_histories(None, None, histories, self.spec.max_history).items[HISTORY_FEATURE]
-            shares = log_cluster_shares(self.model.cluster_membership, history.values(), history.lengths())
-            parts.append(shares.numpy())  # (B, K)
+            parts.append(self._log_cluster_shares(histories).numpy())  # (B, K)
         parts.append(np.ones((len(users), 1), np.float32))
         return np.hstack(parts).astype(np.float32)
+
+    def _log_cluster_shares(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """(B, K) log cluster shares of the same last `max_history` views the user tower reads."""
+        history = collate_histories(None, None, histories, self.spec.max_history).items[HISTORY_FEATURE]
+        return log_cluster_shares(self.model.cluster_membership, history.values(), history.lengths())
 
     def score(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         """float32 (B, n_items): the model's score of every item for each user (higher = better).
 
-        `user_vectors(...) @ item_vectors().T`, except that a user's own fresh views do not count
-        towards the fresh popularity of what they watched (`recsys.models.fresh_views`); that only
-        changes the scores of videos in the user's history, which a ranking for them excludes.
+        `user_vectors(...) @ item_vectors().T`, except that a user's own fresh views count neither
+        towards the fresh popularity of what they watched (`recsys.models.fresh_views`) nor towards
+        a new video's cluster membership (`recsys.models.new_videos`); that only changes the scores
+        of videos in the user's history, which a ranking for them excludes.
         """
         scores = self.user_vectors(user_idx, histories) @ self.item_vectors().T  # (B, N)
         if self.spec.fresh_views:
             rows, items, change = self.fresh_views.own_view_changes(torch.as_tensor(user_idx).long())
             scores[rows.numpy(), items.numpy()] += self._fresh_weights()[items.numpy()] * change.numpy()
+            own_new = ~self.model.item_tower.known_items[items]
+            if self._uses_taste() and bool(own_new.any()):
+                rows, items = rows[own_new], items[own_new]
+                log_shares = self._log_cluster_shares([histories[row] for row in rows.tolist()])  # (V, K)
+                taste = own_view_taste_changes(self.model.cluster_membership[items], log_shares)  # (V,)
+                scores[rows.numpy(), items.numpy()] += self.new_video_scoring.taste_weight * taste.numpy()
         return scores
 
 

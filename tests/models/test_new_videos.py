@@ -1,11 +1,20 @@
-"""New-video scoring parts on hand-made data: cluster memberships read from content, cluster shares of histories."""
+"""New-video scoring parts on hand-made data: cluster memberships read from content and sharpened by fresh
+viewers, cluster shares of histories."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from recsys.models.new_videos import EPSILON, fit_membership, log_cluster_shares
+from recsys.data.retrieval_datamodule import RetrievalBatch
+from recsys.models.new_videos import (
+    EPSILON,
+    add_fresh_viewers,
+    fit_membership,
+    log_cluster_shares,
+    own_view_taste_changes,
+)
+from recsys.models.sparse import HISTORY_FEATURE, collate
 
 
 def test_new_videos_get_the_cluster_their_content_points_to() -> None:
@@ -47,3 +56,32 @@ def test_cluster_shares_weigh_recent_views_more() -> None:
     torch.testing.assert_close(shares[0], a)
     torch.testing.assert_close(shares[1], torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(shares[2], torch.tensor([0.0, 0.0]), atol=1e-6, rtol=0)
+
+
+def fresh_view_batch(histories: list[list[int]], viewed: list[int]) -> RetrievalBatch:
+    """One row per fresh view: the viewer's history before it, the viewed video as target."""
+    values = np.concatenate([np.array(h, np.int64) for h in histories])
+    lengths = np.array([len(h) for h in histories], np.int64)
+    targets = torch.tensor(viewed)
+    features = collate(np.arange(len(viewed)), targets.numpy(), values, lengths)
+    empty = torch.empty(0, dtype=torch.long)
+    return RetrievalBatch(features, targets, torch.arange(len(viewed)), torch.from_numpy(lengths), empty, empty)
+
+
+def test_fresh_viewers_sharpen_a_new_videos_cluster_and_a_users_own_view_comes_out_again() -> None:
+    membership = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.4], [0.5, 0.5]])  # 0, 1 watched; 2, 3 new
+    new = torch.tensor([False, False, True, True])
+    # Video 2's content leans to cluster 0, but its two fresh viewers watch cluster 1 (video 1) almost only.
+    batch = fresh_view_batch([[1, 1, 1, 0], [1, 1]], viewed=[2, 2])
+    updated = add_fresh_viewers(membership, new, [batch])
+    torch.testing.assert_close(updated[:2], membership[:2])  # watched videos keep theirs
+    torch.testing.assert_close(updated[3], membership[3])  # nobody watched video 3 yet
+    history = batch.features.items[HISTORY_FEATURE]
+    log_shares = log_cluster_shares(membership, history.values(), history.lengths())  # (2, 2)
+    by_hand = torch.softmax(torch.log(membership[2]) + log_shares.sum(0), dim=0)
+    torch.testing.assert_close(updated[2], by_hand)
+    assert updated[2, 1] > 0.99
+    # Ranking for the second viewer, their own view leaves video 2's membership: only the first remains.
+    change = own_view_taste_changes(updated[[2]], log_shares[[1]])
+    without = torch.softmax(torch.log(membership[2]) + log_shares[0], dim=0)
+    torch.testing.assert_close(change, ((without - updated[2]) * log_shares[1]).sum()[None])
