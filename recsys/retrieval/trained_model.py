@@ -185,14 +185,12 @@ class TwoTowerScorer:
         users = self.user_embeddings(user_idx, histories)  # (B, D)
         parts = [users]
         if self._uses_taste():
-            parts.append(self._log_cluster_shares(histories).numpy())  # (B, K)
+            # The same last `max_history` views the user tower reads.
+            history = collate_histories(None, None, histories, self.spec.max_history).items[HISTORY_FEATURE]
+            shares = log_cluster_shares(self.model.cluster_membership, history.values(), history.lengths())
+            parts.append(shares.numpy())  # (B, K)
         parts.append(np.ones((len(users), 1), np.float32))
         return np.hstack(parts).astype(np.float32)
-
-    def _log_cluster_shares(self, histories: list[np.ndarray]) -> torch.Tensor:
-        """(B, K) log cluster shares of the same last `max_history` views the user tower reads."""
-        history = collate_histories(None, None, histories, self.spec.max_history).items[HISTORY_FEATURE]
-        return log_cluster_shares(self.model.cluster_membership, history.values(), history.lengths())
 
     def score(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         """float32 (B, n_items): the model's score of every item for each user (higher = better).
@@ -202,14 +200,15 @@ class TwoTowerScorer:
         a new video's cluster membership (`recsys.models.new_videos`); that only changes the scores
         of videos in the user's history, which a ranking for them excludes.
         """
-        scores = self.user_vectors(user_idx, histories) @ self.item_vectors().T  # (B, N)
+        users = self.user_vectors(user_idx, histories)  # (B, D [+ K] + 1)
+        scores = users @ self.item_vectors().T  # (B, N)
         if self.spec.fresh_views:
             rows, items, change = self.fresh_views.own_view_changes(torch.as_tensor(user_idx).long())
             scores[rows.numpy(), items.numpy()] += self._fresh_weights()[items.numpy()] * change.numpy()
             own_new = ~self.model.item_tower.known_items[items]
             if self._uses_taste() and bool(own_new.any()):
                 rows, items = rows[own_new], items[own_new]
-                log_shares = self._log_cluster_shares([histories[row] for row in rows.tolist()])  # (V, K)
+                log_shares = torch.from_numpy(users[rows.numpy(), self.dim:-1])  # (V, K) from the user vectors
                 taste = own_view_taste_changes(self.model.cluster_membership[items], log_shares)  # (V,)
                 scores[rows.numpy(), items.numpy()] += self.new_video_scoring.taste_weight * taste.numpy()
         return scores
