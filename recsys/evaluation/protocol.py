@@ -165,3 +165,31 @@ def evaluate_scorer(
     result.update(coverage.result())
     result.update({"cases": float(n), "cold_cases": float(n_cold)})
     return result
+
+
+def chance_metrics(cases: EvalCases, ks: Sequence[int] = KS) -> dict[str, float]:
+    """The exact expected HR/NDCG/MRR@K of a uniformly random ranking, over all cases and the cold-start slice.
+
+    A case's candidates are the catalogue less its history (a re-watched target stays one), and a
+    random ranking puts the target at each of their n ranks with probability 1/n, so e.g.
+    E[NDCG@K] = (1/n) sum over r < min(K, n) of 1/log2(r + 2). This is the floor a ranker that knows
+    nothing about an item reaches; popularity ranks never-trained videos below it, last.
+    Keys as `evaluate_scorer` (`hr@10`, ..., `cold_hr@10`, ..., `cases`, `cold_cases`) without coverage.
+    """
+    candidates = np.array([
+        cases.n_items - len(np.setdiff1d(history, [target]))
+        for history, target in zip(cases.histories, cases.targets, strict=True)
+    ], dtype=np.int64)  # (U,)
+    ranks = np.arange(max(ks))  # (K,)
+    discounts = {"hr": np.ones(len(ranks)), "ndcg": 1.0 / np.log2(ranks + 2.0), "mrr": 1.0 / (ranks + 1.0)}
+    n, n_cold = len(cases), int(cases.cold.sum())
+    result: dict[str, float] = {}
+    cold: dict[str, float] = {}
+    for k in ks:
+        reachable = np.minimum(k, candidates) - 1  # (U,) last rank that counts
+        for name, discount in discounts.items():
+            expected = np.cumsum(discount)[reachable] / candidates  # (U,)
+            result[f"{name}@{k}"] = float(expected.mean()) if n else 0.0
+            if n_cold:
+                cold[f"cold_{name}@{k}"] = float(expected[cases.cold].mean())
+    return {**result, **cold, "cases": float(n), "cold_cases": float(n_cold)}

@@ -115,3 +115,49 @@ def test_missing_prepared_dataset_says_what_to_run(tmp_path: Path) -> None:
 
     with pytest.raises(MissingInputError, match="recsys data prepare movielens-100k"):
         load_cases(PreparedPaths.of(tmp_path, "movielens-100k"), "test")
+
+
+def test_chance_metrics_are_the_exact_expectation_over_each_cases_candidates() -> None:
+    from recsys.evaluation.protocol import EvalCases, chance_metrics
+
+    cases = EvalCases(
+        split="test",
+        user_idx=np.array([0, 1]),
+        targets=np.array([2, 3]),
+        # Candidates: 5 items less {0, 1} = 3; less {0} (the re-watched target 3 stays one) = 4.
+        histories=[np.array([0, 1, 1]), np.array([0, 3])],
+        cold=np.array([False, True]),
+        n_items=5,
+    )
+    result = chance_metrics(cases, ks=(1, 2, 10))
+    three = (1 + 1 / np.log2(3) + 1 / 2) / 3
+    four = (1 + 1 / np.log2(3) + 1 / 2 + 1 / np.log2(5)) / 4
+    assert result["ndcg@10"] == pytest.approx((three + four) / 2)
+    assert result["cold_ndcg@10"] == pytest.approx(four)
+    assert result["hr@2"] == pytest.approx((2 / 3 + 2 / 4) / 2)
+    assert result["cold_mrr@2"] == pytest.approx((1 + 1 / 2) / 4)
+    assert result["hr@10"] == 1.0 and result["cold_hr@1"] == pytest.approx(1 / 4)
+    assert result["cases"] == 2 and result["cold_cases"] == 1
+
+
+class RandomScores:
+    """Uniformly random scores: the ranker `chance_metrics` takes the expectation of."""
+
+    def __init__(self, n_items: int, seed: int) -> None:
+        self.n_items, self.rng = n_items, np.random.default_rng(seed)
+
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        return self.rng.random((len(user_idx), self.n_items))
+
+
+def test_chance_metrics_match_the_mean_of_random_rankings(paths: PreparedPaths) -> None:
+    from recsys.evaluation.protocol import chance_metrics
+
+    cases = load_cases(paths, "test")
+    expected = chance_metrics(cases)
+    draws = [evaluate_scorer(RandomScores(cases.n_items, seed), cases) for seed in range(300)]  # seeded: fixed means
+    for name in ("hr@10", "ndcg@10", "mrr@20", "cold_hr@10", "cold_ndcg@50"):
+        assert np.mean([d[name] for d in draws]) == pytest.approx(expected[name], rel=0.05), name
+    # Far below the scorer that knows the answers (1.0 everywhere), and above popularity on the cold slice.
+    assert expected["ndcg@10"] < 0.5 and expected["cold_ndcg@10"] > evaluate_scorer(
+        Popularity.fit(paths), cases)["cold_ndcg@10"]
