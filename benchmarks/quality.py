@@ -29,10 +29,11 @@ oracle's. "Far above" is read as an order of magnitude: the full model's cold-st
 least 10 times that of popularity, or of the random ranking where popularity is below it.
 Popularity ranks never-trained videos last, below chance, so on these datasets the random ranking
 sets the floor. (An absolute margin cannot serve both datasets: a 0.05 margin, used before, is
-above every model's overall NDCG@10 on MicroLens-50k.) `--quick` runs only the smallest setting: the
-synthetic corpus' small preset with fewer epochs. Writes results/quality.json and quality.md;
-`--datasets` reruns some datasets and keeps the other datasets' rows of the last full run
-(each dataset's rows record the git commit they were measured at).
+above every model's overall NDCG@10 on MicroLens-50k.)
+
+`--quick` runs only the smallest setting: the synthetic corpus' small preset with fewer epochs.
+Writes results/quality.json and quality.md; `--datasets` reruns some datasets and keeps the other
+datasets' rows of the last full run (each dataset's rows record the git commit they were measured at).
 """
 
 from __future__ import annotations

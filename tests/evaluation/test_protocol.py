@@ -11,7 +11,7 @@ import pytest
 
 from recsys.data.paths import PreparedPaths
 from recsys.evaluation.baselines import ALSSettings, ImplicitALS, ItemKNN, Popularity, train_matrix
-from recsys.evaluation.protocol import evaluate_scorer, load_cases
+from recsys.evaluation.protocol import EvalCases, chance_metrics, evaluate_scorer, load_cases
 from tests.evaluation.grouped_data import COLD_ITEM, COLD_USERS, USERS, build_prepared, cold_users
 
 
@@ -118,8 +118,6 @@ def test_missing_prepared_dataset_says_what_to_run(tmp_path: Path) -> None:
 
 
 def test_chance_metrics_are_the_exact_expectation_over_each_cases_candidates() -> None:
-    from recsys.evaluation.protocol import EvalCases, chance_metrics
-
     cases = EvalCases(
         split="test",
         user_idx=np.array([0, 1]),
@@ -151,8 +149,6 @@ class RandomScores:
 
 
 def test_chance_metrics_match_the_mean_of_random_rankings(paths: PreparedPaths) -> None:
-    from recsys.evaluation.protocol import chance_metrics
-
     cases = load_cases(paths, "test")
     expected = chance_metrics(cases)
     draws = [evaluate_scorer(RandomScores(cases.n_items, seed), cases) for seed in range(300)]  # seeded: fixed means
