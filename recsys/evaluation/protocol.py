@@ -180,16 +180,15 @@ def chance_metrics(cases: EvalCases, ks: Sequence[int] = KS) -> dict[str, float]
         cases.n_items - len(np.setdiff1d(history, [target]))
         for history, target in zip(cases.histories, cases.targets, strict=True)
     ], dtype=np.int64)  # (U,)
-    ranks = np.arange(max(ks))  # (K,)
-    discounts = {"hr": np.ones(len(ranks)), "ndcg": 1.0 / np.log2(ranks + 2.0), "mrr": 1.0 / (ranks + 1.0)}
+    # Each metric at each rank that can count; summed up to a case's last candidate, over n.
+    at_rank = metrics_from_ranks(torch.arange(max(ks)), ks)  # name → (max K,)
+    last = np.minimum(max(ks), candidates) - 1  # (U,)
     n, n_cold = len(cases), int(cases.cold.sum())
     result: dict[str, float] = {}
     cold: dict[str, float] = {}
-    for k in ks:
-        reachable = np.minimum(k, candidates) - 1  # (U,) last rank that counts
-        for name, discount in discounts.items():
-            expected = np.cumsum(discount)[reachable] / candidates  # (U,)
-            result[f"{name}@{k}"] = float(expected.mean()) if n else 0.0
-            if n_cold:
-                cold[f"cold_{name}@{k}"] = float(expected[cases.cold].mean())
+    for name, values in at_rank.items():
+        expected = np.cumsum(values.double().numpy())[last] / candidates  # (U,)
+        result[name] = float(expected.mean()) if n else 0.0
+        if n_cold:
+            cold[f"cold_{name}"] = float(expected[cases.cold].mean())
     return {**result, **cold, "cases": float(n), "cold_cases": float(n_cold)}

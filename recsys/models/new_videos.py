@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from recsys.data.retrieval_datamodule import RetrievalBatch
+from recsys.evaluation.metrics import metrics_from_ranks
 from recsys.models.retrieval_module import VAL_METRIC, K, catalogue_embeddings, ndcg_and_hits
 from recsys.models.sparse import HISTORY_FEATURE
 from recsys.models.towers import TwoTower
@@ -235,8 +236,7 @@ class TargetRanks:
 
     def ndcg(self, new_scores: torch.Tensor) -> torch.Tensor:
         """NDCG@K (B,) of each target when the new videos score `new_scores` (B, C)."""
-        rank = self.ranks(new_scores).float()
-        return torch.where(rank < K, 1.0 / torch.log2(rank + 2.0), torch.zeros_like(rank))
+        return metrics_from_ranks(self.ranks(new_scores), (K,))[f"ndcg@{K}"]
 
 
 def scoring_grid(has_new: bool, has_taste: bool, has_fresh: bool) -> list[NewVideoScoring]:

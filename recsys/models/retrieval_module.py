@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.data.retrieval_datamodule import RetrievalBatch
+from recsys.evaluation.metrics import metrics_from_ranks
 from recsys.models.sparse import collate
 from recsys.models.towers import TwoTower
 
@@ -92,10 +93,9 @@ def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude_rows: t
 
 def ndcg_and_hits(scores: torch.Tensor, batch: RetrievalBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """NDCG@K and HR@K (B,) of each row's target in the full ranking by scores (B, N)."""
-    rank = rank_of_targets(scores, batch.targets, batch.exclude_rows, batch.exclude_items).float()  # (B,)
-    hit = rank < K
-    ndcg = torch.where(hit, 1.0 / torch.log2(rank + 2.0), torch.zeros_like(rank))  # (B,)
-    return ndcg, hit.float()
+    rank = rank_of_targets(scores, batch.targets, batch.exclude_rows, batch.exclude_items)  # (B,)
+    metrics = metrics_from_ranks(rank, (K,))
+    return metrics[f"ndcg@{K}"], metrics[f"hr@{K}"]
 
 
 def ranking_metrics(users: torch.Tensor, items: torch.Tensor, batch: RetrievalBatch
