@@ -47,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parse_args, report  # noqa: E402
 
 from recsys.config import ContentConfig, IngestConfig, PrepareConfig, SynthConfig  # noqa: E402
-from recsys.data.content_datamodule import ContentArrays  # noqa: E402
-from recsys.data.feature_store import FeatureStore  # noqa: E402
-from recsys.data.synthetic_truth import SynthTruth  # noqa: E402
-from recsys.models.content_encoder import MODALITIES, ContentEncoder  # noqa: E402
-from recsys.models.train_content import encoder_spec, extract_embeddings, topic_probe, train_content  # noqa: E402
+from recsys.content.datamodule import ContentArrays  # noqa: E402
+from recsys.content.encoder import MODALITIES, ContentEncoder  # noqa: E402
+from recsys.content.train import encoder_spec, extract_embeddings, topic_probe, train_content  # noqa: E402
+from recsys.media.feature_store import FeatureStore  # noqa: E402
+from recsys.synthetic.truth import SynthTruth  # noqa: E402
 from recsys.threads import torch_threads  # noqa: E402
 
 DATASET = "synth"
@@ -62,9 +62,9 @@ TRAIN_THREADS = 1
 
 def build_corpus(work: Path, quick: bool) -> Path:
     """Synthesize, prepare and ingest the corpus (each step skips work already done); the processed dir."""
-    from recsys.data.ingest import ingest
     from recsys.data.prepare import prepare
-    from recsys.data.synthetic import synthesize
+    from recsys.media.ingest import ingest
+    from recsys.synthetic.generator import synthesize
 
     raw, processed = work / "raw", work / "processed"
     sizes = dict(n_videos=160, n_users=240, events_per_user=30, n_topics=8) if quick else {}

@@ -5,7 +5,7 @@ and a synthetic corpus (64×64 clips of 2-4 s, reported beside it). For each set
 
 - bare loop: one process, one decoder thread per stream, decoding what ingestion decodes (every
   frame of the first video stream, the first 4 s of the first audio stream) and nothing else.
-- ingestion: `recsys.data.ingest.ingest` with every core, in a fresh process, over the N files
+- ingestion: `recsys.media.ingest.ingest` with every core, in a fresh process, over the N files
   and over the same files listed twice (2N).
 
 Per-core ratio = bare-loop CPU seconds / ingestion worker CPU seconds for the same videos: the
@@ -46,10 +46,10 @@ ONE_RUN = """
 import json, resource, sys, threading, time
 from pathlib import Path
 import pyarrow as pa, pyarrow.parquet as pq
-import recsys.tracking as tracking
+import recsys.tracking.store as tracking
 tracking.system_info(); tracking.experiment_id("synth")  # imports (torch, MLflow) outside the timing
 from recsys.config import IngestConfig
-from recsys.data.ingest import ingest
+from recsys.media.ingest import ingest
 root, paths = Path(sys.argv[1]), json.loads(sys.argv[2])
 (root / "synth").mkdir(parents=True)
 pq.write_table(pa.table({"item_idx": pa.array(range(len(paths)), pa.int64()),
@@ -97,7 +97,7 @@ def bare_decode(paths: list[str], audio_seconds: float = 4.0) -> dict[str, float
     """Decode each file's first video stream fully and its first audio stream's first seconds."""
     import av
 
-    from recsys.data.video import first_video_stream
+    from recsys.media.video import first_video_stream
 
     start_cpu, start = time.process_time(), time.perf_counter()
     frames = 0
@@ -162,7 +162,7 @@ def measure(name: str, paths: list[str], repeats: int, work: Path, env: dict[str
 
 def synthetic_paths(work: Path, quick: bool, env: dict[str, str]) -> list[str]:
     from recsys.config import SynthConfig
-    from recsys.data.synthetic import synthesize
+    from recsys.synthetic.generator import synthesize
 
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     config = SynthConfig(preset="default", raw_dir=work / "raw", n_videos=80 if quick else 600,

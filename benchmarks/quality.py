@@ -77,11 +77,11 @@ SHARED_SOURCES = {
 def build_dataset(dataset: str, root: Path, seed: int, quick: bool, seconds: dict[str, float]) -> None:
     """Raw files, prepared splits and the feature store (plus content embeddings on synth) under root."""
     from recsys.config import ContentConfig, FetchConfig, IngestConfig, PrepareConfig, SynthConfig
+    from recsys.content.train import train_content
     from recsys.data.fetch import fetch
-    from recsys.data.ingest import ingest
     from recsys.data.prepare import prepare
-    from recsys.data.synthetic import synthesize
-    from recsys.models.train_content import train_content
+    from recsys.media.ingest import ingest
+    from recsys.synthetic.generator import synthesize
 
     raw, processed = root / "raw", root / "processed"
     with timed(seconds, "raw data"):
@@ -112,7 +112,7 @@ def timed(seconds: dict[str, float], step: str) -> Iterator[None]:
 def train_variants(dataset: str, root: Path, seed: int, quick: bool) -> dict[str, str]:
     """Train the full two-tower model and its ablations; variant name → training run ID."""
     from recsys.config import RetrievalConfig
-    from recsys.models.train_retrieval import train_retrieval
+    from recsys.twotower.train import train_retrieval
 
     runs = {}
     for name, options in VARIANTS.items():
@@ -182,8 +182,8 @@ class TopicReference:
 def topic_reference(root: Path) -> dict[str, float]:
     """Test metrics of `TopicReference` on the prepared synthetic corpus under root."""
     from recsys.data.paths import PreparedPaths
-    from recsys.data.synthetic_truth import SynthTruth
     from recsys.evaluation.protocol import evaluate_scorer, load_cases, train_counts
+    from recsys.synthetic.truth import SynthTruth
 
     paths = PreparedPaths.of(root / "processed", "synth")
     truth = SynthTruth.load(root / "raw" / "synth")

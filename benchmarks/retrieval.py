@@ -42,7 +42,7 @@ import faiss
 import numpy as np
 import torch
 
-from recsys.retrieval.index import FAISS_MIN_ITEMS, ExactIndex, FaissIndex, auto_kind
+from recsys.serving.index import FAISS_MIN_ITEMS, ExactIndex, FaissIndex, auto_kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report  # noqa: E402

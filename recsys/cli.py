@@ -60,8 +60,8 @@ def _data_prepare(config: cfg.PrepareConfig) -> None:
 
 
 def _data_synth(config: cfg.SynthConfig) -> None:
-    from recsys.data.synthetic import synthesize
     from recsys.files import read_json
+    from recsys.synthetic.generator import synthesize
 
     folder = synthesize(config)
     counts = read_json(folder / "synth.json")["counts"]
@@ -73,7 +73,7 @@ def _data_synth(config: cfg.SynthConfig) -> None:
 
 
 def _ingest(config: cfg.IngestConfig) -> None:
-    from recsys.data.ingest import ingest
+    from recsys.media.ingest import ingest
 
     summary = ingest(config)
     c = summary["counts"]
@@ -89,7 +89,7 @@ def _ingest(config: cfg.IngestConfig) -> None:
 
 
 def _runs(config: cfg.RunsConfig) -> None:
-    from recsys.runs import compare_runs, format_table, runs_table, summary
+    from recsys.tracking.runs import compare_runs, format_table, runs_table, summary
 
     if config.action == "compare":
         assert config.run_a is not None and config.run_b is not None  # checked by RunsConfig
@@ -111,7 +111,7 @@ def _runs(config: cfg.RunsConfig) -> None:
 
 
 def _export(config: cfg.ExportConfig) -> None:
-    from recsys.export import export
+    from recsys.serving.export import export
 
     result = export(config)
     print(f"{config.dataset}: exported {result.model_uri} as version {result.version} of recsys-{config.dataset} "
@@ -120,7 +120,7 @@ def _export(config: cfg.ExportConfig) -> None:
 
 
 def _serve(config: cfg.ServeConfig) -> None:
-    from recsys.serve import serve
+    from recsys.serving.serve import serve
 
     code = serve(config)
     if code not in (0, 130):
@@ -128,7 +128,7 @@ def _serve(config: cfg.ServeConfig) -> None:
 
 
 def _train_content(config: cfg.ContentConfig) -> None:
-    from recsys.models.train_content import train_content
+    from recsys.content.train import train_content
 
     result = train_content(config)
     probe = f", topic probe (fused) {result['probe_fused']:.3f}" if "probe_fused" in result else ""
@@ -138,7 +138,7 @@ def _train_content(config: cfg.ContentConfig) -> None:
 
 
 def _train_retrieval(config: cfg.RetrievalConfig) -> None:
-    from recsys.models.train_retrieval import train_retrieval
+    from recsys.twotower.train import train_retrieval
 
     result = train_retrieval(config)
     print(f"{config.dataset}: two-tower model (content: {result.content_source}) trained {result.epochs} epoch(s), "
@@ -167,7 +167,7 @@ def _evaluate(config: cfg.EvaluateConfig) -> None:
 
 
 def _recommend(config: cfg.RecommendConfig) -> None:
-    from recsys.retrieval.recommend import Recommender, UnknownUserWarning, format_ranking
+    from recsys.serving.recommend import Recommender, UnknownUserWarning, format_ranking
 
     recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id, config.index)
     with _notes_to_stderr(UnknownUserWarning):  # the fallback ranking still goes to stdout
@@ -176,7 +176,7 @@ def _recommend(config: cfg.RecommendConfig) -> None:
 
 
 def _similar(config: cfg.SimilarConfig) -> None:
-    from recsys.retrieval.recommend import Recommender, format_ranking
+    from recsys.serving.recommend import Recommender, format_ranking
 
     assert config.item_id is not None  # checked by SimilarConfig
     recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id, config.index)

@@ -23,7 +23,7 @@ import polars as pl
 
 from recsys.config import DemoConfig, to_dict
 from recsys.environment import environment
-from recsys.tracking import PIPELINE_TAG, start_run
+from recsys.tracking.store import PIPELINE_TAG, start_run
 
 DATASET = "synth"
 T = TypeVar("T")
@@ -103,13 +103,13 @@ def demo(config: DemoConfig, out: TextIO = sys.stdout) -> DemoResult:
         RetrievalConfig,
         SynthConfig,
     )
-    from recsys.data.ingest import ingest
+    from recsys.content.train import train_content
     from recsys.data.prepare import prepare
-    from recsys.data.synthetic import synthesize
     from recsys.evaluation.evaluate import evaluate
-    from recsys.export import export
-    from recsys.models.train_content import train_content
-    from recsys.models.train_retrieval import train_retrieval
+    from recsys.media.ingest import ingest
+    from recsys.serving.export import export
+    from recsys.synthetic.generator import synthesize
+    from recsys.twotower.train import train_retrieval
 
     log = StepLog(len(STEPS), out)
     pipeline = config.pipeline or f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -174,8 +174,8 @@ def champion_recommendations(user_id: str, k: int) -> pl.DataFrame:
     import mlflow
     import pandas as pd
 
-    from recsys.registry import champion_uri
-    from recsys.tracking import configure
+    from recsys.serving.registry import champion_uri
+    from recsys.tracking.store import configure
 
     configure()
     model = mlflow.pyfunc.load_model(champion_uri(DATASET))

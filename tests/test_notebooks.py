@@ -12,7 +12,7 @@ from nbclient import NotebookClient
 
 from recsys.config import DemoConfig
 from recsys.demo import STEPS, DemoResult, demo
-from recsys.runs import runs_table
+from recsys.tracking.runs import runs_table
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ("01_explore_data", "02_recommend_for_a_user", "03_compare_runs")

@@ -12,7 +12,7 @@ import numpy as np
 
 from recsys.config import PrepareConfig, RetrievalConfig
 from recsys.data.prepare import prepare
-from recsys.models.train_retrieval import RetrievalResult, train_retrieval
+from recsys.twotower.train import RetrievalResult, train_retrieval
 from tests.movielens_files import write_ml100k
 
 DATASET = "movielens-100k"

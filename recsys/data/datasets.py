@@ -27,7 +27,7 @@ def load_raw(dataset: str, raw_dir: Path, on_bad_lines: BadLines = "error") -> R
 
         return load_microlens_50k(folder, on_bad_lines)
     if dataset == "synth":
-        from recsys.data.synthetic import load_synth
+        from recsys.synthetic.generator import load_synth
 
         return load_synth(folder, on_bad_lines)
     raise MissingInputError(f"unknown dataset {dataset!r}")

@@ -16,7 +16,7 @@ from recsys.config import PrepareConfig, to_dict
 from recsys.data.datasets import load_raw
 from recsys.data.paths import PreparedPaths
 from recsys.files import write_json, write_parquet
-from recsys.tracking import fingerprint_files, start_run
+from recsys.tracking.store import fingerprint_files, start_run
 
 SPLITS = ("train", "valid", "test")
 

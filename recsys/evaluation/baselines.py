@@ -31,9 +31,9 @@ import torch
 from sklearn.metrics.pairwise import cosine_similarity
 
 from recsys.data.paths import PreparedPaths
-from recsys.data.synthetic_truth import SynthTruth
 from recsys.errors import DataFormatError
 from recsys.evaluation.protocol import Split, train_counts
+from recsys.synthetic.truth import SynthTruth
 
 
 def history_matrix(histories: Sequence[np.ndarray], n_items: int) -> sp.csr_matrix:

@@ -18,10 +18,10 @@ from recsys.config import EvaluateConfig, to_dict
 from recsys.data.paths import PreparedPaths
 from recsys.errors import MissingInputError
 from recsys.evaluation.baselines import ALSSettings, ImplicitALS, ItemKNN, OracleScorer, Popularity, train_matrix
-from recsys.evaluation.metrics import METRICS
 from recsys.evaluation.protocol import EvalCases, Scorer, evaluate_scorer, load_cases
 from recsys.files import read_json
-from recsys.tracking import fingerprint_files, start_run
+from recsys.metrics import METRICS
+from recsys.tracking.store import fingerprint_files, start_run
 
 
 class SkippedModelWarning(UserWarning):
@@ -56,7 +56,7 @@ def model_name(use_ids: bool, content_dim: int, content_source: str) -> str:
 
 def load_models(config: EvaluateConfig) -> tuple[dict[str, Scorer], dict[str, str], list[str]]:
     """(name → scorer, name → run ID, notes) for the requested runs, or the newest when none is requested."""
-    from recsys.retrieval.trained_model import load_trained
+    from recsys.twotower.trained_model import load_trained
 
     scorers: dict[str, Scorer] = {}
     run_of: dict[str, str] = {}
@@ -115,7 +115,7 @@ def log_plots(table: pl.DataFrame, two_towers: Sequence[str], ks: Sequence[int],
     """Log to the active run `plots/metrics_at_k.png` (HR/NDCG/MRR against K, one line per model) and,
     when two-tower models were evaluated, `plots/modality_ablation.png`: NDCG@10 (else @ the first K)
     of each two-tower variant (IDs + content, IDs only, content only: whichever runs were given)."""
-    from recsys.plots import at_k_table, log_figure, metric_at_k, modality_ablation
+    from recsys.tracking.plots import at_k_table, log_figure, metric_at_k, modality_ablation
 
     log_figure(metric_at_k(at_k_table(table, METRICS), title=f"ranking quality at K ({split} split)"),
                "metrics_at_k")

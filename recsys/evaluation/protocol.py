@@ -23,8 +23,8 @@ import torch
 
 from recsys.data.paths import PreparedPaths
 from recsys.errors import MissingInputError
-from recsys.evaluation.metrics import KS, CoverageCounter, mask_excluded, metrics_from_ranks, target_ranks
 from recsys.files import read_json
+from recsys.metrics import KS, CoverageCounter, mask_excluded, metrics_from_ranks, target_ranks
 
 Split = Literal["valid", "test"]
 

@@ -71,7 +71,7 @@ def test_cli_prints_the_table(paths: PreparedPaths, capsys: pytest.CaptureFixtur
 def test_oracle_on_the_synthetic_corpus_is_the_ceiling(tmp_path: Path) -> None:
     from recsys.config import PrepareConfig, SynthConfig
     from recsys.data.prepare import prepare
-    from recsys.data.synthetic import synthesize
+    from recsys.synthetic.generator import synthesize
 
     synthesize(SynthConfig(preset="small", raw_dir=tmp_path / "raw", workers=1))
     prepare(PrepareConfig(dataset="synth", raw_dir=tmp_path / "raw", processed_dir=tmp_path / "processed"))
@@ -111,7 +111,7 @@ def test_trained_two_tower_run_is_evaluated_beside_the_baselines(tmp_path: Path)
 
 
 def test_two_tower_variants_are_compared_in_a_modality_ablation_plot(tmp_path: Path) -> None:
-    from recsys.models.train_retrieval import train_retrieval
+    from recsys.twotower.train import train_retrieval
     from tests.models.test_retrieval_module import quick_config, write_topic_dataset
 
     paths = write_topic_dataset(tmp_path)  # with a title embedding that knows each video's topic

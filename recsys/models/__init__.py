@@ -1,1 +1,0 @@
-"""Networks (content encoders, fusion, two-tower) and the LightningModules that train them."""

@@ -1,1 +1,0 @@
-"""Retrieval: trained two-tower models, item indexes, recommend / similar / search."""

@@ -1,0 +1,125 @@
+"""`recsys export`: a trained two-tower model → an MLflow pyfunc ranking model in the registry.
+
+Writes the self-contained bundle (`recsys.serving.pyfunc_model`), scores it on the validation split
+with the evaluation protocol, logs it as a pyfunc model (as code, with signature and input
+example) in an `export` run whose inputs are the training run and the prepared data, registers
+it as a new version of `recsys-<dataset>` and lets `recsys.serving.registry` decide about `champion`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from recsys.config import ExportConfig, to_dict
+from recsys.data.paths import PreparedPaths
+from recsys.serving.pyfunc_model import Ranker, write_bundle
+from recsys.serving.registry import ChampionDecision, register
+from recsys.tracking.store import fingerprint_files, start_run
+
+ENTRY_POINT = Path(__file__).with_name("pyfunc_entry.py")
+REQUIREMENTS = ("mlflow", "torch", "torchrec", "fbgemm-gpu-cpu", "numpy", "pandas", "polars", "pyarrow",
+                "safetensors")
+"""Packages the model needs at inference (besides recsys itself, installed from this repository)."""
+
+
+@dataclass
+class ExportResult:
+    """What `export` produced."""
+
+    run_id: str
+    """The export run"""
+    model_uri: str
+    """URI of the logged model (`models:/<model id>`)"""
+    version: str
+    """Its version in the registry"""
+    val_metrics: dict[str, float]
+    """Validation metrics of the exported model (`val_ndcg_10` decides about the champion)"""
+    decision: ChampionDecision
+
+
+def signature() -> object:
+    """Input: user_id (str), optional k (int) and history (list of item IDs); output: one row per video."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import DataType
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    inputs = Schema([
+        ColSpec(DataType.string, "user_id"),
+        ColSpec(DataType.long, "k", required=False),
+        ColSpec(Array(DataType.string), "history", required=False),
+    ])
+    outputs = Schema([
+        ColSpec(DataType.string, "user_id"),
+        ColSpec(DataType.long, "rank"),
+        ColSpec(DataType.string, "item_id"),
+        ColSpec(DataType.double, "score"),
+        ColSpec(DataType.string, "title"),
+    ])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _requirements() -> list[str]:
+    return [f"{name}=={metadata.version(name)}" for name in REQUIREMENTS]
+
+
+def validation_metrics(ranker: Ranker, paths: PreparedPaths) -> dict[str, float]:
+    """The bundled model's HR/NDCG/MRR@K on the validation split (`val_ndcg_10`, ...), by the eval protocol."""
+    from recsys.evaluation.protocol import evaluate_scorer, load_cases
+
+    scores = evaluate_scorer(ranker.scorer, load_cases(paths, "valid"))
+    return {f"val_{name.replace('@', '_')}": value for name, value in scores.items()}
+
+
+def log_embedding_map(ranker: Ranker, paths: PreparedPaths, config: ExportConfig) -> None:
+    """The exported item embeddings in 2-D, coloured by latent topic (synthetic corpus) or first genre."""
+    from recsys.tracking.plots import embedding_map, item_labels, log_figure
+
+    items = pl.read_parquet(paths.items).sort("item_idx")
+    labels = item_labels(items, config.raw_dir / config.dataset / "truth" / "items.parquet")
+    embeddings = ranker.scorer.item_embeddings()  # (N, D)
+    log_figure(embedding_map(embeddings, labels, title=f"{config.dataset} item embeddings"), "item_embeddings")
+
+
+def export(config: ExportConfig) -> ExportResult:
+    """Bundle, log, register and (maybe) promote a trained model; see the module docstring."""
+    import mlflow
+    import pandas as pd
+
+    from recsys.twotower.trained_model import latest_run
+
+    paths = PreparedPaths.of(config.processed_dir, config.dataset).require()
+    train_run_id = config.run_id or latest_run(config.processed_dir, config.dataset)
+    inputs = {
+        "train_retrieval": train_run_id,
+        "prepared": fingerprint_files([paths.items, paths.user_map, paths.train, paths.valid, paths.test]),
+    }
+    with tempfile.TemporaryDirectory(prefix="recsys-export-") as tmp:
+        bundle = write_bundle(Path(tmp) / "bundle", config.processed_dir, config.dataset, train_run_id,
+                              config.max_k, config.index)
+        ranker = Ranker(bundle)
+        val = validation_metrics(ranker, paths)
+        users = pl.read_parquet(paths.user_map).sort("user_idx").get_column("user_id").head(2).to_list()
+        example = pd.DataFrame({"user_id": users, "k": np.full(len(users), 5, dtype=np.int64)})
+        with start_run(config.dataset, "export", to_dict(config), inputs) as run:
+            mlflow.log_metrics(val)
+            logged = mlflow.pyfunc.log_model(
+                name="ranker",
+                python_model=str(ENTRY_POINT),
+                artifacts={"bundle": str(bundle)},
+                signature=signature(),
+                input_example=example,
+                pip_requirements=_requirements(),
+            )
+            log_embedding_map(ranker, paths, config)
+            decision = register(logged.model_uri, config.dataset, val["val_ndcg_10"], train_run_id, run.info.run_id)
+            mlflow.log_dict(decision.to_dict(), "champion_decision.json")
+            mlflow.set_tags({"recsys.champion.promoted": str(decision.promoted).lower(),
+                             "recsys.champion.reason": decision.reason,
+                             "recsys.model_version": decision.version})
+    return ExportResult(run.info.run_id, logged.model_uri, decision.version, val, decision)

@@ -1,0 +1,242 @@
+"""Recommendations and similar videos for notebooks and the CLI, in external IDs with titles.
+
+`Recommender` holds one prepared dataset's catalogue (IDs, titles, popularity, every user's
+watch history) and a model giving user and item embeddings (the trained two-tower, loaded only
+when a ranking needs it), with an item index over its item embeddings.
+
+- A known user: ranked by the model from the whole watch history (plus any `history` given).
+- A user the model does not know: a warning saying so, then the popularity ranking, or, when a
+  `history` is given, the model's ranking for that history (an anonymous user).
+- `similar`: nearest videos by cosine similarity of item embeddings, cold-start videos included.
+
+Internal indices never leave this module: inputs and outputs are external IDs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import polars as pl
+import torch
+
+from recsys.config import ConfigError
+from recsys.data.paths import PreparedPaths
+from recsys.evaluation.protocol import split_lists, train_counts, user_histories
+from recsys.metrics import top_k
+from recsys.serving.index import IndexKind, ItemIndex, make_index
+
+UNKNOWN_USER = -1
+"""User index given to a model for a user it has never seen (embedded from the history alone)."""
+
+
+class UnknownUserWarning(UserWarning):
+    """The requested user is not in the dataset: the ranking shown is a fallback."""
+
+
+class EmbeddingModel(Protocol):
+    """A model with user and item vectors whose inner product scores a video for a user."""
+
+    def item_embeddings(self) -> np.ndarray:
+        """(n_items, D) float32, row i = item_idx i: what `similar` compares videos by."""
+        ...
+
+    def item_vectors(self) -> np.ndarray:
+        """(n_items, D') float32, row i = item_idx i: what user vectors are matched against."""
+        ...
+
+    def user_vectors(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        """(B, D') float32 for user indices (-1: unknown) and their histories (item_idx, oldest first)."""
+        ...
+
+
+class Recommender:
+    """Top-k videos for users and nearest videos for videos, over one prepared dataset."""
+
+    def __init__(
+        self,
+        paths: PreparedPaths,
+        model: EmbeddingModel | None = None,
+        run_id: str | None = None,
+        index_kind: IndexKind = "auto",
+    ) -> None:
+        """Use `model` as given; when None, load the trained two-tower (`run_id`, else the newest) on first use."""
+        self.paths = paths.require()
+        self._model = model
+        self.run_id = run_id
+        self.index_kind = index_kind
+        items = pl.read_parquet(paths.items, columns=["item_idx", "item_id", "title"]).sort("item_idx")
+        self.item_ids = items["item_id"].to_numpy().astype(str)  # (N,)
+        self.titles = items["title"].fill_null("").to_numpy().astype(str)  # (N,)
+        self.item_lookup = {item: idx for idx, item in enumerate(self.item_ids.tolist())}
+        users = pl.read_parquet(paths.user_map).sort("user_idx")
+        self.user_lookup = dict(zip(users["user_id"].to_list(), users["user_idx"].to_list(), strict=True))
+
+    @classmethod
+    def load(
+        cls,
+        dataset: str,
+        processed_dir: Path = Path("data/processed"),
+        run_id: str | None = None,
+        index_kind: IndexKind = "auto",
+    ) -> Recommender:
+        """The recommender of a prepared dataset with its trained model (`run_id`, else the newest)."""
+        return cls(PreparedPaths.of(processed_dir, dataset), run_id=run_id, index_kind=index_kind)
+
+    @property
+    def model(self) -> EmbeddingModel:
+        if self._model is None:
+            from recsys.twotower.trained_model import load_trained
+
+            self._model = load_trained(self.paths.root.parent, self.paths.root.name, self.run_id)
+        return self._model
+
+    @cached_property
+    def popularity(self) -> np.ndarray:
+        """(N,) train interactions per item."""
+        return train_counts(self.paths)
+
+    @cached_property
+    def histories(self) -> list[np.ndarray]:
+        """Every known user's watch history (train, valid and test), oldest first, indexed by user_idx."""
+        frames = [pl.scan_parquet(p) for p in (self.paths.train, self.paths.valid, self.paths.test) if p.exists()]
+        table = (
+            pl.DataFrame({"user_idx": np.arange(len(self.user_lookup), dtype=np.int64)})
+            .join(user_histories(frames).collect(), on="user_idx", how="left")
+            .sort("user_idx")
+        )
+        return split_lists(table["history"])
+
+    @cached_property
+    def user_index(self) -> ItemIndex:
+        """Inner-product index over the model's item vectors (what user vectors are matched against)."""
+        return make_index(self.model.item_vectors(), self.index_kind)
+
+    @cached_property
+    def unit_items(self) -> np.ndarray:
+        """(N, D) unit-length item embeddings: `similar` ranks by cosine, so popular items' norms do not dominate."""
+        items = np.asarray(self.model.item_embeddings(), dtype=np.float32)  # (N, D)
+        return items / np.maximum(np.linalg.norm(items, axis=1, keepdims=True), 1e-12)
+
+    @cached_property
+    def item_index(self) -> ItemIndex:
+        """Cosine index over the model's item embeddings (for `similar`)."""
+        return make_index(self.unit_items, self.index_kind)
+
+    def item_indices(self, item_ids: Sequence[str], what: str = "video") -> np.ndarray:
+        """Internal indices of external video IDs; a ConfigError lists the unknown ones."""
+        unknown = [i for i in item_ids if i not in self.item_lookup]
+        if unknown:
+            shown = ", ".join(repr(i) for i in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise ConfigError(
+                f"unknown {what} ID(s) {shown}: not in the {self.paths.root.name} catalogue "
+                f"({len(self.item_ids)} videos, e.g. {', '.join(self.item_ids[:3])})"
+            )
+        return np.array([self.item_lookup[i] for i in item_ids], dtype=np.int64)
+
+    def recommend(
+        self,
+        user_id: str | None = None,
+        k: int = 10,
+        exclude_seen: bool = True,
+        history: Sequence[str] = (),
+    ) -> pl.DataFrame:
+        """Top-k videos: rank, item_id, title, score (best first).
+
+        `history` adds videos just watched (oldest first) to a known user's history, or is the
+        whole history of a user the dataset does not know. With `exclude_seen`, videos in the
+        history are never recommended. An unknown user without a history gets the most popular
+        videos, with an `UnknownUserWarning` saying so.
+        """
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}")
+        extra = self.item_indices(list(history), "history video")
+        if user_id is None and not len(extra):
+            raise ConfigError("give a user ID, a history of watched video IDs, or both")
+        known = user_id is not None and user_id in self.user_lookup
+        if known:
+            user_idx = int(self.user_lookup[user_id])
+            watched = np.concatenate([self.histories[user_idx], extra])
+        else:
+            user_idx, watched = UNKNOWN_USER, extra
+            if user_id is not None:
+                fallback = "ranking from the given history" if len(extra) else "most popular videos"
+                warnings.warn(
+                    f"user {user_id!r} is not known to the {self.paths.root.name} model "
+                    f"({len(self.user_lookup)} users); showing the {fallback} instead",
+                    UnknownUserWarning,
+                    stacklevel=2,
+                )
+        if not known and not len(extra):
+            return self._popular(k)  # nothing watched, so nothing to exclude
+        exclude = [np.unique(watched)] if exclude_seen else None
+        query = self.model.user_vectors(np.array([user_idx]), [watched])  # (1, D')
+        scores, ids = self.user_index.search(query, k, exclude)
+        return self._frame(ids[0], scores[0])
+
+    def similar(self, item_id: str, k: int = 10) -> pl.DataFrame:
+        """The k videos nearest to `item_id` by cosine similarity: rank, item_id, title, score."""
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}")
+        (item,) = self.item_indices([item_id])
+        scores, ids = self.item_index.search(self.unit_items[item : item + 1], k, exclude=[np.array([item])])
+        return self._frame(ids[0], scores[0])
+
+    def _popular(self, k: int) -> pl.DataFrame:
+        counts = torch.from_numpy(self.popularity.astype(np.float32))[None, :]  # (1, N)
+        ids = top_k(counts, k)[0].numpy()  # (k,) most watched first, ties to the lower index
+        return self._frame(ids, counts[0, ids].numpy())
+
+    def _frame(self, ids: np.ndarray, scores: np.ndarray) -> pl.DataFrame:
+        found = ids >= 0  # an index pads with -1 when fewer than k videos are left
+        ids, scores = ids[found], scores[found]
+        return pl.DataFrame(
+            {
+                "rank": np.arange(1, len(ids) + 1, dtype=np.int64),
+                "item_id": self.item_ids[ids].tolist(),
+                "title": self.titles[ids].tolist(),
+                "score": scores.astype(np.float32),
+            },
+            schema={"rank": pl.Int64, "item_id": pl.String, "title": pl.String, "score": pl.Float32},
+        )
+
+
+def recommend(
+    dataset: str,
+    user_id: str | None = None,
+    k: int = 10,
+    exclude_seen: bool = True,
+    history: Sequence[str] = (),
+    processed_dir: Path = Path("data/processed"),
+    run_id: str | None = None,
+    index_kind: IndexKind = "auto",
+) -> pl.DataFrame:
+    """Top-k videos for a user of a prepared dataset (see `Recommender.recommend`); loads everything each call."""
+    return Recommender.load(dataset, processed_dir, run_id, index_kind).recommend(user_id, k, exclude_seen, history)
+
+
+def similar(
+    dataset: str,
+    item_id: str,
+    k: int = 10,
+    processed_dir: Path = Path("data/processed"),
+    run_id: str | None = None,
+    index_kind: IndexKind = "auto",
+) -> pl.DataFrame:
+    """The k videos nearest to a video (see `Recommender.similar`); loads everything each call."""
+    return Recommender.load(dataset, processed_dir, run_id, index_kind).similar(item_id, k)
+
+
+def format_ranking(ranking: pl.DataFrame) -> str:
+    """A ranking as aligned text: rank, video ID, score, title."""
+    if ranking.is_empty():
+        return "(no videos left to recommend)"
+    id_width = max(len("video"), *(len(i) for i in ranking["item_id"]))
+    lines = [f"{'rank':>4}  {'video':<{id_width}}  {'score':>8}  title"]
+    for row in ranking.iter_rows(named=True):
+        lines.append(f"{row['rank']:>4}  {row['item_id']:<{id_width}}  {row['score']:>8.4f}  {row['title']}")
+    return "\n".join(lines)

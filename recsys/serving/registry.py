@@ -1,0 +1,127 @@
+"""The MLflow Model Registry for ranking models: one registered model per dataset, one champion.
+
+`recsys-<dataset>` holds every exported version; the alias `champion` names the version that
+`recommend`, `serve` and notebooks load (`models:/recsys-<dataset>@champion`). A new version
+takes the alias only when its validation NDCG@10 is strictly higher than the champion's; the
+decision and its reason are recorded on the version and in the export run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from recsys.errors import MissingInputError
+from recsys.tracking.store import configure
+
+CHAMPION = "champion"
+VAL_NDCG_TAG = "recsys.val_ndcg_10"
+"""Model version tag: the version's NDCG@10 on the validation split (what champions are compared on)."""
+TRAIN_RUN_TAG = "recsys.train_run"
+EXPORT_RUN_TAG = "recsys.export_run"
+DECISION_TAG = "recsys.champion_decision"
+
+
+def model_name(dataset: str) -> str:
+    """Registered model name of a dataset's ranking model."""
+    return f"recsys-{dataset}"
+
+
+def champion_uri(dataset: str) -> str:
+    """URI that loads a dataset's champion with `mlflow.pyfunc.load_model`."""
+    return f"models:/{model_name(dataset)}@{CHAMPION}"
+
+
+def champion_version(dataset: str) -> Any | None:
+    """The champion's ModelVersion, or None when the dataset has no registered champion yet."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    configure()
+    try:
+        return MlflowClient().get_model_version_by_alias(model_name(dataset), CHAMPION)
+    except MlflowException:
+        return None
+
+
+def require_champion(dataset: str) -> Any:
+    """The champion's ModelVersion, or a MissingInputError saying how to make one."""
+    version = champion_version(dataset)
+    if version is None:
+        raise MissingInputError(
+            f"no champion model for {dataset} in the registry at {configure()}: "
+            f"train one (`recsys train retrieval {dataset}`) and export it (`recsys export {dataset}`)"
+        )
+    return version
+
+
+def version_score(version: Any) -> float | None:
+    """A version's validation NDCG@10: its tag, else the metric of the run that logged it."""
+    if VAL_NDCG_TAG in version.tags:
+        return float(version.tags[VAL_NDCG_TAG])
+    if version.run_id:
+        from mlflow import MlflowClient
+
+        metrics = MlflowClient().get_run(version.run_id).data.metrics
+        if "val_ndcg_10" in metrics:
+            return float(metrics["val_ndcg_10"])
+    return None
+
+
+@dataclass
+class ChampionDecision:
+    """Whether a new version became the champion, and why."""
+
+    model_name: str
+    version: str
+    val_ndcg_10: float
+    previous_version: str | None
+    previous_val_ndcg_10: float | None
+    promoted: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(
+    name: str, version: str, score: float, previous_version: str | None, previous_score: float | None
+) -> ChampionDecision:
+    """The rule: promote when there is no champion, or when the new score is strictly higher."""
+    if math.isnan(score):
+        promoted, reason = False, "validation NDCG@10 is NaN: a broken model never becomes champion"
+    elif previous_version is None:
+        promoted, reason = True, f"first champion (validation NDCG@10 {score:.4f})"
+    elif previous_score is None:
+        promoted, reason = True, (f"champion v{previous_version} has no recorded validation NDCG@10; "
+                                  f"v{version} ({score:.4f}) replaces it")
+    elif score > previous_score:
+        promoted, reason = True, (f"v{version} beats champion v{previous_version} on validation NDCG@10: "
+                                  f"{score:.4f} > {previous_score:.4f}")
+    else:
+        promoted, reason = False, (f"v{version} does not beat champion v{previous_version} on validation "
+                                   f"NDCG@10: {score:.4f} <= {previous_score:.4f}; the champion stays")
+    return ChampionDecision(name, version, score, previous_version, previous_score, promoted, reason)
+
+
+def register(
+    model_uri: str, dataset: str, val_ndcg_10: float, train_run_id: str, export_run_id: str
+) -> ChampionDecision:
+    """Register a logged model as a new version of `recsys-<dataset>` and move `champion` if it wins."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    configure()
+    client = MlflowClient()
+    name = model_name(dataset)
+    current = champion_version(dataset)
+    previous_score = version_score(current) if current is not None else None
+    tags = {VAL_NDCG_TAG: repr(float(val_ndcg_10)), TRAIN_RUN_TAG: train_run_id, EXPORT_RUN_TAG: export_run_id}
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    decision = decide(name, str(version.version), float(val_ndcg_10),
+                      None if current is None else str(current.version), previous_score)
+    if decision.promoted:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    client.set_model_version_tag(name, version.version, DECISION_TAG, decision.reason)
+    return decision

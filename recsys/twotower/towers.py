@@ -1,0 +1,229 @@
+"""The two towers: plain `nn.Module`s that map sparse IDs and content features to one shared space.
+
+- `ItemTower`: item ID embedding + projected content embedding. With content, the ID part is
+  dropped at random in training and is always absent for items never seen in training, so a
+  cold-start video is embedded from its content alone.
+- `UserTower`: the ordered watch history (GRU or causal self-attention over the item
+  representations that the item tower also scores) plus the user ID embedding (dropped at random
+  in training, absent for unknown users), through an MLP to the shared space. Both encoders are
+  causal, so one pass over a history gives the user after every prefix of it: training scores
+  many targets of one user from one pass, inference takes the state after the whole history.
+- `TwoTower`: the TorchRec tables (`SparseArch`) and both towers. Outputs are L2-normalised
+  embeddings; scores are dot products. The training objective lives in `RetrievalModule`. It also
+  keeps the cluster memberships that score new videos (`recsys.twotower.new_videos`), filled after
+  training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys.twotower.fresh_views import FreshViews
+from recsys.twotower.sparse import SparseArch, SparseEmbeddings, SparseFeatures
+
+Encoder = Literal["gru", "attention"]
+
+
+@dataclass
+class TwoTowerSpec:
+    """Everything needed to rebuild a `TwoTower` (saved as JSON beside the weights)."""
+
+    n_users: int
+    """Rows of the user ID table"""
+    n_items: int
+    """Rows of the item ID table (the prepared catalogue)"""
+    dim: int = 64
+    """Dimension of ID embeddings and of the shared user/item space"""
+    max_history: int = 50
+    """Most recent watched items the user tower reads"""
+    encoder: Encoder = "gru"
+    """Sequence encoder of the watch history"""
+    layers: int = 1
+    """Layers of the sequence encoder"""
+    heads: int = 2
+    """Attention heads (encoder 'attention')"""
+    dropout: float = 0.1
+    """Dropout inside the towers"""
+    use_ids: bool = True
+    """Learn user and item ID embeddings; False gives the content-only model"""
+    user_id_dropout: float = 0.2
+    """Probability of hiding a row's user ID embedding in training"""
+    item_id_dropout: float = 0.1
+    """Probability of hiding an item's ID embedding in training (only when content exists)"""
+    content_dim: int = 0
+    """Width of the item content embedding; 0 when the model has no content"""
+    content_source: str = "none"
+    """Which feature store file gave the content embedding (fused, title or none)"""
+    taste_clusters: int = 0
+    """Clusters of watched videos whose share in a user's history scores new videos (0: none)"""
+    fresh_views: int = 0
+    """(user, item) views after the training cut-off that the model holds (`recsys.twotower.fresh_views`)"""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TwoTowerSpec:
+        return cls(**data)
+
+
+def _drop_rows(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Zero whole rows of `x` (..., D) with probability p in training (no rescaling: absence is the signal)."""
+    if not training or p <= 0:
+        return x
+    keep = torch.rand(x.shape[:-1], device=x.device) >= p  # (...,)
+    return x * keep.unsqueeze(-1)
+
+
+class ItemTower(nn.Module):
+    """Item representation = ID embedding (seen items only) + MLP(content embedding)."""
+
+    def __init__(self, spec: TwoTowerSpec, content: torch.Tensor | None, known_items: torch.Tensor) -> None:
+        super().__init__()
+        self.spec = spec
+        if spec.content_dim and content is None:
+            raise ValueError("spec.content_dim > 0 needs a content tensor")
+        # Buffers (not parameters): the content comes from the frozen encoders, and is saved with the
+        # weights so that a trained model scores cold items without the feature store.
+        self.register_buffer("content", content if spec.content_dim else torch.zeros(spec.n_items, 0))
+        self.register_buffer("known_items", known_items.bool())
+        self.content_proj = (
+            nn.Sequential(
+                nn.Linear(spec.content_dim, spec.dim * 2),
+                nn.GELU(),
+                nn.Dropout(spec.dropout),
+                nn.Linear(spec.dim * 2, spec.dim),
+            )
+            if spec.content_dim
+            else None
+        )
+        self.norm = nn.LayerNorm(spec.dim)
+
+    def represent(self, ids: torch.Tensor, id_embedding: torch.Tensor | None) -> torch.Tensor:
+        """Unnormalised representation of items `ids` (...,) from their ID embeddings (..., D)."""
+        parts = []
+        if id_embedding is not None:
+            id_part = id_embedding  # (..., D)
+            if self.content_proj is not None:
+                # An ID never trained carries no information: with content, cold items rely on it alone.
+                # (Without content an untrained ID row stays a random vector: a random score, where a
+                # zero vector would put every cold item at score 0, above most items.)
+                id_part = id_part * self.known_items[ids].unsqueeze(-1)
+                id_part = _drop_rows(id_part, self.spec.item_id_dropout, self.training)
+            parts.append(id_part)
+        if self.content_proj is not None:
+            # Histories repeat items: project each distinct item once.
+            unique, inverse = torch.unique(ids, return_inverse=True)  # (U,), (...,)
+            parts.append(self.content_proj(self.content[unique])[inverse])  # (..., D)
+        return self.norm(torch.stack(parts).sum(0))  # (..., D)
+
+    def forward(self, ids: torch.Tensor, id_embedding: torch.Tensor | None) -> torch.Tensor:
+        """L2-normalised item embeddings (B, D)."""
+        return F.normalize(self.represent(ids, id_embedding), dim=-1)
+
+
+class UserTower(nn.Module):
+    """User embedding from the ordered watch history and the user ID embedding."""
+
+    def __init__(self, spec: TwoTowerSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        d = spec.dim
+        if spec.encoder == "gru":
+            self.gru = nn.GRU(d, d, num_layers=spec.layers, batch_first=True,
+                              dropout=spec.dropout if spec.layers > 1 else 0.0)
+        else:
+            # Positions count from the oldest item of the history the tower reads.
+            self.positions = nn.Embedding(spec.max_history, d)
+            layer = nn.TransformerEncoderLayer(d, spec.heads, dim_feedforward=2 * d, dropout=spec.dropout,
+                                               batch_first=True, norm_first=True)
+            self.attention = nn.TransformerEncoder(layer, spec.layers, enable_nested_tensor=False)
+        self.empty_history = nn.Parameter(torch.zeros(d))
+        in_dim = 2 * d if spec.use_ids else d
+        self.mlp = nn.Sequential(nn.Linear(in_dim, 2 * d), nn.GELU(), nn.Dropout(spec.dropout), nn.Linear(2 * d, d))
+
+    def encode_prefixes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """History state after every prefix of right-padded histories (B, T, D) -> (B, T + 1, D).
+
+        State s has read the first s items (state 0: the learned empty history). Both encoders
+        are causal, so right padding never reaches the state of a real prefix.
+        """
+        batch, steps, _ = tokens.shape
+        if self.spec.encoder == "gru":
+            out, _ = self.gru(tokens)  # (B, T, D)
+        else:
+            x = tokens + self.positions(torch.arange(steps, device=tokens.device))  # (B, T, D)
+            causal = nn.Transformer.generate_square_subsequent_mask(steps, device=tokens.device)  # (T, T)
+            out = self.attention(x, mask=causal, is_causal=True)  # (B, T, D)
+        return torch.cat([self.empty_history.expand(batch, 1, -1), out], dim=1)  # (B, T + 1, D)
+
+    def forward(self, tokens: torch.Tensor, user_embedding: torch.Tensor | None, rows: torch.Tensor,
+                steps: torch.Tensor) -> torch.Tensor:
+        """L2-normalised user embeddings (P, D) of history row `rows` (P,) after its first `steps` (P,) items.
+
+        tokens (B, T, D): right-padded histories; user_embedding (B, D): the rows' user IDs.
+        """
+        history = self.encode_prefixes(tokens)[rows, steps]  # (P, D)
+        if user_embedding is not None:
+            user = _drop_rows(user_embedding[rows], self.spec.user_id_dropout, self.training)  # (P, D)
+            history = torch.cat([history, user], dim=-1)  # (P, 2D)
+        return F.normalize(self.mlp(history), dim=-1)  # (P, D)
+
+
+class TwoTower(nn.Module):
+    """TorchRec ID tables + user tower + item tower; `forward` returns (user, item) embeddings."""
+
+    def __init__(self, spec: TwoTowerSpec, content: torch.Tensor | None = None,
+                 known_items: torch.Tensor | None = None,
+                 fresh_views: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        if not spec.use_ids and not spec.content_dim:
+            raise ValueError("a two-tower model needs ID embeddings, content, or both")
+        self.spec = spec
+        known = torch.ones(spec.n_items, dtype=torch.bool) if known_items is None else known_items
+        self.sparse = SparseArch(spec.n_users, spec.n_items, spec.dim, spec.max_history, spec.use_ids)
+        self.item_tower = ItemTower(spec, content, known)
+        self.user_tower = UserTower(spec)
+        # Filled after training (`recsys.twotower.new_videos.fit_new_videos`); saved with the weights.
+        self.register_buffer("cluster_membership", torch.zeros(spec.n_items, spec.taste_clusters))
+        # (user, item) of each fresh view: read by the scoring of every video, saved with the weights.
+        empty = torch.zeros(spec.fresh_views, dtype=torch.long)
+        users, items = fresh_views or (empty, empty.clone())
+        if not len(users) == len(items) == spec.fresh_views:
+            raise ValueError(f"the spec holds {spec.fresh_views} fresh views, got {len(users)} users, "
+                             f"{len(items)} items")
+        self.register_buffer("fresh_view_users", users.long())
+        self.register_buffer("fresh_view_items", items.long())
+
+    def fresh_views(self) -> FreshViews:
+        """The fresh views this model holds, and the popularity they give each video."""
+        return FreshViews(self.fresh_view_users, self.fresh_view_items, self.spec.n_items)
+
+    def _users(self, emb: SparseEmbeddings, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        tokens = self.item_tower.represent(emb.history_ids, emb.history)  # (B, T, D)
+        return self.user_tower(tokens, emb.user, rows, steps)  # (P, D)
+
+    def forward(self, features: SparseFeatures, rows: torch.Tensor, steps: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user embeddings (P, D), candidate item embeddings (P, D)) of a batch's P candidates.
+
+        Candidate p belongs to history row `rows[p]` and follows its first `steps[p]` items.
+        """
+        emb = self.sparse(features)
+        return self._users(emb, rows, steps), self.item_tower(emb.item_ids, emb.item)
+
+    def user_embeddings(self, features: SparseFeatures) -> torch.Tensor:
+        """User embeddings (B, D) after each row's whole history (the item_id feature may be empty)."""
+        emb = self.sparse(features)
+        rows = torch.arange(len(emb.history_lengths), device=emb.history_lengths.device)  # (B,)
+        return self._users(emb, rows, emb.history_lengths)
+
+    def item_embeddings(self, features: SparseFeatures) -> torch.Tensor:
+        """Candidate item embeddings (B, D) of a batch (its user and history features may be empty)."""
+        emb = self.sparse(features)
+        return self.item_tower(emb.item_ids, emb.item)

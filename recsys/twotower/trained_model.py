@@ -1,0 +1,277 @@
+"""A trained two-tower model on disk, and the scorer that retrieval and evaluation use.
+
+Layout, per dataset (no pickle anywhere, so loading a model never runs code from a file):
+
+```
+data/processed/<dataset>/models/
+  latest.json                 {"run_id": ..., "folder": ...}: the newest trained model
+  <run_id>/weights.safetensors  every parameter and buffer of the TwoTower (content included)
+  <run_id>/model.json           TwoTowerSpec, run ID, training summary
+  <run_id>/item_embeddings.npy  float32 (n_items, D): the item tower over the whole catalogue
+```
+
+`TwoTowerScorer` is what the rest of recsys calls: `item_embeddings()`, `user_embeddings(...)`
+and `score(...)`, all numpy in and out. A user index of -1 means "a user the model has never
+seen": such a user is embedded from their history alone.
+
+A watched video's score is the cosine of user and item embedding. A video without training
+interactions is scored as `recsys.twotower.new_videos` describes: its content cosine, the user's
+taste for the cluster its content points to, its popularity among the views since the training
+cut-off (`recsys.twotower.fresh_views`), and an offset; a watched video's score may get its fresh
+popularity too. The coefficients are fitted on the validation split at the end of training.
+`item_vectors()` and `user_vectors(...)` carry those terms as more dimensions, so that an
+inner-product index ranks exactly by the score.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from recsys.data.paths import PreparedPaths
+from recsys.errors import DataFormatError, MissingInputError
+from recsys.files import atomic_path, read_json, write_json
+from recsys.twotower.fresh_views import FreshViews
+from recsys.twotower.new_videos import NewVideoScoring, log_cluster_shares, own_view_taste_changes
+from recsys.twotower.sparse import HISTORY_FEATURE, collate, collate_histories
+from recsys.twotower.towers import TwoTower, TwoTowerSpec
+
+WEIGHTS_FILE = "weights.safetensors"
+MODEL_FILE = "model.json"
+ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"
+LATEST_FILE = "latest.json"
+FORMAT_VERSION = 1
+LATER_BUFFERS = ("cluster_membership", "fresh_view_users", "fresh_view_items")
+"""Buffers added to the model after format 1: a model saved before them keeps their empty default."""
+UNKNOWN_USER = -1
+"""User index meaning 'not in the model's user table': no ID embedding, history only."""
+NEW_VIDEO_SCORING = "new_video_scoring"
+"""Key of the training summary (model.json "info") holding the fitted `NewVideoScoring`."""
+LEGACY_COLD_ITEM_BIAS = "cold_item_bias"
+"""Where models trained before `NEW_VIDEO_SCORING` kept their one offset for new videos."""
+
+
+def models_dir(processed_dir: Path, dataset: str) -> Path:
+    """`<processed_dir>/<dataset>/models`: where trained two-tower models are kept."""
+    return PreparedPaths.of(processed_dir, dataset).root / "models"
+
+
+class TwoTowerScorer:
+    """Scores users against the whole catalogue with a trained `TwoTower` (inference only, no loss)."""
+
+    def __init__(
+        self,
+        model: TwoTower,
+        run_id: str | None = None,
+        folder: Path | None = None,
+        info: dict[str, Any] | None = None,
+        item_embeddings: np.ndarray | None = None,
+        batch_size: int = 4096,
+    ) -> None:
+        self.model = model.eval()
+        self.spec: TwoTowerSpec = model.spec
+        self.run_id = run_id
+        self.folder = folder
+        self.info = info or {}
+        self.batch_size = batch_size
+        self._items = item_embeddings
+        self._vectors: np.ndarray | None = None
+        self._fresh: FreshViews | None = None
+
+    @property
+    def n_items(self) -> int:
+        return self.spec.n_items
+
+    @property
+    def n_users(self) -> int:
+        return self.spec.n_users
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    @torch.inference_mode()
+    def item_embeddings(self) -> np.ndarray:
+        """float32 (n_items, D), row i = item_idx i (cold-start items included, from their content)."""
+        if self._items is None:
+            chunks = []
+            for start in range(0, self.n_items, self.batch_size):
+                ids = np.arange(start, min(start + self.batch_size, self.n_items))
+                empty = np.zeros(len(ids), np.int64)
+                features = collate(None, ids, np.empty(0, np.int64), empty)
+                chunks.append(self.model.item_embeddings(features).numpy())  # (b, D)
+            self._items = np.concatenate(chunks).astype(np.float32)
+        return self._items
+
+    @torch.inference_mode()
+    def user_embeddings(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        """float32 (B, D) for B users: `user_idx` (B,) (-1 = unknown user), `histories` item_idx arrays, oldest first.
+
+        Only the last `max_history` items of each history are read. An unknown user with an empty
+        history still gets an embedding (the model's prior), so the caller decides about fallbacks.
+        """
+        users = np.asarray(user_idx, dtype=np.int64).reshape(-1)
+        if len(users) != len(histories):
+            raise ValueError(f"{len(users)} user indices but {len(histories)} histories")
+        if users.size and (users.max() >= self.n_users or users.min() < UNKNOWN_USER):
+            raise DataFormatError(
+                f"user index out of range: the model knows users 0..{self.n_users - 1} (use -1 for an unknown user)"
+            )
+        for history in histories:
+            history = np.asarray(history)
+            if history.size and (history.min() < 0 or history.max() >= self.n_items):
+                raise DataFormatError(f"history item index out of range: the catalogue has items 0..{self.n_items - 1}")
+        chunks = []
+        for start in range(0, len(users), self.batch_size):
+            stop = start + self.batch_size
+            features = collate_histories(users[start:stop], None, histories[start:stop], self.spec.max_history)
+            chunks.append(self.model.user_embeddings(features).numpy())  # (b, D)
+        if not chunks:
+            return np.zeros((0, self.dim), np.float32)
+        return np.concatenate(chunks).astype(np.float32)
+
+    @property
+    def new_video_scoring(self) -> NewVideoScoring:
+        """How videos without training interactions are scored (plain cosine for models without it)."""
+        if NEW_VIDEO_SCORING in self.info:
+            return NewVideoScoring.from_dict(self.info[NEW_VIDEO_SCORING])
+        return NewVideoScoring(bias=float(self.info.get(LEGACY_COLD_ITEM_BIAS, 0.0)))
+
+    def _uses_taste(self) -> bool:
+        return self.new_video_scoring.taste_weight > 0
+
+    @property
+    def fresh_views(self) -> FreshViews:
+        """The model's fresh views (`recsys.twotower.fresh_views`), read once."""
+        if self._fresh is None:
+            self._fresh = self.model.fresh_views()
+        return self._fresh
+
+    def _fresh_weights(self) -> np.ndarray:
+        """(N,) weight of each video's fresh popularity in its score (new and watched videos differ)."""
+        scoring = self.new_video_scoring
+        new = ~self.model.item_tower.known_items.numpy()
+        return np.where(new, scoring.fresh_weight, scoring.watched_fresh_weight).astype(np.float32)
+
+    def item_vectors(self) -> np.ndarray:
+        """float32 (n_items, D [+ K] + 1): the item side of the score (see the module docstring).
+
+        A watched video: [e, 0, watched_fresh_weight fresh]. A new video: [weight e, taste_weight
+        membership, fresh_weight fresh + bias]; the K membership columns only when the model uses
+        the taste term. Built once: `score` reads it for every batch of users.
+        """
+        if self._vectors is None:
+            scoring = self.new_video_scoring
+            new = ~self.model.item_tower.known_items.numpy()[:, None]  # (N, 1)
+            parts = [self.item_embeddings() * np.where(new, scoring.weight, 1.0)]  # (N, D)
+            if self._uses_taste():
+                parts.append(self.model.cluster_membership.numpy() * new * scoring.taste_weight)  # (N, K)
+            fresh = self.fresh_views.popularity.numpy()[:, None]  # (N, 1)
+            parts.append(new * scoring.bias + self._fresh_weights()[:, None] * fresh)  # (N, 1)
+            self._vectors = np.hstack(parts).astype(np.float32)
+        return self._vectors
+
+    @torch.inference_mode()
+    def user_vectors(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        """float32 (B, D [+ K] + 1): user embeddings [, log cluster shares], then 1.
+
+        `user_vectors(...) @ item_vectors().T` is the score.
+        """
+        users = self.user_embeddings(user_idx, histories)  # (B, D)
+        parts = [users]
+        if self._uses_taste():
+            # The same last `max_history` views the user tower reads.
+            history = collate_histories(None, None, histories, self.spec.max_history).items[HISTORY_FEATURE]
+            shares = log_cluster_shares(self.model.cluster_membership, history.values(), history.lengths())
+            parts.append(shares.numpy())  # (B, K)
+        parts.append(np.ones((len(users), 1), np.float32))
+        return np.hstack(parts).astype(np.float32)
+
+    def score(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        """float32 (B, n_items): the model's score of every item for each user (higher = better).
+
+        `user_vectors(...) @ item_vectors().T`, except that a user's own fresh views count neither
+        towards the fresh popularity of what they watched (`recsys.twotower.fresh_views`) nor towards
+        a new video's cluster membership (`recsys.twotower.new_videos`); that only changes the scores
+        of videos in the user's history, which a ranking for them excludes.
+        """
+        users = self.user_vectors(user_idx, histories)  # (B, D [+ K] + 1)
+        scores = users @ self.item_vectors().T  # (B, N)
+        if self.spec.fresh_views:
+            rows, items, change = self.fresh_views.own_view_changes(torch.as_tensor(user_idx).long())
+            scores[rows.numpy(), items.numpy()] += self._fresh_weights()[items.numpy()] * change.numpy()
+            own_new = ~self.model.item_tower.known_items[items]
+            if self._uses_taste() and bool(own_new.any()):
+                rows, items = rows[own_new], items[own_new]
+                log_shares = torch.from_numpy(users[rows.numpy(), self.dim:-1])  # (V, K) from the user vectors
+                taste = own_view_taste_changes(self.model.cluster_membership[items], log_shares)  # (V,)
+                scores[rows.numpy(), items.numpy()] += self.new_video_scoring.taste_weight * taste.numpy()
+        return scores
+
+
+def save_trained(
+    model: TwoTower,
+    processed_dir: Path,
+    dataset: str,
+    run_id: str,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write `models/<run_id>/` (weights, model.json, item embeddings) and point `latest.json` at it."""
+    folder = models_dir(processed_dir, dataset) / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(state, tmp, metadata={"format": str(FORMAT_VERSION), "run_id": run_id})
+    scorer = TwoTowerScorer(model, run_id=run_id, folder=folder)
+    with atomic_path(folder / ITEM_EMBEDDINGS_FILE) as tmp, tmp.open("wb") as handle:
+        np.save(handle, scorer.item_embeddings())
+    document = {
+        "format": FORMAT_VERSION,
+        "kind": "two-tower",
+        "dataset": dataset,
+        "run_id": run_id,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "spec": model.spec.to_dict(),
+        "info": info or {},
+    }
+    write_json(folder / MODEL_FILE, document)
+    write_json(models_dir(processed_dir, dataset) / LATEST_FILE, {"run_id": run_id, "folder": str(folder)})
+    return folder
+
+
+def latest_run(processed_dir: Path, dataset: str) -> str:
+    """Run ID of the newest trained model of a dataset, or a MissingInputError saying how to train one."""
+    pointer = models_dir(processed_dir, dataset) / LATEST_FILE
+    if not pointer.exists():
+        raise MissingInputError(
+            f"no trained model for {dataset} under {pointer.parent}; run `recsys train retrieval {dataset}` first"
+        )
+    return str(read_json(pointer)["run_id"])
+
+
+def load_trained(processed_dir: Path, dataset: str, run_id: str | None = None) -> TwoTowerScorer:
+    """Load a trained model (the latest when `run_id` is None) as a scorer on CPU."""
+    run_id = run_id or latest_run(processed_dir, dataset)
+    folder = models_dir(processed_dir, dataset) / run_id
+    if not (folder / MODEL_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
+        raise MissingInputError(f"no trained model {run_id!r} in {folder.parent} (expected {MODEL_FILE} and "
+                                f"{WEIGHTS_FILE} in {folder})")
+    document = read_json(folder / MODEL_FILE)
+    if document.get("format") != FORMAT_VERSION:
+        raise DataFormatError(f"{folder / MODEL_FILE}: model format {document.get('format')!r}, "
+                              f"this recsys reads format {FORMAT_VERSION}; retrain the model")
+    spec = TwoTowerSpec.from_dict(document["spec"])
+    content = torch.zeros(spec.n_items, spec.content_dim) if spec.content_dim else None
+    model = TwoTower(spec, content=content)
+    missing, unexpected = model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=False)
+    if unexpected or set(missing) - set(LATER_BUFFERS):
+        raise DataFormatError(f"{folder / WEIGHTS_FILE} does not fit its model.json: missing "
+                              f"{sorted(set(missing) - set(LATER_BUFFERS))}, unexpected {sorted(unexpected)}")
+    items_file = folder / ITEM_EMBEDDINGS_FILE
+    items = np.load(items_file) if items_file.exists() else None
+    return TwoTowerScorer(model, run_id=run_id, folder=folder, info=document.get("info", {}), item_embeddings=items)

@@ -1,0 +1,190 @@
+"""The exported pyfunc ranking model: bundle, registry and champion rule, requests, fresh-process loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import polars as pl
+import pytest
+from mlflow import MlflowClient
+
+from recsys.config import ExportConfig
+from recsys.serving.export import ExportResult, export
+from recsys.serving.pyfunc_model import Ranker, RequestError, parse_requests
+from recsys.serving.recommend import UnknownUserWarning, recommend
+from recsys.serving.registry import CHAMPION, DECISION_TAG, VAL_NDCG_TAG, champion_uri, decide, model_name
+from tests import tiny_model
+
+DATASET = tiny_model.DATASET
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """This module's own store (overrides the session's), so its registry starts empty."""
+    return f"sqlite:///{tmp_path_factory.mktemp('export-mlflow')}/mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def exported(mlflow_store: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportResult]:
+    """A tiny trained model, exported once: (processed_dir, result)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+        processed_dir, _ = tiny_model.build(tmp_path_factory.mktemp("tiny"))
+        return processed_dir, export(ExportConfig(dataset=DATASET, processed_dir=processed_dir))
+
+
+@pytest.fixture(scope="module")
+def ranker(exported: tuple[Path, ExportResult], mlflow_store: str) -> Ranker:
+    """The champion's ranker, read from the bundle inside the MLflow artifact store."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+        local = mlflow.artifacts.download_artifacts(f"{champion_uri(DATASET)}")
+    return Ranker(Path(local) / "artifacts" / "bundle")
+
+
+def test_first_export_becomes_champion_with_lineage(exported: tuple[Path, ExportResult]) -> None:
+    _, result = exported
+    assert result.decision.promoted and result.decision.previous_version is None
+    client = MlflowClient()
+    version = client.get_model_version_by_alias(model_name(DATASET), CHAMPION)
+    assert str(version.version) == result.version
+    assert float(version.tags[VAL_NDCG_TAG]) == pytest.approx(result.val_metrics["val_ndcg_10"])
+    assert version.tags["recsys.export_run"] == result.run_id
+    run = client.get_run(result.run_id)
+    assert run.data.tags["recsys.step"] == "export"
+    assert run.data.tags["recsys.input.train_retrieval"] == version.tags["recsys.train_run"]
+    assert run.data.metrics["val_ndcg_10"] == pytest.approx(result.val_metrics["val_ndcg_10"])
+    assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/item_embeddings.png"]
+    # the trained model learnt the groups: well above a random ranking (about 0.1 here)
+    assert result.val_metrics["val_ndcg_10"] > 0.25
+
+
+def test_champion_moves_only_when_the_new_version_is_better(exported: tuple[Path, ExportResult]) -> None:
+    processed_dir, first = exported
+    client = MlflowClient()
+    name = model_name(DATASET)
+    # the same model again scores the same: not better, so the champion stays
+    same = export(ExportConfig(dataset=DATASET, processed_dir=processed_dir))
+    assert not same.decision.promoted
+    assert "does not beat champion" in same.decision.reason
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == first.version
+    assert client.get_model_version(name, same.version).tags[DECISION_TAG] == same.decision.reason
+    logged = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=same.run_id, artifact_path="champion_decision.json")).read_text())
+    assert logged["promoted"] is False and logged["previous_version"] == first.version
+    # a champion whose recorded score is lower is beaten by the next export
+    client.set_model_version_tag(name, first.version, VAL_NDCG_TAG, "0.01")
+    better = export(ExportConfig(dataset=DATASET, processed_dir=processed_dir))
+    assert better.decision.promoted and "beats champion" in better.decision.reason
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == better.version
+    client.set_registered_model_alias(name, CHAMPION, first.version)  # leave the module's champion as it was
+    client.set_model_version_tag(name, first.version, VAL_NDCG_TAG, repr(first.val_metrics["val_ndcg_10"]))
+
+
+def test_decision_rule() -> None:
+    assert decide("m", "1", 0.2, None, None).promoted
+    assert decide("m", "2", 0.3, "1", 0.2).promoted
+    assert not decide("m", "2", 0.2, "1", 0.2).promoted  # a tie does not move the alias
+    assert not decide("m", "2", 0.1, "1", 0.2).promoted
+    assert not decide("m", "1", float("nan"), None, None).promoted
+
+
+def test_logged_model_is_code_plus_safetensors_without_pickle(exported: tuple[Path, ExportResult]) -> None:
+    _, result = exported
+    local = Path(mlflow.artifacts.download_artifacts(result.model_uri))
+    files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".ckpt"))]
+    assert any(f.endswith("weights.safetensors") for f in files)
+    mlmodel = (local / "MLmodel").read_text()
+    assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel
+    info = mlflow.models.get_model_info(result.model_uri)
+    assert [c.name for c in info.signature.inputs.inputs] == ["user_id", "k", "history"]
+    assert [c.name for c in info.signature.outputs.inputs] == ["user_id", "rank", "item_id", "score", "title"]
+    example = json.loads((local / "input_example.json").read_text())
+    assert example["columns"] == ["user_id", "k"]
+
+
+def test_ranker_excludes_watched_and_ranks_the_users_group_first(ranker: Ranker) -> None:
+    answer = ranker.rank(pl.DataFrame({"user_id": ["4", "5"], "k": [5, 3]}))
+    assert answer.columns == ["user_id", "rank", "item_id", "score", "title"]
+    assert answer.group_by("user_id").len().sort("user_id").rows() == [("4", 5), ("5", 3)]
+    user4 = answer.filter(pl.col("user_id") == "4")
+    assert user4.get_column("rank").to_list() == [1, 2, 3, 4, 5]
+    scores = user4.get_column("score").to_numpy()
+    assert (np.diff(scores) <= 0).all()
+    recommender = ranker.recommender
+    watched = set(recommender.item_ids[recommender.histories[recommender.user_lookup["4"]]])
+    assert watched.isdisjoint(user4.get_column("item_id").to_list())
+    # Each user watched 9 of the 12 videos of their group: the 3 left are 3 of 39 unwatched videos, so
+    # a random top-3 holds about 8% of them; the trained model puts far more of them first.
+    users = [str(u) for u in range(1, tiny_model.USERS + 1)]
+    top3 = ranker.rank(pl.DataFrame({"user_id": users, "k": [3] * len(users)}))
+    own_group = (pl.col("item_id").cast(pl.Int64) - 1) // tiny_model.ITEMS_PER_GROUP == (
+        pl.col("user_id").cast(pl.Int64) % tiny_model.GROUPS)
+    assert top3.select(own_group.mean()).item() > 0.3
+
+
+def test_unknown_user_gets_popularity_and_history_is_used(ranker: Ranker) -> None:
+    answer = ranker.rank(pd.DataFrame({"user_id": ["nobody"], "k": [4]}))
+    counts = ranker.recommender.popularity
+    assert answer.get_column("score").to_list() == sorted(counts.tolist(), reverse=True)[:4]
+    with_history = ranker.rank(pd.DataFrame({"user_id": ["nobody"], "k": [4], "history": [["13", "14", "15"]]}))
+    assert {"13", "14", "15"}.isdisjoint(with_history.get_column("item_id").to_list())
+    assert with_history.get_column("score").to_list() != answer.get_column("score").to_list()
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (pd.DataFrame({"k": [3]}), "no user_id column"),
+        (pd.DataFrame({"user_id": [""]}), "row 0: user_id must be a non-empty string"),
+        (pd.DataFrame({"user_id": ["1", None]}), "row 1: user_id must be a non-empty string"),
+        (pd.DataFrame({"user_id": [7]}), "user_id must be a non-empty string, got 7"),
+        (pd.DataFrame({"user_id": ["1"], "k": [0]}), "k must be a whole number from 1 to 48, got 0"),
+        (pd.DataFrame({"user_id": ["1"], "k": [10**9]}), "from 1 to 48"),
+        (pd.DataFrame({"user_id": ["1"], "k": ["ten"]}), "got 'ten'"),
+        (pd.DataFrame({"user_id": ["1"], "history": ["1,2"]}), "history must be a list of item IDs"),
+        (pd.DataFrame({"user_id": ["1"], "history": [["1", "no-such-video"]]}), "unknown history video ID"),
+        (pd.DataFrame({"user_id": []}), "no rows"),
+    ],
+)
+def test_malformed_requests_say_what_is_wrong(ranker: Ranker, frame: pd.DataFrame, message: str) -> None:
+    with pytest.raises(RequestError, match=message):
+        ranker.rank(frame)
+
+
+def test_parse_requests_defaults() -> None:
+    (request,) = parse_requests(pd.DataFrame({"user_id": [" 12 "]}), max_k=100)
+    assert (request.user_id, request.k, request.history) == ("12", 10, None)
+
+
+@pytest.mark.slow
+def test_champion_in_a_fresh_process_equals_recommend(exported: tuple[Path, ExportResult], mlflow_store: str) -> None:
+    processed_dir, _ = exported
+    users = ["1", "2", "3", "nobody"]
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        f"model = mlflow.pyfunc.load_model({champion_uri(DATASET)!r})\n"
+        f"out = model.predict(pd.DataFrame({{'user_id': {users!r}, 'k': [10] * {len(users)}}}))\n"
+        "sys.stdout.write('RESULT' + out.to_json(orient='records'))\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fresh = pl.DataFrame(json.loads(done.stdout.split("RESULT", 1)[1]))
+    for user in users:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnknownUserWarning)  # "nobody" gets the popularity fallback
+            expected = recommend(DATASET, user, k=10, processed_dir=processed_dir)
+        served = fresh.filter(pl.col("user_id") == user)
+        assert served.select("rank", "item_id", "title").rows() == expected.select("rank", "item_id", "title").rows()
+        np.testing.assert_allclose(served.get_column("score").to_numpy(), expected.get_column("score").to_numpy(),
+                                   rtol=1e-5)

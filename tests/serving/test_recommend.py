@@ -1,0 +1,165 @@
+"""recommend / similar: the Python functions with a fitted MF model, and the CLI end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from recsys.cli import main
+from recsys.config import ConfigError
+from recsys.data.paths import PreparedPaths
+from recsys.evaluation.baselines import ALSSettings, ImplicitALS, train_matrix
+from recsys.serving.recommend import Recommender, UnknownUserWarning
+from tests.evaluation.grouped_data import COLD_ITEM, USERS, build_prepared, group_of_item, group_of_user
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory: pytest.TempPathFactory) -> PreparedPaths:
+    return build_prepared(tmp_path_factory.mktemp("grouped"))
+
+
+@pytest.fixture(scope="module")
+def recommender(paths: PreparedPaths) -> Recommender:
+    n_items = pl.read_parquet(paths.items).height
+    model = ImplicitALS.fit(train_matrix(paths, USERS, n_items), ALSSettings(factors=8, reg=1.0, alpha=3.0))
+    return Recommender(paths, model=model)
+
+
+def _groups(ranking: pl.DataFrame) -> set[int]:
+    return {group_of_item(int(i)) for i in ranking["item_id"]}
+
+
+def _watched(paths: PreparedPaths, user_id: str) -> set[str]:
+    user_map = pl.read_parquet(paths.user_map)
+    item_map = pl.read_parquet(paths.item_map)
+    user_idx = user_map.filter(pl.col("user_id") == user_id)["user_idx"][0]
+    events = pl.concat([pl.read_parquet(p) for p in (paths.train, paths.valid, paths.test)])
+    items = events.filter(pl.col("user_idx") == user_idx).join(item_map, on="item_idx")
+    return set(items["item_id"].to_list())
+
+
+def test_known_user_gets_unseen_videos_of_their_own_group(paths: PreparedPaths, recommender: Recommender) -> None:
+    user = "3"  # group 1
+    ranking = recommender.recommend(user, k=2)
+    assert ranking.columns == ["rank", "item_id", "title", "score"]
+    assert ranking["rank"].to_list() == [1, 2]
+    assert _groups(ranking) == {group_of_user(3)}
+    assert not set(ranking["item_id"]) & _watched(paths, user)
+    assert all(t.startswith(f"Video {i} of group") for i, t in zip(ranking["item_id"], ranking["title"], strict=True))
+    assert ranking["score"].is_sorted(descending=True)
+
+
+def test_include_seen_brings_watched_videos_back(paths: PreparedPaths, recommender: Recommender) -> None:
+    ranking = recommender.recommend("3", k=5, exclude_seen=False)
+    assert set(ranking["item_id"]) & _watched(paths, "3")
+
+
+def test_unknown_user_warns_and_gets_the_popularity_ranking(paths: PreparedPaths, recommender: Recommender) -> None:
+    with pytest.warns(UnknownUserWarning, match="'nobody' is not known.*most popular"):
+        ranking = recommender.recommend("nobody", k=5)
+    popularity = pl.read_parquet(paths.items).sort(["train_count", "item_idx"], descending=[True, False])
+    assert ranking["item_id"].to_list() == popularity["item_id"].head(5).to_list()
+    assert ranking["score"].to_list() == popularity["train_count"].head(5).cast(pl.Float32).to_list()
+
+
+def test_unknown_user_with_a_history_gets_that_history_s_group(recommender: Recommender) -> None:
+    with pytest.warns(UnknownUserWarning, match="ranking from the given history"):
+        ranking = recommender.recommend("nobody", k=3, history=["31", "32", "33"])  # group 3
+    assert _groups(ranking) == {3}
+    assert not {"31", "32", "33"} & set(ranking["item_id"])
+    anonymous = recommender.recommend(None, k=3, history=["31", "32", "33"])  # no user ID, no warning
+    assert anonymous["item_id"].to_list() == ranking["item_id"].to_list()
+
+
+def test_bad_requests_are_clear_errors(recommender: Recommender) -> None:
+    with pytest.raises(ConfigError, match="k must be at least 1, got 0"):
+        recommender.recommend("3", k=0)
+    with pytest.raises(ConfigError, match="unknown history video ID.*'nope'"):
+        recommender.recommend("3", history=["1", "nope"])
+    with pytest.raises(ConfigError, match="unknown video ID.*'nope'.*catalogue"):
+        recommender.similar("nope")
+    with pytest.raises(ConfigError, match="give a user ID"):
+        recommender.recommend(None)
+
+
+def test_similar_finds_videos_of_the_same_group_and_accepts_cold_videos(recommender: Recommender) -> None:
+    ranking = recommender.similar("12", k=5)  # group 1
+    assert "12" not in ranking["item_id"].to_list()
+    assert _groups(ranking) == {1}
+    cold = recommender.similar(COLD_ITEM, k=3)  # never trained on, still in the index
+    assert cold.height == 3 and COLD_ITEM not in cold["item_id"].to_list()
+
+
+def test_k_larger_than_the_catalogue_lists_every_unseen_video(recommender: Recommender) -> None:
+    ranking = recommender.recommend("3", k=1000)
+    assert ranking.height == 42 - len(recommender.histories[recommender.user_lookup["3"]])
+    assert ranking["rank"].to_list() == list(range(1, ranking.height + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_unknown_user_message_and_popularity_fallback(
+    paths: PreparedPaths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No trained model exists here: the popularity fallback does not need one.
+    code = main(["recommend", "--user-id", "nobody", "-k", "3", "--processed-dir", str(paths.root.parent)])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "user 'nobody' is not known" in err and "most popular videos" in err
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["rank", "video", "score", "title"] and len(lines) == 4
+    top = pl.read_parquet(paths.items).sort(["train_count", "item_idx"], descending=[True, False]).row(0, named=True)
+    assert lines[1].split()[:2] == ["1", top["item_id"]] and top["title"] in lines[1]
+
+
+def test_cli_invalid_k_is_a_clear_error(paths: PreparedPaths, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recommend", "--user-id", "3", "-k", "0", "--processed-dir", str(paths.root.parent)])
+    assert exit_info.value.code == 2
+    assert "k must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_cli_unknown_item_is_a_clear_error(paths: PreparedPaths, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["similar", "--item-id", "nope", "--processed-dir", str(paths.root.parent)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("recsys: error: unknown video ID(s) 'nope'") and "Traceback" not in err
+
+
+def test_cli_without_a_trained_model_says_how_to_train(
+    paths: PreparedPaths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["recommend", "--user-id", "3", "--processed-dir", str(paths.root.parent)])
+    assert code == 1
+    assert "recsys train retrieval movielens-100k" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_recommend_and_similar_with_a_trained_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.tiny_model import DATASET, build
+
+    processed_dir, result = build(tmp_path, epochs=4)
+    capsys.readouterr()  # drop the training logs
+    code = main(["recommend", "--user-id", "6", "-k", "3", "--processed-dir", str(processed_dir),
+                 "--run-id", result.run_id])
+    out, err = capsys.readouterr()
+    assert code == 0 and "not known" not in err
+    lines = out.strip().splitlines()[1:]
+    expected = Recommender.load(DATASET, processed_dir, result.run_id).recommend("6", k=3)
+    watched = _watched(PreparedPaths.of(processed_dir, DATASET), "6")
+    for line, row in zip(lines, expected.iter_rows(named=True), strict=True):
+        rank, video, score = line.split()[:3]
+        # External video IDs (MovieLens item numbers) with their own titles, never internal indices.
+        assert (int(rank), video) == (row["rank"], row["item_id"])
+        assert line.endswith(f"Video {video} of group {(int(video) - 1) // 12} (1995)")
+        assert float(score) == pytest.approx(row["score"], abs=1e-4)
+        assert video not in watched
+    code = main(["similar", "--item-id", "1", "-k", "3", "--processed-dir", str(processed_dir)])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    similar = [line.split()[1] for line in out.strip().splitlines()[1:]]
+    assert len(similar) == 3 and "1" not in similar
