@@ -59,6 +59,19 @@ def _data_prepare(config: cfg.PrepareConfig) -> None:
             print(f"  rejected {count} interaction(s): {reason}")
 
 
+def _data_import(config: cfg.ImportConfig) -> None:
+    from recsys.data.importer import import_dataset
+
+    report = import_dataset(config)
+    print(report.summary())
+
+
+def _data_list(config: cfg.ListConfig) -> None:
+    from recsys.data.datasets import format_datasets, list_datasets
+
+    print(format_datasets(list_datasets(config.raw_dir, config.processed_dir)))
+
+
 def _data_synth(config: cfg.SynthConfig) -> None:
     from recsys.files import read_json
     from recsys.synthetic.generator import synthesize
@@ -192,6 +205,11 @@ def _demo(config: cfg.DemoConfig) -> None:
 COMMANDS: list[Command] = [
     Command(("data", "fetch"), cfg.FetchConfig, _data_fetch,
             "Copy or download a dataset's raw files and verify their checksums", ("dataset",)),
+    Command(("data", "import"), cfg.ImportConfig, _data_import,
+            "Import your own watch log and catalogue (CSV, TSV, Parquet, JSON Lines) as a new dataset NAME",
+            ("dataset",)),
+    Command(("data", "list"), cfg.ListConfig, _data_list,
+            "List the built-in and imported datasets with their counts"),
     Command(("data", "prepare"), cfg.PrepareConfig, _data_prepare,
             "Filter, index and split a dataset's interactions into parquet files", ("dataset",)),
     Command(("data", "synth"), cfg.SynthConfig, _data_synth,

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import re
 import textwrap
 import types
 import typing
@@ -23,11 +24,13 @@ import yaml
 
 from recsys.errors import RecsysError
 
-DATASETS = ("movielens-100k", "movielens-1m", "microlens-50k", "synth")
-"""Names of the datasets recsys knows how to read."""
+BUILTIN_DATASETS = ("movielens-100k", "movielens-1m", "microlens-50k", "synth")
+"""Datasets recsys knows how to fetch or generate; any other name is one imported by `recsys data import`."""
 
-Dataset = Literal["movielens-100k", "movielens-1m", "microlens-50k", "synth"]
+Dataset = str
+"""A dataset name: built-in or imported (lower-case letters, digits, '.', '_' and '-')."""
 FetchableDataset = Literal["movielens-100k", "movielens-1m", "microlens-50k"]
+DATASET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 C = TypeVar("C")
 
@@ -39,6 +42,14 @@ class ConfigError(RecsysError, ValueError):
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def check_dataset_name(name: str) -> str:
+    """The name itself when it can name a dataset folder, else a ConfigError saying what is allowed."""
+    _require(isinstance(name, str) and bool(DATASET_NAME.match(name)),
+             f"dataset name {name!r}: use 1 to 64 lower-case letters, digits, '.', '_' or '-', "
+             "starting with a letter or digit")
+    return name
 
 
 @dataclass
@@ -57,6 +68,74 @@ class FetchConfig:
 
 
 @dataclass
+class ImportConfig:
+    """What `recsys data import` reads: your own watch log and catalogue, onto the canonical tables."""
+
+    dataset: Dataset = ""
+    """Name of the new dataset; every later step takes it like a built-in one (e.g. `recsys data prepare NAME`)"""
+    interactions: Path | None = None
+    """Watch log: CSV, TSV, Parquet or JSON Lines (by extension, or --format), one row per view"""
+    items: Path | None = None
+    """Catalogue: item_id, title, optional video (path under --media-root), description, tags; unset: the
+    videos in --media-root named <item_id>.<ext> are the catalogue"""
+    media_root: Path | None = None
+    """Folder the catalogue's video paths are relative to; nothing outside it is read"""
+    format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = "auto"
+    """Format of the interactions file; auto: from its extension (.csv, .tsv/.tab, .parquet/.pq, .jsonl/.ndjson)"""
+    items_format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = "auto"
+    """Format of the items file; auto: from its extension"""
+    user_column: str = "user_id"
+    """Column of the interactions file holding the user ID"""
+    item_column: str = "item_id"
+    """Column of the interactions file holding the video ID"""
+    time_column: str = "timestamp"
+    """Column of the interactions file holding the time of the view"""
+    time_unit: Literal["auto", "s", "ms", "iso"] = "auto"
+    """Timestamps: unix seconds, milliseconds, or ISO-8601 text; auto: ISO for text, s or ms by magnitude"""
+    weight_column: str | None = None
+    """Column with a watch weight (watch fraction, seconds watched, a rating); unset: every view weighs 1"""
+    min_weight: float | None = None
+    """Keep only views whose weight is at least this (needs --weight-column); the others are skipped and counted"""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """A row with a missing ID or an unparseable time or weight: stop with an error naming it, or skip and count it"""
+    strict: bool = False
+    """Stop with an error when a view names a video missing from the catalogue (default: skip and count it)"""
+    overwrite: bool = False
+    """Replace an already imported dataset of the same name"""
+    raw_dir: Path = Path("data/raw")
+    """Folder under which the imported dataset is written (one subfolder per dataset)"""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.dataset), "give the new dataset a name: `recsys data import NAME --interactions FILE`")
+        check_dataset_name(self.dataset)
+        _require(self.dataset not in BUILTIN_DATASETS,
+                 f"{self.dataset!r} is a built-in dataset; import your data under another name")
+        _require(self.interactions is not None, "give the watch log with --interactions FILE")
+        _require(self.items is not None or self.media_root is not None,
+                 "give the catalogue with --items FILE, or a --media-root folder of videos named <item_id>.<ext>")
+        self.raw_dir = Path(self.raw_dir)
+        self.interactions = Path(self.interactions)  # type: ignore[arg-type]
+        self.items = None if self.items is None else Path(self.items)
+        self.media_root = None if self.media_root is None else Path(self.media_root)
+        _require(self.min_weight is None or self.weight_column is not None, "--min-weight needs a --weight-column")
+        for name in ("user_column", "item_column", "time_column"):
+            _require(bool(getattr(self, name)), f"{name} must not be empty")
+
+
+@dataclass
+class ListConfig:
+    """Where `recsys data list` looks for built-in and imported datasets."""
+
+    raw_dir: Path = Path("data/raw")
+    """Folder holding the raw and imported datasets"""
+    processed_dir: Path = Path("data/processed")
+    """Folder holding the prepared datasets"""
+
+    def __post_init__(self) -> None:
+        self.raw_dir, self.processed_dir = Path(self.raw_dir), Path(self.processed_dir)
+
+
+@dataclass
 class PrepareConfig:
     """How `recsys data prepare` turns raw interactions into training data."""
 
@@ -66,8 +145,8 @@ class PrepareConfig:
     """Folder holding the raw datasets (as written by `recsys data fetch` or `recsys data synth`)"""
     processed_dir: Path = Path("data/processed")
     """Folder under which prepared datasets are written (one subfolder per dataset)"""
-    min_rating: float | None = None
-    """Keep only interactions rated at least this much as implicit feedback; unset keeps every interaction"""
+    min_weight: float | None = None
+    """Keep only interactions whose weight (a rating, a watch fraction) is at least this; unset keeps every one"""
     min_user_interactions: int = 5
     """k-core: users with fewer interactions are removed, repeated until stable"""
     min_item_interactions: int = 5
@@ -80,19 +159,17 @@ class PrepareConfig:
     """temporal split: share of the latest interactions before the test share that form validation"""
     test_fraction: float = 0.1
     """temporal split: share of the latest interactions that form the test set"""
-    max_history: int = 50
-    """Longest per-user watch history kept for sequence models"""
     on_bad_lines: Literal["error", "skip"] = "error"
     """What to do with a malformed input line: stop with an error naming it, or skip it and count it in the meta"""
 
     def __post_init__(self) -> None:
+        check_dataset_name(self.dataset)
         self.raw_dir, self.processed_dir = Path(self.raw_dir), Path(self.processed_dir)
         _require(self.min_user_interactions >= 1, "min_user_interactions must be at least 1")
         _require(self.min_item_interactions >= 1, "min_item_interactions must be at least 1")
         _require(0 < self.valid_fraction < 1, "valid_fraction must lie in (0, 1)")
         _require(0 < self.test_fraction < 1, "test_fraction must lie in (0, 1)")
         _require(self.valid_fraction + self.test_fraction < 1, "valid_fraction + test_fraction must be below 1")
-        _require(self.max_history >= 1, "max_history must be at least 1")
 
 
 @dataclass
@@ -202,6 +279,7 @@ class IngestConfig:
     """Rebuild the store from scratch instead of resuming (a store made with other settings is always rebuilt)"""
 
     def __post_init__(self) -> None:
+        check_dataset_name(self.dataset)
         self.processed_dir = Path(self.processed_dir)
         self.title_cache = None if self.title_cache is None else Path(self.title_cache)
         _require(self.frames >= 1, "frames must be at least 1")
@@ -279,6 +357,7 @@ class RetrievalConfig:
     """Processes for TorchRec model-parallel training (tables sharded by DistributedModelParallel); 1: Lightning"""
 
     def __post_init__(self) -> None:
+        check_dataset_name(self.dataset)
         self.processed_dir = Path(self.processed_dir)
         _require(self.ids or self.content != "none", "a model with --no-ids needs content (content must not be none)")
         _require(self.dim >= 2, "dim must be at least 2")
@@ -320,6 +399,7 @@ class ExportConfig:
     """Item index of the exported model (as `recsys recommend --index`): auto picks FAISS pq for large catalogues"""
 
     def __post_init__(self) -> None:
+        check_dataset_name(self.dataset)
         self.processed_dir, self.raw_dir = Path(self.processed_dir), Path(self.raw_dir)
         _require(self.max_k >= 1, "max_k must be at least 1")
 
@@ -340,6 +420,7 @@ class ServeConfig:
     """Server worker processes (each loads the model)"""
 
     def __post_init__(self) -> None:
+        check_dataset_name(self.dataset)
         _require(1 <= self.port <= 65535, f"port must be between 1 and 65535, got {self.port}")
         _require(self.workers >= 1, "workers must be at least 1")
 
@@ -382,6 +463,7 @@ class EvaluateConfig:
     """Seed of MF's initial factors and of the case sample"""
 
     def __post_init__(self) -> None:
+        check_dataset_name(self.dataset)
         self.processed_dir, self.raw_dir = Path(self.processed_dir), Path(self.raw_dir)
         self.run_ids, self.baselines, self.ks = tuple(self.run_ids), tuple(self.baselines), tuple(self.ks)
         _require(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "ks must be one or more cut-offs of at least 1")
@@ -416,6 +498,7 @@ class RecommendConfig:
     """Item index: exact matrix product, or FAISS pq (re-ranked 4-bit PQ), HNSW or IVF; auto: pq for large catalogues"""
 
     def __post_init__(self) -> None:
+        check_dataset_name(self.dataset)
         self.processed_dir = Path(self.processed_dir)
         # "--history a,b c" and ("a", "b", "c") mean the same: split every entry on commas.
         self.history = tuple(v.strip() for entry in self.history for v in str(entry).split(",") if v.strip())
@@ -441,6 +524,7 @@ class SimilarConfig:
     """Item index: exact matrix product, or FAISS pq (re-ranked 4-bit PQ), HNSW or IVF; auto: pq for large catalogues"""
 
     def __post_init__(self) -> None:
+        check_dataset_name(self.dataset)
         self.processed_dir = Path(self.processed_dir)
         _require(self.item_id is not None, "give the video whose neighbours to list with --item-id")
         _require(self.k >= 1, f"k must be at least 1, got {self.k}")
@@ -545,6 +629,7 @@ class ContentConfig:
     """Show a progress bar per epoch"""
 
     def __post_init__(self) -> None:
+        check_dataset_name(self.dataset)
         self.processed_dir, self.checkpoint_dir = Path(self.processed_dir), Path(self.checkpoint_dir)
         _require(self.embedding_dim >= 2, "embedding_dim must be at least 2")
         _require(self.hidden_dim >= 1, "hidden_dim must be at least 1")
@@ -685,7 +770,8 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 __all__ = [
-    "DATASETS",
+    "BUILTIN_DATASETS",
+    "check_dataset_name",
     "ConfigError",
     "FetchConfig",
     "PrepareConfig",

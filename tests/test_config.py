@@ -19,7 +19,7 @@ REQUIRED = {"ExportConfig": {"dataset": "synth"}, "RecommendConfig": {"user_id":
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_config_round_trips_through_a_file(tmp_path: Path, suffix: str) -> None:
-    config = PrepareConfig("microlens-50k", min_rating=3.5, split="temporal", max_history=20)
+    config = PrepareConfig("microlens-50k", min_weight=3.5, split="temporal", test_fraction=0.2)
     assert load_config(PrepareConfig, save_config(config, tmp_path / f"c{suffix}")) == config
 
 
@@ -52,14 +52,14 @@ def test_help_lists_every_field_with_its_default(capsys: pytest.CaptureFixture[s
 
 
 def test_command_line_overrides_a_saved_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    save_config(PrepareConfig("synth", max_history=7, min_user_interactions=9), tmp_path / "c.yaml")
+    save_config(PrepareConfig("synth", min_item_interactions=7, min_user_interactions=9), tmp_path / "c.yaml")
     status = main([
-        "data", "prepare", "--config", str(tmp_path / "c.yaml"), "--max-history", "3",
+        "data", "prepare", "--config", str(tmp_path / "c.yaml"), "--min-item-interactions", "3",
         "--raw-dir", str(tmp_path / "nowhere"), "--save-config", str(tmp_path / "resolved.json"),
     ])
     assert status == 1  # no raw data there: a clear error, but the config was resolved first
     resolved = load_config(PrepareConfig, tmp_path / "resolved.json")
-    assert (resolved.dataset, resolved.max_history, resolved.min_user_interactions) == ("synth", 3, 9)
+    assert (resolved.dataset, resolved.min_item_interactions, resolved.min_user_interactions) == ("synth", 3, 9)
     assert "recsys data synth" in capsys.readouterr().err
 
 

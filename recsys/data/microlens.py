@@ -55,7 +55,7 @@ def load_microlens_50k(folder: Path, on_bad_lines: BadLines = "error") -> RawDat
         rejected[f"malformed video ID in {PAIRS_FILE}"] = bad_items.height
         events = events.filter(pl.col("item_id").str.contains(r"^\d+$"))
     interactions = events.select(
-        "user_id", "item_id", "timestamp", pl.lit(None, dtype=pl.Float32).alias("rating"), "line"
+        "user_id", "item_id", "timestamp", pl.lit(None, dtype=pl.Float32).alias("weight"), "line"
     ).match_to_schema(INTERACTIONS_SCHEMA)
 
     check_utf8(folder / TITLES_FILE)

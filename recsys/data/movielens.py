@@ -36,7 +36,7 @@ def _ratings(path: Path, separator: str, on_bad_lines: BadLines, rejected: dict[
         pl.col("user_id"),
         pl.col("item_id"),
         pl.col("timestamp").cast(pl.Int64),
-        pl.col("rating").cast(pl.Float32),
+        pl.col("rating").cast(pl.Float32).alias("weight"),
         pl.col("line"),
     ).match_to_schema(INTERACTIONS_SCHEMA)
 

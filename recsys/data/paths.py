@@ -53,11 +53,6 @@ class PreparedPaths:
         return self.root / "items.parquet"
 
     @property
-    def histories(self) -> Path:
-        """user_idx, history (list of item_idx, oldest first, last `max_history` train items)."""
-        return self.root / "histories.parquet"
-
-    @property
     def popularity(self) -> Path:
         """item_idx, count: interactions per item in train (every item, zeros included)."""
         return self.root / "popularity.parquet"

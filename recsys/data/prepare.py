@@ -1,7 +1,7 @@
 """`recsys data prepare`: raw interactions → filtered, indexed, split training data.
 
 A lazy polars pipeline: implicit feedback, unknown-item and duplicate removal, iterative k-core
-filtering, contiguous index maps, a time-ordered split, per-user histories and item popularity.
+filtering, contiguous index maps, a time-ordered split and item popularity.
 Only small results (counts, the ID sets of each k-core round) are collected before the end.
 Every input row is accounted for: rows read = rows kept + rows rejected, by reason, in meta.json.
 """
@@ -99,9 +99,10 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     steps: list[tuple[str, pl.LazyFrame]] = [
         ("names a video missing from the items table", events.join(catalogue, on="item_id", how="semi")),
     ]
-    if config.min_rating is not None:
+    if config.min_weight is not None:
         steps.append(
-            (f"rating below min_rating={config.min_rating}", steps[-1][1].filter(pl.col("rating") >= config.min_rating))
+            (f"weight below min_weight={config.min_weight:g}",
+             steps[-1][1].filter(pl.col("weight") >= config.min_weight))
         )
     steps.append(
         (
@@ -153,14 +154,6 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         .with_columns(pl.col("count").fill_null(0).cast(pl.Int64))
         .sort("item_idx")
     )
-    histories = (
-        split_df.filter(pl.col("split") == "train").sort("user_idx", "timestamp", "line")
-        .group_by("user_idx", maintain_order=True)
-        .agg(pl.col("item_idx").tail(config.max_history).alias("history"))
-    )
-    histories = user_df.select("user_idx").join(histories, on="user_idx", how="left").with_columns(
-        pl.col("history").fill_null(pl.lit([], dtype=pl.List(pl.Int64)))
-    ).sort("user_idx")
     items_out = item_df.join(popularity.rename({"count": "train_count"}), on="item_idx").sort("item_idx")
 
     for name, table in tables.items():
@@ -168,7 +161,6 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     write_parquet(user_df, paths.user_map)
     write_parquet(item_df.select("item_idx", "item_id"), paths.item_map)
     write_parquet(items_out, paths.items)
-    write_parquet(histories, paths.histories)
     write_parquet(popularity, paths.popularity)
 
     train_items = set(tables["train"].get_column("item_idx").unique().to_list())

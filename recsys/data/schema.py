@@ -3,7 +3,7 @@
 Every loader (MovieLens, MicroLens, the synthetic corpus) returns a `RawDataset`:
 
 - interactions: user_id (str), item_id (str), timestamp (i64; for datasets without clock time,
-  the position in the user's chronological sequence), rating (f32, null when absent),
+  the position in the user's chronological sequence), weight (f32: a rating, a watch fraction; null when absent),
   line (i64: where the event came from, for error messages and stable tie-breaking)
 - items: item_id (str), title (str, "" when missing), genres (list[str]), video_path (str, null
   when the dataset has no video files)
@@ -24,7 +24,7 @@ INTERACTIONS_SCHEMA = pl.Schema(
         "user_id": pl.String,
         "item_id": pl.String,
         "timestamp": pl.Int64,
-        "rating": pl.Float32,
+        "weight": pl.Float32,
         "line": pl.Int64,
     }
 )

@@ -487,7 +487,7 @@ def load_synth(folder: Path, on_bad_lines: BadLines = "error") -> RawDataset:
         pl.col("user_id").cast(pl.String),
         pl.col("item_id").cast(pl.String),
         pl.col("timestamp").cast(pl.Int64),
-        pl.lit(None, dtype=pl.Float32).alias("rating"),
+        pl.lit(None, dtype=pl.Float32).alias("weight"),
         pl.col("line").cast(pl.Int64),
     ).match_to_schema(INTERACTIONS_SCHEMA)
 

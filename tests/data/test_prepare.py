@@ -79,12 +79,8 @@ def test_id_maps_round_trip(ml100k: PreparedPaths, shared_data: Path) -> None:
     assert (back.get_column("item_idx") == back.get_column("item_idx_again")).all()
 
 
-def test_histories_and_popularity_follow_train(ml100k: PreparedPaths) -> None:
+def test_popularity_follows_train(ml100k: PreparedPaths) -> None:
     train = pl.read_parquet(ml100k.train)
-    histories = pl.read_parquet(ml100k.histories)
-    assert histories.get_column("history").list.len().max() == 50
-    user0 = train.filter(pl.col("user_idx") == 0).sort("timestamp").get_column("item_idx").to_list()
-    assert histories.row(0, named=True)["history"][-1] in user0
     popularity = pl.read_parquet(ml100k.popularity)
     assert popularity.get_column("count").sum() == train.height
 
@@ -105,12 +101,12 @@ def test_rejections_are_counted_by_reason(tmp_path: Path) -> None:
     events += [(1, 1, 5, 999), (2, 42, 3, 5), (3, 2, 1, 7)]  # repeat pair, unknown item, low rating (dup too)
     _write_raw_ml100k(tmp_path / "raw/movielens-100k", events, items=list(range(1, 8)))
     meta = prepare(PrepareConfig(
-        "movielens-100k", raw_dir=tmp_path / "raw", processed_dir=tmp_path / "out", min_rating=3,
+        "movielens-100k", raw_dir=tmp_path / "raw", processed_dir=tmp_path / "out", min_weight=3,
         min_user_interactions=3, min_item_interactions=3,
     ))
     rejected = meta["rejected"]
     assert rejected["names a video missing from the items table"] == 1
-    assert rejected["rating below min_rating=3"] == 1
+    assert rejected["weight below min_weight=3"] == 1
     assert rejected["repeats an earlier (user, video) pair"] == 1
     assert meta["counts"]["interactions"] == 25
     assert meta["counts"]["rows_read"] == 28

@@ -112,7 +112,7 @@ def test_trained_two_tower_run_is_evaluated_beside_the_baselines(tmp_path: Path)
 
 def test_two_tower_variants_are_compared_in_a_modality_ablation_plot(tmp_path: Path) -> None:
     from recsys.twotower.train import train_retrieval
-    from tests.models.test_retrieval_module import quick_config, write_topic_dataset
+    from tests.twotower.test_module import quick_config, write_topic_dataset
 
     paths = write_topic_dataset(tmp_path)  # with a title embedding that knows each video's topic
     runs = [train_retrieval(quick_config(paths, max_epochs=1, content=content)).run_id for content in ("title", "none")]

@@ -112,7 +112,7 @@ def test_load_synth_gives_the_common_schema_without_leaking_topics(corpus: Path)
     assert (items.get_column("title") == "").any(), "some titles are empty"
     events = raw.interactions.collect()
     assert events.height == pl.read_parquet(corpus / "events.parquet").height
-    assert events.get_column("rating").null_count() == events.height
+    assert events.get_column("weight").null_count() == events.height
     assert events.get_column("line").to_list() == list(range(1, events.height + 1))
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from recsys.twotower.train import train_retrieval
 from recsys.twotower.trained_model import load_trained
-from tests.models.test_retrieval_module import DATASET, quick_config, write_topic_dataset
+from tests.twotower.test_module import DATASET, quick_config, write_topic_dataset
 
 
 @pytest.mark.slow
