@@ -60,7 +60,7 @@ def _data_prepare(config: cfg.PrepareConfig) -> None:
 
 
 def _data_import(config: cfg.ImportConfig) -> None:
-    from recsys.data.importer import import_dataset
+    from recsys.data.importers.files import import_dataset
 
     report = import_dataset(config)
     print(report.summary())

@@ -1,12 +1,14 @@
-"""One schema for every dataset, and the line-level reading that reports bad input precisely.
+"""The canonical tables every dataset is read onto, and the line-level reading that reports bad input precisely.
 
-Every loader (MovieLens, MicroLens, the synthetic corpus) returns a `RawDataset`:
+Every importer (your own files, MovieLens, MicroLens, the synthetic corpus) returns a `RawDataset`:
 
-- interactions: user_id (str), item_id (str), timestamp (i64; for datasets without clock time,
-  the position in the user's chronological sequence), weight (f32: a rating, a watch fraction; null when absent),
-  line (i64: where the event came from, for error messages and stable tie-breaking)
-- items: item_id (str), title (str, "" when missing), genres (list[str]), video_path (str, null
-  when the dataset has no video files)
+- interactions: user_id (str), item_id (str), timestamp (i64: unix seconds; for datasets without
+  clock time, the position in the user's chronological sequence), weight (f32: a rating, a watch
+  fraction; null when absent), line (i64: where the event came from, for error messages and
+  stable tie-breaking)
+- items: item_id (str), title (str, "" when missing), text (str: description and tags, read by the
+  title encoder after the title; "" when none), genres (list[str]), video_path (str: an absolute
+  path, null when the item has no video file)
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ INTERACTIONS_SCHEMA = pl.Schema(
     }
 )
 ITEMS_SCHEMA = pl.Schema(
-    {"item_id": pl.String, "title": pl.String, "genres": pl.List(pl.String), "video_path": pl.String}
+    {"item_id": pl.String, "title": pl.String, "text": pl.String, "genres": pl.List(pl.String), "video_path": pl.String}
 )
 
 BadLines = Literal["error", "skip"]

@@ -223,7 +223,10 @@ class ItemTable:
 
 
 def read_items(path: Path) -> ItemTable:
-    """Read items.parquet; titles are read as bytes so invalid UTF-8 is reported, not fatal."""
+    """Read items.parquet; titles are read as bytes so invalid UTF-8 is reported, not fatal.
+
+    An item's title text is its title followed by its description and tags (the `text` column).
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -246,6 +249,10 @@ def read_items(path: Path) -> ItemTable:
         except UnicodeDecodeError:
             titles.append(raw.decode("utf-8", errors="replace"))
             bad.append(True)
+    if "text" in present:  # description and tags of imported catalogues: the title encoder reads them after the title
+        texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+        titles = [". ".join(part for part in (title.strip(), (text or "").strip()) if part)
+                  for title, text in zip(titles, texts, strict=True)]
     paths = [p or None for p in pc.cast(table.column("video_path"), pa.large_string()).to_pylist()]
     return ItemTable(table.column("item_id").cast(pa.large_string()).to_pylist(), titles, bad, paths)
 

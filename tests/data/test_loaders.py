@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 
 from recsys.data.datasets import load_raw
-from recsys.data.microlens import load_microlens_50k
-from recsys.data.movielens import load_movielens_100k
+from recsys.data.importers.microlens import load_microlens_50k
+from recsys.data.importers.movielens import load_movielens_100k
 from recsys.data.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA
 from recsys.errors import DataFormatError, MissingInputError
 

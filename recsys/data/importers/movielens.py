@@ -61,6 +61,7 @@ def load_movielens_100k(folder: Path, on_bad_lines: BadLines = "error") -> RawDa
     items = item_fields.select(
         pl.col("item_id"),
         pl.col("title").fill_null(""),
+        pl.lit("").alias("text"),
         genre_flags.list.drop_nulls().alias("genres"),
         pl.lit(None, dtype=pl.String).alias("video_path"),
     ).match_to_schema(ITEMS_SCHEMA)
@@ -84,6 +85,7 @@ def load_movielens_1m(folder: Path, on_bad_lines: BadLines = "error") -> RawData
     items = movie_fields.select(
         pl.col("item_id"),
         pl.col("title").fill_null(""),
+        pl.lit("").alias("text"),
         pl.col("genres").str.split("|"),
         pl.lit(None, dtype=pl.String).alias("video_path"),
     ).match_to_schema(ITEMS_SCHEMA)

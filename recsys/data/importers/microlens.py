@@ -74,6 +74,7 @@ def load_microlens_50k(folder: Path, on_bad_lines: BadLines = "error") -> RawDat
     items = titles.filter(pl.col("item").str.contains(r"^\d+$")).select(
         pl.col("item").alias("item_id"),
         pl.col("title").fill_null("").str.strip_chars(),
+        pl.lit("").alias("text"),
         pl.lit([], dtype=pl.List(pl.String)).alias("genres"),
         pl.when(pl.col("item").is_in(_video_ids(videos)))
         .then(pl.lit(str(videos.resolve()) + "/") + pl.col("item") + pl.lit(".mp4"))
