@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 
 from recsys.config import PrepareConfig, SynthConfig
-from recsys.errors import DataFormatError, MissingInputError
 from recsys.data.importers.synth import load_synth
+from recsys.errors import DataFormatError, MissingInputError
 from recsys.synthetic.generator import make_items, make_topics, make_watch_log, resolve, synthesize
 from recsys.synthetic.truth import SynthTruth, oracle_scores
 
