@@ -5,6 +5,9 @@ T / fps seconds is instead sampled at T evenly spaced times over its whole lengt
 shorter one leaves the tail of the T slots empty (zeros, mask False). Each sampled slot takes
 the frame on screen at its time. Only the sampled frames are converted and resized (by
 FFmpeg's scaler), so the cost is dominated by decoding itself.
+
+Frames come out as they are displayed, not as they are stored: a phone's portrait clip is
+usually stored landscape with a rotation in its display matrix, and is turned upright here.
 """
 
 from __future__ import annotations
@@ -48,18 +51,39 @@ def sample_times(duration: float | None, frames: int, fps: float) -> np.ndarray:
     return np.arange(max(1, at_rate)) / fps
 
 
-def resize_crop(frame: av.VideoFrame, size: int, reformatter: VideoReformatter | None = None) -> np.ndarray:
-    """The frame as RGB uint8 (size, size, 3): shorter side scaled to `size`, centre cropped.
+def quarter_turns(rotation: float) -> int:
+    """np.rot90's k that shows a frame as displayed, from its display-matrix rotation in degrees.
 
-    Pass one `reformatter` for all frames of a stream: it keeps FFmpeg's scaler between calls,
-    which would otherwise be rebuilt for every frame (milliseconds each).
+    The rotation (`VideoFrame.rotation`) is counter-clockwise, as is np.rot90 on an (H, W, C)
+    image: a 90 tag gives k=1, the -90 (or 270) of a phone held upright gives k=3, and ±180 gives 2.
+    This is how ffmpeg and ffplay show such clips (checked against `ffmpeg -autorotate` output).
+    Angles that are not quarter turns (and the flips a matrix can also hold) are rare enough to
+    round to the nearest quarter turn rather than resample.
     """
-    scale = size / min(frame.width, frame.height)
-    width, height = max(size, round(frame.width * scale)), max(size, round(frame.height * scale))
+    return round(rotation / 90) % 4
+
+
+def resize_crop(frame: av.VideoFrame, size: int, reformatter: VideoReformatter | None = None) -> np.ndarray:
+    """The frame as displayed, RGB uint8 (size, size, 3): shorter side scaled to `size`, centre cropped.
+
+    "As displayed" applies the stream's rotation (see `quarter_turns`), so the shorter side and
+    the crop are those of the upright picture. Pass one `reformatter` for all frames of a stream:
+    it keeps FFmpeg's scaler between calls, which would otherwise be rebuilt for every frame
+    (milliseconds each).
+    """
+    turns = quarter_turns(frame.rotation)
+    # A quarter turn swaps the displayed sides.
+    shown_width, shown_height = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+    scale = size / min(shown_width, shown_height)
+    width, height = max(size, round(shown_width * scale)), max(size, round(shown_height * scale))
+    # Scale the stored picture to the target turned back, then turn the small result: the same
+    # pixels as turning first, without rotating the full-size frame.
+    coded_width, coded_height = (height, width) if turns % 2 else (width, height)
     reformatter = reformatter or VideoReformatter()
     # swscale's bilinear widens its filter when shrinking, so it averages like AREA at a quarter of the cost.
-    image = reformatter.reformat(frame, width=width, height=height, format="rgb24",
-                                 interpolation="BILINEAR").to_ndarray()
+    image = reformatter.reformat(frame, width=coded_width, height=coded_height, format="rgb24",
+                                 interpolation="BILINEAR").to_ndarray()  # (coded_height, coded_width, 3)
+    image = np.rot90(image, turns)  # (height, width, 3), a view
     top, left = (height - size) // 2, (width - size) // 2
     return image[top:top + size, left:left + size]  # (S, S, 3)
 
@@ -125,7 +149,9 @@ class VideoFacts:
 
     codec: str
     width: int
+    """Stored (coded) width, as ffprobe reports it; a quarter-turned stream is shown `height` wide"""
     height: int
+    """Stored (coded) height"""
     fps: float | None
     duration: float | None
     header_frames: int
