@@ -260,7 +260,8 @@ def read_catalogue(config: ImportConfig) -> Catalogue:
     id_column = table.column("item_id" if "item_id" in table.columns else config.item_column,
                              "video ID", "the items file's item_id")
     title_column = table.column("title", "title", "the items file's title")
-    optional = [c for c in ("video", "description", "tags") if c in table.columns]
+    video_column = next((c for c in ("video", "video_path") if c in table.columns), None)
+    optional = [c for c in ("description", "tags") if c in table.columns] + (["video"] if video_column else [])
     if "tags" not in optional:
         tag_list = pl.lit([], pl.List(pl.String))
     elif isinstance(table.frame.collect_schema()["tags"], pl.List):
@@ -273,7 +274,7 @@ def read_catalogue(config: ImportConfig) -> Catalogue:
         _text(title_column).fill_null("").alias("title"),
         (_text("description") if "description" in optional else pl.lit(None, pl.String)).alias("description"),
         tag_list.alias("genres"),
-        (_text("video") if "video" in optional else pl.lit(None, pl.String)).alias("video"),
+        (_text(video_column) if video_column else pl.lit(None, pl.String)).alias("video"),
     ))
     if rows.is_empty():
         raise DataFormatError(f"{table.path}: holds no catalogue rows")
@@ -297,7 +298,7 @@ def read_catalogue(config: ImportConfig) -> Catalogue:
 
     if "video" in optional:
         if media_root is None and rows.get_column("video").drop_nulls().len():
-            raise DataFormatError(f"{table.path}: the video column names files; give the folder they are in "
+            raise DataFormatError(f"{table.path}: the {video_column} column names files; give the folder they are in "
                                   "with --media-root DIR")
         videos, bad = [], []
         for video in rows.get_column("video"):
