@@ -41,6 +41,8 @@ STORE_VERSION = 1
 STORE_JSON = "store.json"
 MANIFEST = "manifest.parquet"
 JOURNAL = "progress.jsonl"
+SOURCES = "sources.parquet"
+"""item_idx, item_id, video_path of the items the store was made for (to reuse its rows after a catalogue change)"""
 TITLES = "title_embedding.npy"
 MEDIA_ARRAYS = ("frames", "frame_mask", "mel", "mel_mask")
 
@@ -177,23 +179,36 @@ class ProgressJournal:
 class StoreBuilder:
     """Creates or resumes a store folder for one ingestion run."""
 
-    def __init__(self, folder: Path, layout: StoreLayout, info: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, layout: StoreLayout, info: dict[str, Any], previous: Path | None = None) -> None:
         self.folder = Path(folder)
         self.layout = layout
         self.info = info
         self.journal = ProgressJournal(self.folder / JOURNAL)
+        self.previous = previous
+        """The store this one replaces when only the catalogue changed: its decoded rows can be carried over"""
 
     @classmethod
-    def open(cls, folder: Path, layout: StoreLayout, identity: dict[str, Any], overwrite: bool
-             ) -> tuple[StoreBuilder, str]:
-        """Resume the store when it was started with the same identity, else start anew; (builder, how)."""
+    def open(cls, folder: Path, layout: StoreLayout, identity: dict[str, Any], overwrite: bool,
+             same_media: tuple[str, ...] = ()) -> tuple[StoreBuilder, str]:
+        """Resume the store when it was started with the same identity, else start anew; (builder, how).
+
+        When the old store differs from `identity` only outside the keys `same_media` (e.g. the
+        prepared catalogue changed, not the decoding settings), it is kept aside as `previous`
+        so `carry_over` can reuse its decoded rows; the caller removes it with `drop_previous`.
+        """
         folder = Path(folder)
         existing = folder / STORE_JSON
+        previous = None
         if existing.exists() and not overwrite:
             info = read_json(existing)
             if info.get("identity") == identity and all((folder / f"{n}.npy").exists() for n in MEDIA_ARRAYS):
                 return cls(folder, layout, info), "resumed"
             how = "rebuilt (settings or prepared items changed)"
+            old = info.get("identity") or {}
+            if same_media and all(old.get(key) == identity.get(key) for key in same_media):
+                previous = folder.with_name(folder.name + ".previous")
+                shutil.rmtree(previous, ignore_errors=True)
+                folder.rename(previous)
         else:
             how = "rebuilt (--overwrite)" if existing.exists() else "created"
         # Everything in the folder derives from the old features (later stages' embeddings too).
@@ -205,7 +220,27 @@ class StoreBuilder:
             del array
         info = {"version": STORE_VERSION, "complete": False, "identity": identity, **layout.describe()}
         write_json(existing, info)
-        return cls(folder, layout, info), how
+        return cls(folder, layout, info, previous), how
+
+    def carry_over(self, rows: dict[int, int]) -> list[dict[str, Any]]:
+        """Copy decoded rows {new item_idx: old item_idx} from the previous store; returns their journal rows."""
+        if self.previous is None or not rows:
+            return []
+        done = ProgressJournal(self.previous / JOURNAL).load()
+        rows = {new: old for new, old in rows.items() if old in done}
+        with RowWriter(self.folder, self.layout) as writer:
+            old_arrays = {name: np.load(self.previous / f"{name}.npy", mmap_mode="r") for name in MEDIA_ARRAYS}
+            for new, old in rows.items():
+                writer.write(new, {name: array[old] for name, array in old_arrays.items()})
+            writer.sync()
+        carried = [{**done[old], "item_idx": new} for new, old in rows.items()]
+        self.journal.append(carried)
+        return carried
+
+    def drop_previous(self) -> None:
+        if self.previous is not None:
+            shutil.rmtree(self.previous, ignore_errors=True)
+            self.previous = None
 
     def save_info(self, **updates: Any) -> None:
         self.info.update(updates)

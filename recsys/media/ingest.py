@@ -30,7 +30,8 @@ import polars as pl
 from recsys.config import IngestConfig, to_dict
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
-from recsys.media.feature_store import MANIFEST_SCHEMA, RowWriter, StoreBuilder, StoreLayout
+from recsys.files import write_parquet
+from recsys.media.feature_store import MANIFEST_SCHEMA, SOURCES, RowWriter, StoreBuilder, StoreLayout
 
 NO_VIDEO = "no video file"
 AUDIO_ONLY = "no video stream (audio only)"
@@ -275,10 +276,17 @@ def ingest(config: IngestConfig) -> dict[str, Any]:
         hop_length=config.hop_length, audio_seconds=config.audio_seconds,
     )
     fingerprint = fingerprint_files([paths.items])
+    decoding = {key: value for key, value in asdict(layout).items() if key != "n_items"}
     identity = {"dataset": config.dataset, "items_fingerprint": fingerprint, "layout": asdict(layout),
-                "max_pixels": config.max_pixels}
+                "max_pixels": config.max_pixels, "decoding": decoding}
     started = time.perf_counter()
-    builder, how = StoreBuilder.open(paths.features, layout, identity, config.overwrite)
+    builder, how = StoreBuilder.open(paths.features, layout, identity, config.overwrite,
+                                     same_media=("dataset", "decoding", "max_pixels"))
+    if not (builder.folder / SOURCES).exists():
+        write_parquet(pl.DataFrame({"item_idx": range(layout.n_items), "item_id": items.item_ids,
+                                    "video_path": items.video_paths},
+                                   schema={"item_idx": pl.Int64, "item_id": pl.String, "video_path": pl.String}),
+                      builder.folder / SOURCES)
     inputs = {"items": fingerprint}
     prepare_run = latest_run_id(config.dataset, "prepare")
     if prepare_run:
@@ -288,6 +296,8 @@ def ingest(config: IngestConfig) -> dict[str, Any]:
         import mlflow
 
         title_stats = _ingest_titles(config, builder, items)
+        carried = builder.carry_over(unchanged_videos(builder.previous, items))
+        builder.drop_previous()
         done = builder.journal.load()
         resumed_rows = len(done)
         todo = [i for i in range(layout.n_items) if i not in done]
@@ -300,7 +310,8 @@ def ingest(config: IngestConfig) -> dict[str, Any]:
 
         manifest = build_manifest(builder.journal.load(), items)
         counts = manifest_counts(manifest)
-        counts.update(resumed_rows=resumed_rows, processed_videos=len(videos),
+        counts.update(resumed_rows=resumed_rows - len(carried), carried_over_rows=len(carried),
+                      processed_videos=len(videos),
                       title_cache_hits=title_stats["hits"], title_cache_misses=title_stats["misses"])
         builder.finish(manifest, counts, mlflow_run_id=run.info.run_id)
         seconds = time.perf_counter() - started
@@ -326,6 +337,25 @@ def ingest(config: IngestConfig) -> dict[str, Any]:
         "worker_cpu_seconds": round(worker_cpu, 3),
         "mlflow_run_id": run.info.run_id,
     }
+
+
+def unchanged_videos(previous: Path | None, items: ItemTable) -> dict[int, int]:
+    """{new item_idx: old item_idx} of items whose video the previous store decoded and that is unchanged since.
+
+    Same item ID, same file path, and a file not modified after that store was started: after
+    new videos are imported (and the dataset prepared again), only those are decoded.
+    """
+    if previous is None or not (previous / SOURCES).exists():
+        return {}
+    started = (previous / SOURCES).stat().st_mtime
+    old = {(row["item_id"], row["video_path"]): row["item_idx"]
+           for row in pl.read_parquet(previous / SOURCES).iter_rows(named=True) if row["video_path"]}
+    rows = {}
+    for idx, key in enumerate(zip(items.item_ids, items.video_paths, strict=True)):
+        path = key[1]
+        if key in old and path and Path(path).is_file() and Path(path).stat().st_mtime < started:
+            rows[idx] = old[key]
+    return rows
 
 
 def _ingest_titles(config: IngestConfig, builder: StoreBuilder, items: ItemTable) -> dict[str, int]:

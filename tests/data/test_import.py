@@ -354,3 +354,41 @@ def test_pipeline_on_own_data_recommends_catalogue_videos_and_the_lost_one_from_
     lost = manifest.filter(pl.col("item_id") == MISSING).row(0, named=True)
     assert lost["status"] == "failed" and lost["has_title"]
     assert not manifest.filter(pl.col("item_id") == UNTITLED).item(0, "has_title")
+
+
+def test_ingest_after_new_videos_are_imported_decodes_only_those(own: OwnData, tmp_path: Path,
+                                                                  shared_data: Path) -> None:
+    import numpy as np
+
+    from recsys.config import IngestConfig
+    from recsys.media.feature_store import FeatureStore
+    from recsys.media.ingest import ingest
+
+    raw, processed = tmp_path / "raw", tmp_path / "processed"
+    settings = {"processed_dir": processed, "frames": 4, "frame_size": 32, "workers": 1, "audio_seconds": 1.0}
+    prepare_config = PrepareConfig(NAME, raw_dir=raw, processed_dir=processed, min_user_interactions=1,
+                                   min_item_interactions=1)
+    import_dataset(config(own, raw))
+    prepare(prepare_config)
+    first = ingest(IngestConfig(NAME, **settings))
+    before = FeatureStore.open(processed / NAME / "features")
+    frames_before = {item: before.frames[i].copy() for i, item in enumerate(before.manifest.get_column("item_id"))}
+
+    catalogue = pl.read_csv(own.catalogue)
+    new_clip = own.media_root / "clips" / "new.mp4"
+    retitle(shared_data / "videos" / CLIPS[3], new_clip, "a new upload")
+    bigger = pl.concat([pl.DataFrame({"item_id": ["fresh"], "title": ["a new upload"], "video": ["clips/new.mp4"],
+                                      "description": [""], "tags": [""]}), catalogue])  # new item first: all idx move
+    bigger.write_csv(tmp_path / "catalogue.csv")
+    import_dataset(config(own, raw, items=tmp_path / "catalogue.csv", overwrite=True))
+    prepare(prepare_config)
+    second = ingest(IngestConfig(NAME, **settings))
+    assert first["counts"]["processed_videos"] == len(own.item_ids)
+    assert second["counts"]["processed_videos"] == 2  # the new video, and the lost file tried again
+    assert second["counts"]["carried_over_rows"] == len(own.item_ids) - 1
+    after = FeatureStore.open(processed / NAME / "features")
+    rows = {item: i for i, item in enumerate(after.manifest.get_column("item_id"))}
+    for item, frames in frames_before.items():
+        np.testing.assert_array_equal(after.frames[rows[item]], frames)
+    assert after.frame_mask[rows["fresh"]].any()
+    assert not (processed / NAME / "features.previous").exists()
