@@ -392,3 +392,11 @@ def test_ingest_after_new_videos_are_imported_decodes_only_those(own: OwnData, t
         np.testing.assert_array_equal(after.frames[rows[item]], frames)
     assert after.frame_mask[rows["fresh"]].any()
     assert not (processed / NAME / "features.previous").exists()
+
+
+def test_a_row_with_more_fields_than_the_header_names_its_line(own: OwnData, tmp_path: Path) -> None:
+    log = tmp_path / "log.csv"
+    log.write_text("viewer,video,watched_at\na,v00,2024-05-01\nb,v01,2024-05-01,extra,fields\n")
+    with pytest.raises(DataFormatError, match=r"log.csv:3: 5 fields where the header names 3"):
+        import_dataset(config(own, tmp_path / "raw", interactions=log))
+    assert_nothing_written(tmp_path / "raw")

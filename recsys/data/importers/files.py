@@ -95,6 +95,7 @@ class Table:
     """A user file scanned lazily: its columns as found, and `_at` giving each row's line (or row) number."""
 
     path: Path
+    fmt: TableFormat
     frame: pl.LazyFrame
     columns: list[str]
     unit: Literal["line", "row"]
@@ -140,12 +141,12 @@ def scan_table(path: Path, fmt: TableFormat) -> Table:
             frame, offset, unit = pl.scan_parquet(path), 1, "row"
         columns = frame.collect_schema().names()
     except pl.exceptions.PolarsError as err:
-        raise _read_error(path, err) from None
-    return Table(path, frame.with_row_index("_at", offset=offset).with_columns(pl.col("_at").cast(pl.Int64)),
+        raise _read_error(path, fmt, err) from None
+    return Table(path, fmt, frame.with_row_index("_at", offset=offset).with_columns(pl.col("_at").cast(pl.Int64)),
                  columns, unit)
 
 
-def _read_error(path: Path, err: Exception) -> DataFormatError:
+def _read_error(path: Path, fmt: TableFormat, err: Exception) -> DataFormatError:
     """A polars read error as one line naming the file, and the line of the first bad byte for bad UTF-8."""
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if "utf-8" in message.lower() or "utf8" in message.lower():
@@ -154,7 +155,26 @@ def _read_error(path: Path, err: Exception) -> DataFormatError:
             line, byte = at
             return DataFormatError(f"{path}:{line}: byte {byte:#04x} is not valid UTF-8 "
                                    "(the file must be UTF-8 encoded)")
+    if "more fields" in message:
+        at = first_long_row(path, "\t" if fmt == "tsv" else ",")
+        if at is not None:
+            line, expected, found = at
+            return DataFormatError(f"{path}:{line}: {found} fields where the header names {expected} "
+                                   "(a separator inside a value needs quotes)")
     return DataFormatError(f"{path}: cannot be read as a table: {message}")
+
+
+def first_long_row(path: Path, separator: str) -> tuple[int, int, int] | None:
+    """(line, header fields, fields) of the first CSV/TSV row with more fields than its header."""
+    import csv
+
+    with Path(path).open(newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle, delimiter=separator)
+        header = next(reader, [])
+        for row in reader:
+            if len(row) > len(header):
+                return reader.line_num, len(header), len(row)
+    return None
 
 
 def first_invalid_utf8(path: Path, block: int = 1 << 24) -> tuple[int, int] | None:
@@ -175,14 +195,14 @@ def _collect(table: Table, frame: pl.LazyFrame) -> pl.DataFrame:
     try:
         return frame.collect()
     except pl.exceptions.PolarsError as err:
-        raise _read_error(table.path, err) from None
+        raise _read_error(table.path, table.fmt, err) from None
 
 
 def _sink(table: Table, frame: pl.LazyFrame, out: Path) -> None:
     try:
         frame.sink_parquet(out)
     except pl.exceptions.PolarsError as err:
-        raise _read_error(table.path, err) from None
+        raise _read_error(table.path, table.fmt, err) from None
 
 
 def _text(name: str) -> pl.Expr:
