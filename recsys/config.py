@@ -664,7 +664,8 @@ def config_parser(cls: type, positional: Sequence[str] = (), **parser_args: Any)
     natively is adapted here, per field: `--kebab-case` names (or metadata `flag`, plus
     `aliases`), booleans as a pair of switches (`--x` / `--no-x`, or metadata `negative_flag`)
     instead of `--x true`, tuples as several values (`--ks 10 20`) instead of `--ks [10,20]`,
-    and the fields named in `positional` also as positional arguments (required ones only so).
+    and the fields named in `positional` as positional arguments too (one without a default
+    only as a positional, jsonargparse's own way).
     """
     parser = ArgumentParser(**parser_args)
     parser.add_argument("--config", action=ActionConfigFile, help="Read options from a JSON/YAML file; "
