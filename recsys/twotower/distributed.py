@@ -42,7 +42,7 @@ from torchrec.optim import RowWiseAdagrad, apply_optimizer_in_backward
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from recsys.config import RetrievalConfig, save_config, to_dict
+from recsys.config import RetrievalConfig, config_from, config_parser, save_config, to_dict
 from recsys.data.paths import PreparedPaths
 from recsys.errors import RecsysError
 from recsys.files import read_json
@@ -218,17 +218,12 @@ def torchrun_main(argv: Sequence[str] | None = None) -> int:
 
     `--run-id` logs into an MLflow run opened by the launcher; without it rank 0 opens one.
     """
-    import argparse
-
-    from recsys.cli import add_config_arguments, config_from_args
-
-    parser = argparse.ArgumentParser(prog="python -m recsys.twotower.distributed",
-                                     description="One process of sharded two-tower training (start it with torchrun)")
-    add_config_arguments(parser, RetrievalConfig, ("dataset",))
-    parser.add_argument("--config", type=Path, default=None, help="Load the config from a saved JSON/YAML file")
-    parser.add_argument("--run-id", default=None, help="MLflow run to log into (opened by the launcher)")
+    parser = config_parser(RetrievalConfig, ("dataset",), prog="python -m recsys.twotower.distributed",
+                           description="One process of sharded two-tower training (start it with torchrun)")
+    parser.add_argument("--run-id", type=str | None, default=None,
+                        help="MLflow run to log into (opened by the launcher)")
     namespace = parser.parse_args(argv)
-    config: RetrievalConfig = config_from_args(RetrievalConfig, namespace)
+    config = config_from(RetrievalConfig, namespace)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if config.threads:
         torch.set_num_threads(config.threads)
