@@ -95,7 +95,8 @@ def _ingest(config: cfg.IngestConfig) -> None:
         f"{config.dataset}: {c['items']} items: {c['ok']} ok, {c['failed']} failed; "
         f"videos in {c['videos_in']} = {c['videos_ok']} ok + {c['videos_failed']} failed; "
         f"{c['with_audio']} with audio, {c['with_title']} with a title "
-        f"({summary['store']}, {c['resumed_rows']} rows already done) -> {summary['folder']} "
+        f"({summary['store']}, {c['resumed_rows']} rows already done, {c['carried_over_rows']} carried over "
+        f"from the previous store) -> {summary['folder']} "
         f"(MLflow run {summary['mlflow_run_id']})"
     )
     for reason, count in summary["failures"].items():
