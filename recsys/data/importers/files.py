@@ -258,13 +258,14 @@ class Catalogue:
 
 
 def _bad(table: Table, reason: str, at: int, value: Any, on_bad_rows: str, skipped: dict[str, int],
-         count: int = 1) -> None:
-    """Raise the one-line error for a bad row, or count it as skipped."""
+         count: int = 1, counted_as: str | None = None) -> None:
+    """Raise the one-line error for a bad row, or count it as skipped (under `counted_as`, default the reason)."""
     if on_bad_rows == "error":
         more = f" ({count - 1} more such row(s))" if count > 1 else ""
         raise DataFormatError(f"{table.where(at)}: {reason}: {value!r}{more}; "
                               "fix the file or pass --on-bad-rows skip to skip and count such rows")
-    skipped[reason] = skipped.get(reason, 0) + count
+    key = counted_as or reason
+    skipped[key] = skipped.get(key, 0) + count
 
 
 def read_catalogue(config: ImportConfig) -> Catalogue:
@@ -281,8 +282,7 @@ def read_catalogue(config: ImportConfig) -> Catalogue:
                              "video ID", "the items file's item_id")
     title_column = table.column("title", "title", "the items file's title")
     video_column = next((c for c in ("video", "video_path") if c in table.columns), None)
-    optional = [c for c in ("description", "tags") if c in table.columns] + (["video"] if video_column else [])
-    if "tags" not in optional:
+    if "tags" not in table.columns:
         tag_list = pl.lit([], pl.List(pl.String))
     elif isinstance(table.frame.collect_schema()["tags"], pl.List):
         tag_list = pl.col("tags").cast(pl.List(pl.String))
@@ -292,7 +292,7 @@ def read_catalogue(config: ImportConfig) -> Catalogue:
         pl.col("_at"),
         _text(id_column).alias("item_id"),
         _text(title_column).fill_null("").alias("title"),
-        (_text("description") if "description" in optional else pl.lit(None, pl.String)).alias("description"),
+        (_text("description") if "description" in table.columns else pl.lit(None, pl.String)).alias("description"),
         tag_list.alias("genres"),
         (_text(video_column) if video_column else pl.lit(None, pl.String)).alias("video"),
     ))
@@ -307,16 +307,15 @@ def read_catalogue(config: ImportConfig) -> Catalogue:
     if missing.height:
         _bad(table, "missing video ID", missing.item(0, "_at"), None, config.on_bad_rows, skipped, missing.height)
         rows = rows.filter(pl.col("item_id").is_not_null())
-    repeated = rows.filter(pl.col("item_id").is_duplicated())
-    if repeated.height:
-        first = repeated.row(1, named=True) if repeated.height > 1 else repeated.row(0, named=True)
-        earlier = repeated.filter(pl.col("item_id") == first["item_id"]).item(0, "_at")
-        n_extra = repeated.height - repeated.get_column("item_id").n_unique()
+    repeats = rows.filter(~pl.col("item_id").is_first_distinct())
+    if repeats.height:
+        first = repeats.row(0, named=True)
+        earlier = rows.filter(pl.col("item_id") == first["item_id"]).item(0, "_at")
         _bad(table, f"duplicate video ID (first on {table.unit} {earlier})", first["_at"], first["item_id"],
-             config.on_bad_rows, skipped, n_extra)
+             config.on_bad_rows, skipped, repeats.height, counted_as="duplicate video ID (the first row is kept)")
         rows = rows.unique("item_id", keep="first", maintain_order=True)
 
-    if "video" in optional:
+    if video_column is not None:
         if media_root is None and rows.get_column("video").drop_nulls().len():
             raise DataFormatError(f"{table.path}: the {video_column} column names files; give the folder they are in "
                                   "with --media-root DIR")
