@@ -13,7 +13,8 @@ from recsys.config import ConfigError, PrepareConfig, load_config, save_config
 
 CONFIGS = [c for c in vars(recsys.config).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
 REQUIRED = {"ExportConfig": {"dataset": "synth"}, "RecommendConfig": {"user_id": "7"},
-            "SimilarConfig": {"item_id": "v1"}}
+            "SimilarConfig": {"item_id": "v1"},
+            "ImportConfig": {"dataset": "mine", "interactions": Path("views.csv"), "items": Path("items.csv")}}
 """What a config cannot do without: no default, or checked in __post_init__."""
 
 
@@ -46,7 +47,7 @@ def test_help_lists_every_field_with_its_default(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         build_parser().parse_args(["data", "prepare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--min-rating", "--min-user-interactions", "--split", "--max-history", "--on-bad-lines"):
+    for flag in ("--min-weight", "--min-user-interactions", "--split", "--on-bad-lines"):
         assert flag in text
     assert "(default: 5)" in text and "(default: leave-one-out)" in text
 
