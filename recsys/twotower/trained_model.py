@@ -10,6 +10,9 @@ data/processed/<dataset>/models/
   <run_id>/item_embeddings.npy  float32 (n_items, D): the item tower over the whole catalogue
 ```
 
+The folder names and the item embeddings file are defined by `recsys.content.collaborative`, which
+reads the item embeddings for content distillation: the two stages meet through these files.
+
 `TwoTowerScorer` is what the rest of recsys calls: `item_embeddings()`, `user_embeddings(...)`
 and `score(...)`, all numpy in and out. A user index of -1 means "a user the model has never
 seen": such a user is embedded from their history alone.
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from recsys.data.paths import PreparedPaths
+from recsys.content.collaborative import ITEM_EMBEDDINGS_FILE, LATEST_FILE, latest_run, models_dir
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.files import atomic_path, read_json, write_json
 from recsys.twotower.fresh_views import FreshViews
@@ -43,8 +46,6 @@ from recsys.twotower.towers import TwoTower, TwoTowerSpec
 
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_FILE = "model.json"
-ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"
-LATEST_FILE = "latest.json"
 FORMAT_VERSION = 1
 LATER_BUFFERS = ("cluster_membership", "fresh_view_users", "fresh_view_items")
 """Buffers added to the model after format 1: a model saved before them keeps their empty default."""
@@ -54,11 +55,6 @@ NEW_VIDEO_SCORING = "new_video_scoring"
 """Key of the training summary (model.json "info") holding the fitted `NewVideoScoring`."""
 LEGACY_COLD_ITEM_BIAS = "cold_item_bias"
 """Where models trained before `NEW_VIDEO_SCORING` kept their one offset for new videos."""
-
-
-def models_dir(processed_dir: Path, dataset: str) -> Path:
-    """`<processed_dir>/<dataset>/models`: where trained two-tower models are kept."""
-    return PreparedPaths.of(processed_dir, dataset).root / "models"
 
 
 class TwoTowerScorer:
@@ -242,16 +238,6 @@ def save_trained(
     write_json(folder / MODEL_FILE, document)
     write_json(models_dir(processed_dir, dataset) / LATEST_FILE, {"run_id": run_id, "folder": str(folder)})
     return folder
-
-
-def latest_run(processed_dir: Path, dataset: str) -> str:
-    """Run ID of the newest trained model of a dataset, or a MissingInputError saying how to train one."""
-    pointer = models_dir(processed_dir, dataset) / LATEST_FILE
-    if not pointer.exists():
-        raise MissingInputError(
-            f"no trained model for {dataset} under {pointer.parent}; run `recsys train retrieval {dataset}` first"
-        )
-    return str(read_json(pointer)["run_id"])
 
 
 def load_trained(processed_dir: Path, dataset: str, run_id: str | None = None) -> TwoTowerScorer:
