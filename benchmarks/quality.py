@@ -181,8 +181,9 @@ class TopicReference:
 
 def topic_reference(root: Path) -> dict[str, float]:
     """Test metrics of `TopicReference` on the prepared synthetic corpus under root."""
+    from recsys.data.histories import train_counts
     from recsys.data.paths import PreparedPaths
-    from recsys.evaluation.protocol import evaluate_scorer, load_cases, train_counts
+    from recsys.evaluation.protocol import evaluate_scorer, load_cases
     from recsys.synthetic.truth import SynthTruth
 
     paths = PreparedPaths.of(root / "processed", "synth")

@@ -36,8 +36,8 @@ import pytorch_lightning as pl
 import torch
 
 from recsys.config import ContentConfig, to_dict
-from recsys.content.collaborative import read_item_embeddings
 from recsys.content.datamodule import ContentArrays, ContentDataModule
+from recsys.content.embedding_files import CONTENT_EMBEDDING, CONTENT_JSON, read_item_embeddings
 from recsys.content.encoder import MODALITIES, ContentEncoder, EncoderSpec
 from recsys.content.module import ContentModule, cross_modal_retrieval
 from recsys.data.paths import PreparedPaths
@@ -47,8 +47,6 @@ from recsys.media.feature_store import FeatureStore
 from recsys.threads import torch_threads
 from recsys.tracking.callbacks import MlflowEpochMetrics
 
-CONTENT_JSON = "content.json"
-CONTENT_EMBEDDING = "content_embedding"
 STEP = "content"
 
 
@@ -168,7 +166,7 @@ def synthetic_topics(paths: PreparedPaths, store: FeatureStore) -> np.ndarray | 
 def collaborative_embeddings(config: ContentConfig, paths: PreparedPaths, n_items: int) -> tuple[torch.Tensor, str]:
     """Item embeddings of a trained two-tower model (zero rows for items never seen in training), its run ID.
 
-    Read from the file the two-tower training wrote (`recsys.content.collaborative`)."""
+    Read from the file the two-tower training wrote (`recsys.content.embedding_files`)."""
     import polars as pl
 
     items, run_id = read_item_embeddings(config.processed_dir, config.dataset, config.distill_run)  # (N, Dc)

@@ -15,15 +15,16 @@ import numpy as np
 import torch
 
 from recsys.config import RetrievalConfig
+from recsys.content.embedding_files import CONTENT_EMBEDDING, CONTENT_JSON
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
+from recsys.media.feature_store import TITLES
 from recsys.tracking.store import fingerprint_files, latest_run_id
 from recsys.twotower.datamodule import RetrievalDataModule
 from recsys.twotower.towers import TwoTower, TwoTowerSpec
 
-CONTENT_FILES = {"fused": "content_embedding.npy", "title": "title_embedding.npy"}
+CONTENT_FILES = {"fused": f"{CONTENT_EMBEDDING}.npy", "title": TITLES}
 """Feature store files holding one content embedding per item, by `content` option."""
-CONTENT_META = "content.json"
 
 
 @dataclass
@@ -81,7 +82,7 @@ def upstream_inputs(config: RetrievalConfig, paths: PreparedPaths) -> dict[str, 
     source, path = content_file(paths, config.content)
     if path is not None:
         inputs[f"content_{source}"] = fingerprint_files([path])
-        meta = paths.features / CONTENT_META
+        meta = paths.features / CONTENT_JSON
         if source == "fused" and meta.exists():
             inputs["content_run"] = str(json.loads(meta.read_text()).get("run_id", "unknown"))
     return inputs

@@ -10,7 +10,7 @@ data/processed/<dataset>/models/
   <run_id>/item_embeddings.npy  float32 (n_items, D): the item tower over the whole catalogue
 ```
 
-The folder names and the item embeddings file are defined by `recsys.content.collaborative`, which
+The folder names and the item embeddings file are defined by `recsys.content.embedding_files`, which
 reads the item embeddings for content distillation: the two stages meet through these files.
 
 `TwoTowerScorer` is what the rest of recsys calls: `item_embeddings()`, `user_embeddings(...)`
@@ -36,12 +36,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from recsys.content.collaborative import ITEM_EMBEDDINGS_FILE, LATEST_FILE, latest_run, models_dir
+from recsys.content.embedding_files import ITEM_EMBEDDINGS_FILE, LATEST_FILE, latest_run, models_dir
+from recsys.data.histories import UNKNOWN_USER
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.files import atomic_path, read_json, write_json
 from recsys.twotower.fresh_views import FreshViews
+from recsys.twotower.module import catalogue_embeddings
 from recsys.twotower.new_videos import NewVideoScoring, log_cluster_shares, own_view_taste_changes
-from recsys.twotower.sparse import HISTORY_FEATURE, collate, collate_histories
+from recsys.twotower.sparse import HISTORY_FEATURE, collate_histories
 from recsys.twotower.towers import TwoTower, TwoTowerSpec
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -49,8 +51,6 @@ MODEL_FILE = "model.json"
 FORMAT_VERSION = 1
 LATER_BUFFERS = ("cluster_membership", "fresh_view_users", "fresh_view_items")
 """Buffers added to the model after format 1: a model saved before them keeps their empty default."""
-UNKNOWN_USER = -1
-"""User index meaning 'not in the model's user table': no ID embedding, history only."""
 NEW_VIDEO_SCORING = "new_video_scoring"
 """Key of the training summary (model.json "info") holding the fitted `NewVideoScoring`."""
 LEGACY_COLD_ITEM_BIAS = "cold_item_bias"
@@ -95,13 +95,7 @@ class TwoTowerScorer:
     def item_embeddings(self) -> np.ndarray:
         """float32 (n_items, D), row i = item_idx i (cold-start items included, from their content)."""
         if self._items is None:
-            chunks = []
-            for start in range(0, self.n_items, self.batch_size):
-                ids = np.arange(start, min(start + self.batch_size, self.n_items))
-                empty = np.zeros(len(ids), np.int64)
-                features = collate(None, ids, np.empty(0, np.int64), empty)
-                chunks.append(self.model.item_embeddings(features).numpy())  # (b, D)
-            self._items = np.concatenate(chunks).astype(np.float32)
+            self._items = catalogue_embeddings(self.model, chunk=self.batch_size).numpy().astype(np.float32)
         return self._items
 
     @torch.inference_mode()

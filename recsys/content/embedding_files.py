@@ -1,7 +1,12 @@
-"""The collaborative item embeddings that content training distils, read from the files of a trained two-tower model.
+"""The embedding files through which content and two-tower training meet, both ways (never each other's code).
 
-Content and two-tower meet through files, not code: two-tower training (a stage above this one)
-writes, for each trained model,
+Content training writes into the feature store (`<processed_dir>/<dataset>/features/`):
+
+- `content_embedding.npy` float32 (N, D): the fused content embedding of every item, row = item_idx
+- `content.json`: what made it (the MLflow run ID among it)
+
+and two-tower training (a stage above this one) reads them as its item content. Two-tower
+training writes, for each trained model,
 
 ```
 <processed_dir>/<dataset>/models/
@@ -9,8 +14,8 @@ writes, for each trained model,
   <run_id>/item_embeddings.npy   float32 (n_items, D): its item tower over the whole catalogue
 ```
 
-The names are defined here, on the reading side, and `recsys.twotower.trained_model` writes with
-them, so both sides agree without content importing the two-tower stage.
+and content distillation reads those item embeddings (`read_item_embeddings`). The names are
+defined here; `recsys.twotower` imports them, so both sides agree.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from recsys.data.paths import PreparedPaths
 from recsys.errors import MissingInputError
 from recsys.files import read_json
 
+CONTENT_EMBEDDING = "content_embedding"
+"""The fused content embedding in the feature store (`content_embedding.npy`)."""
+CONTENT_JSON = "content.json"
+"""What made the content embedding (beside it in the feature store)."""
 MODELS_DIR = "models"
 LATEST_FILE = "latest.json"
 ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"
