@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -52,9 +51,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SHARED_DATA, report  # noqa: E402
+from _common import RESULTS, SHARED_DATA, report
 
 METRICS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@50", "hr@50", "coverage@10", "cold_ndcg@10", "ndcg@10/oracle")
 VARIANTS = {
