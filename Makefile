@@ -24,8 +24,10 @@ test: install
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/recsys demo
 
+# ruff, then import-linter: the layering contract of pyproject.toml ([tool.importlinter]).
 lint: install
 	$(BIN)/ruff check recsys tests benchmarks
+	$(BIN)/lint-imports
 
 bench: install
 	for b in benchmarks/*.py; do $(BIN)/python $$b --quick || exit 1; done

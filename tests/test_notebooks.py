@@ -25,20 +25,12 @@ PRINTS = {
 
 
 @pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """This module's own store (overrides the session's): the notebooks read it from a kernel process."""
-    return f"sqlite:///{tmp_path_factory.mktemp('demo-mlflow')}/mlflow.db"
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory, mlflow_store: str) -> tuple[Path, DemoResult, str]:
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DemoResult, str]:
     """The demo on the small preset in a temporary folder: (root, result, printed log)."""
     root = tmp_path_factory.mktemp("demo")
     out = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        result = demo(DemoConfig(preset="small", raw_dir=root / "raw", processed_dir=root / "processed", workers=2),
-                      out=out)
+    result = demo(DemoConfig(preset="small", raw_dir=root / "raw", processed_dir=root / "processed", workers=2),
+                  out=out)
     return root, result, out.getvalue()
 
 
@@ -80,11 +72,11 @@ def test_notebooks_are_stored_without_outputs() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes_without_error(
-    name: str, demo_run: tuple[Path, DemoResult, str], mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+    name: str, demo_run: tuple[Path, DemoResult, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, result, _ = demo_run
-    # The kernel is a child process: it reads its data and store locations from the environment.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    # The kernel is a child process: it reads its data and store locations (MLFLOW_TRACKING_URI: the
+    # session's store) from the environment.
     monkeypatch.setenv("RECSYS_DATASET", "synth")
     monkeypatch.setenv("RECSYS_PROCESSED_DIR", str(root / "processed"))
     monkeypatch.setenv("RECSYS_RAW_DIR", str(root / "raw"))

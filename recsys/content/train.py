@@ -37,16 +37,16 @@ import torch
 
 from recsys.config import ContentConfig, to_dict
 from recsys.content.datamodule import ContentArrays, ContentDataModule
+from recsys.content.embedding_files import CONTENT_EMBEDDING, CONTENT_JSON, read_item_embeddings
 from recsys.content.encoder import MODALITIES, ContentEncoder, EncoderSpec
 from recsys.content.module import ContentModule, cross_modal_retrieval
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError
-from recsys.files import read_json, write_json
+from recsys.files import write_json
 from recsys.media.feature_store import FeatureStore
 from recsys.threads import torch_threads
+from recsys.tracking.callbacks import MlflowEpochMetrics
 
-CONTENT_JSON = "content.json"
-CONTENT_EMBEDDING = "content_embedding"
 STEP = "content"
 
 
@@ -154,47 +154,30 @@ def topic_probe(embeddings: np.ndarray, labels: np.ndarray, rows: np.ndarray | N
 
 def synthetic_topics(paths: PreparedPaths, store: FeatureStore) -> np.ndarray | None:
     """Latent topic of every store row when the dataset is the synthetic corpus (its truth is known)."""
-    from recsys.synthetic.truth import SynthTruth
+    from recsys.synthetic.truth import SynthTruth, corpus_folder
 
-    meta = read_json(paths.meta)
-    raw_dir = meta.get("config", {}).get("raw_dir")
-    truth_dir = Path(raw_dir) / "synth" if raw_dir else None
-    if paths.root.name != "synth" or truth_dir is None or not (truth_dir / "truth").is_dir():
+    folder = corpus_folder(paths)
+    if folder is None:
         return None
-    truth = SynthTruth.load(truth_dir)
+    truth = SynthTruth.load(folder)
     return truth.item_topic[truth.item_index(store.manifest.get_column("item_id").to_list())]
 
 
 def collaborative_embeddings(config: ContentConfig, paths: PreparedPaths, n_items: int) -> tuple[torch.Tensor, str]:
-    """Item embeddings of a trained two-tower model (zero rows for items never seen in training), its run ID."""
+    """Item embeddings of a trained two-tower model (zero rows for items never seen in training), its run ID.
+
+    Read from the file the two-tower training wrote (`recsys.content.embedding_files`)."""
     import polars as pl
 
-    from recsys.twotower.trained_model import load_trained
-
-    scorer = load_trained(config.processed_dir, config.dataset, config.distill_run)
-    items = scorer.item_embeddings()  # (N, Dc)
+    items, run_id = read_item_embeddings(config.processed_dir, config.dataset, config.distill_run)  # (N, Dc)
     if items.shape[0] != n_items:
         raise DataFormatError(
-            f"two-tower run {scorer.run_id} embeds {items.shape[0]} items but the feature store has {n_items}; "
+            f"two-tower run {run_id} embeds {items.shape[0]} items but the feature store has {n_items}; "
             f"retrain it on the current data (`recsys train retrieval {config.dataset}`)"
         )
     warm = pl.read_parquet(paths.items, columns=["train_count"]).get_column("train_count").to_numpy() > 0
     # Cold items' two-tower embeddings come from content alone: distilling those would be circular.
-    return torch.from_numpy(np.where(warm[:, None], items, 0.0).astype(np.float32)), str(scorer.run_id)
-
-
-class EpochHistory(pl.Callback):
-    """Logs every epoch's metrics to the active MLflow run and keeps them for the plots."""
-
-    def __init__(self) -> None:
-        self.epochs: list[dict[str, float]] = []
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        import mlflow
-
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        self.epochs.append(metrics)
-        mlflow.log_metrics(metrics, step=trainer.current_epoch)
+    return torch.from_numpy(np.where(warm[:, None], items, 0.0).astype(np.float32)), run_id
 
 
 def train_content(config: ContentConfig) -> dict[str, Any]:
@@ -236,7 +219,7 @@ def _train(config: ContentConfig) -> dict[str, Any]:
         checkpoints = config.checkpoint_dir / config.dataset / STEP / run_id
         best = pl.callbacks.ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val_loss", mode="min",
                                             save_last=True)
-        history = EpochHistory()
+        history = MlflowEpochMetrics()
         trainer = pl.Trainer(
             max_epochs=config.max_epochs,
             accelerator="cpu",
@@ -280,7 +263,7 @@ def _train(config: ContentConfig) -> dict[str, Any]:
             summary.update(_probe_metrics(embeddings, topics, store, config.seed))
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)
                             and k != "epochs" and v is not None})
-        _log_plots(history.epochs, embeddings, topics)
+        _log_plots(history.history, embeddings, topics)
         files = write_embeddings(store, embeddings, {
             "run_id": run_id,
             "checkpoint": checkpoint or None,

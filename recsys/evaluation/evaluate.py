@@ -40,8 +40,7 @@ def fit_baselines(config: EvaluateConfig, paths: PreparedPaths) -> dict[str, Sco
         elif name == "itemknn":
             scorers[name] = ItemKNN.fit(matrix, config.knn_neighbours)
         elif name == "mf":
-            settings = ALSSettings(config.mf_factors, config.mf_reg, config.mf_alpha, config.mf_iterations, config.seed)
-            scorers[name] = ImplicitALS.fit(matrix, settings)
+            scorers[name] = ImplicitALS.fit(matrix, ALSSettings.from_config(config))
     return scorers
 
 

@@ -78,10 +78,11 @@ def validation_metrics(ranker: Ranker, paths: PreparedPaths) -> dict[str, float]
 
 def log_embedding_map(ranker: Ranker, paths: PreparedPaths, config: ExportConfig) -> None:
     """The exported item embeddings in 2-D, coloured by latent topic (synthetic corpus) or first genre."""
+    from recsys.synthetic.truth import TRUTH_DIR, TRUTH_ITEMS
     from recsys.tracking.plots import embedding_map, item_labels, log_figure
 
     items = pl.read_parquet(paths.items).sort("item_idx")
-    labels = item_labels(items, config.raw_dir / config.dataset / "truth" / "items.parquet")
+    labels = item_labels(items, config.raw_dir / config.dataset / TRUTH_DIR / TRUTH_ITEMS)
     embeddings = ranker.scorer.item_embeddings()  # (N, D)
     log_figure(embedding_map(embeddings, labels, title=f"{config.dataset} item embeddings"), "item_embeddings")
 

@@ -25,13 +25,10 @@ import polars as pl
 import torch
 
 from recsys.config import ConfigError
+from recsys.data.histories import UNKNOWN_USER, histories_by_user, train_counts
 from recsys.data.paths import PreparedPaths
-from recsys.evaluation.protocol import split_lists, train_counts, user_histories
 from recsys.metrics import top_k
 from recsys.serving.index import IndexKind, ItemIndex, make_index
-
-UNKNOWN_USER = -1
-"""User index given to a model for a user it has never seen (embedded from the history alone)."""
 
 
 class UnknownUserWarning(UserWarning):
@@ -104,12 +101,7 @@ class Recommender:
     def histories(self) -> list[np.ndarray]:
         """Every known user's watch history (train, valid and test), oldest first, indexed by user_idx."""
         frames = [pl.scan_parquet(p) for p in (self.paths.train, self.paths.valid, self.paths.test) if p.exists()]
-        table = (
-            pl.DataFrame({"user_idx": np.arange(len(self.user_lookup), dtype=np.int64)})
-            .join(user_histories(frames).collect(), on="user_idx", how="left")
-            .sort("user_idx")
-        )
-        return split_lists(table["history"])
+        return histories_by_user(frames, len(self.user_lookup))
 
     @cached_property
     def user_index(self) -> ItemIndex:

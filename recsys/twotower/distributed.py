@@ -46,13 +46,13 @@ from recsys.config import RetrievalConfig, config_from, config_parser, save_conf
 from recsys.data.paths import PreparedPaths
 from recsys.errors import RecsysError
 from recsys.files import read_json
-from recsys.tracking.plots import log_retrieval_plots
 from recsys.tracking.store import start_run
+from recsys.twotower.build import RetrievalResult, build_model, load_content, upstream_inputs
 from recsys.twotower.datamodule import RetrievalBatch, RetrievalDataModule
 from recsys.twotower.module import VAL_METRIC, RetrievalObjective, optimizer_groups
 from recsys.twotower.new_videos import fit_new_videos, new_video_metrics
+from recsys.twotower.plots import log_retrieval_plots
 from recsys.twotower.sparse import ITEM_TABLE, USER_TABLE
-from recsys.twotower.train import RetrievalResult, build_model, load_content, upstream_inputs
 from recsys.twotower.trained_model import MODEL_FILE, NEW_VIDEO_SCORING, WEIGHTS_FILE, models_dir, save_trained
 
 
@@ -204,13 +204,6 @@ def train_sharded(config: RetrievalConfig) -> RetrievalResult:
     info = read_json(folder / MODEL_FILE)["info"]
     return RetrievalResult(run_id, folder, folder / WEIGHTS_FILE, info["best_val_ndcg_10"], info["epochs"],
                            info["content_source"], info["history"])
-
-
-def _device(local_rank: int) -> tuple[torch.device, str]:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank), "nccl"
-    return torch.device("cpu"), "gloo"
 
 
 def torchrun_main(argv: Sequence[str] | None = None) -> int:

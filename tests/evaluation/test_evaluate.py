@@ -13,6 +13,7 @@ from recsys.data.paths import PreparedPaths
 from recsys.errors import MissingInputError
 from recsys.evaluation.evaluate import SkippedModelWarning, evaluate, metric_key
 from tests.evaluation.grouped_data import USERS, build_prepared
+from tests.tiny_model import TinyModel
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +94,8 @@ def test_oracle_on_the_synthetic_corpus_is_the_ceiling(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_trained_two_tower_run_is_evaluated_beside_the_baselines(tmp_path: Path) -> None:
-    from tests.tiny_model import build
-
-    processed_dir, result = build(tmp_path, epochs=4)
+def test_trained_two_tower_run_is_evaluated_beside_the_baselines(trained_tiny_model: TinyModel) -> None:
+    processed_dir, result = trained_tiny_model.processed_dir, trained_tiny_model.result
     table = evaluate(EvaluateConfig(processed_dir=processed_dir, run_ids=(result.run_id,), split="valid",
                                     baselines=("popularity",)))
     rows = {row["model"]: row for row in table.iter_rows(named=True)}

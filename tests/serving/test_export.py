@@ -22,31 +22,21 @@ from recsys.serving.pyfunc_model import Ranker, RequestError, parse_requests
 from recsys.serving.recommend import UnknownUserWarning, recommend
 from recsys.serving.registry import CHAMPION, DECISION_TAG, VAL_NDCG_TAG, champion_uri, decide, model_name
 from tests import tiny_model
+from tests.tiny_model import TinyModel
 
 DATASET = tiny_model.DATASET
 
 
 @pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """This module's own store (overrides the session's), so its registry starts empty."""
-    return f"sqlite:///{tmp_path_factory.mktemp('export-mlflow')}/mlflow.db"
+def exported(trained_tiny_model: TinyModel, exported_tiny_model: ExportResult) -> tuple[Path, ExportResult]:
+    """The session's tiny model and its first export (the registered model's champion): (processed_dir, result)."""
+    return trained_tiny_model.processed_dir, exported_tiny_model
 
 
 @pytest.fixture(scope="module")
-def exported(mlflow_store: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportResult]:
-    """A tiny trained model, exported once: (processed_dir, result)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        processed_dir, _ = tiny_model.build(tmp_path_factory.mktemp("tiny"))
-        return processed_dir, export(ExportConfig(dataset=DATASET, processed_dir=processed_dir))
-
-
-@pytest.fixture(scope="module")
-def ranker(exported: tuple[Path, ExportResult], mlflow_store: str) -> Ranker:
+def ranker(exported: tuple[Path, ExportResult]) -> Ranker:
     """The champion's ranker, read from the bundle inside the MLflow artifact store."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        local = mlflow.artifacts.download_artifacts(f"{champion_uri(DATASET)}")
+    local = mlflow.artifacts.download_artifacts(f"{champion_uri(DATASET)}")
     return Ranker(Path(local) / "artifacts" / "bundle")
 
 

@@ -14,20 +14,13 @@ import pandas as pd
 import polars as pl
 import pytest
 
-from recsys.config import ExportConfig
-from recsys.serving.export import export
+from recsys.serving.export import ExportResult
 from recsys.serving.pyfunc_model import Ranker
 from recsys.serving.registry import champion_uri
 from recsys.serving.serve import ServerProcess, free_port, venv_env
 from tests import tiny_model
 
 DATASET = tiny_model.DATASET
-
-
-@pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """This module's own store (overrides the session's)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('serve-mlflow')}/mlflow.db"
 
 
 def _post(url: str, body: bytes) -> tuple[int, Any]:
@@ -45,10 +38,8 @@ def _records(rows: list[dict[str, Any]]) -> bytes:
 
 @pytest.mark.slow
 def test_served_rankings_equal_in_process_and_bad_requests_get_400(
-    tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, mlflow_store: str, exported_tiny_model: ExportResult
 ) -> None:
-    processed_dir, _ = tiny_model.build(tmp_path)
-    export(ExportConfig(dataset=DATASET, processed_dir=processed_dir))
     bundle = Path(mlflow.artifacts.download_artifacts(champion_uri(DATASET))) / "artifacts" / "bundle"
     in_process = Ranker(bundle)
 
