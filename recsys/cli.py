@@ -186,8 +186,8 @@ def _recommend(config: cfg.RecommendConfig) -> None:
 
     recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id, config.index)
     with _notes_to_stderr(UnknownUserWarning):  # the fallback ranking still goes to stdout
-        ranking = recommender.recommend(config.user_id, config.k, config.exclude_seen, config.history)
-    print(format_ranking(ranking))
+        ranking = recommender.recommend(config.user_id, config.k, config.exclude_seen, config.history, config.explain)
+    print(ranking.write_json() if config.output == "json" else format_ranking(ranking))
 
 
 def _similar(config: cfg.SimilarConfig) -> None:

@@ -498,6 +498,10 @@ class RecommendConfig:
     """Training run of the model to use; unset: the newest trained model of the dataset"""
     index: Literal["auto", "exact", "pq", "hnsw", "ivf"] = "auto"
     """Item index: exact matrix product, or FAISS pq (re-ranked 4-bit PQ), HNSW or IVF; auto: pq for large catalogues"""
+    explain: bool = False
+    """Say why each video is recommended: nearest watched video, shares of its score, ranked from content"""
+    output: Literal["table", "json"] = "table"
+    """Print an aligned table, or one JSON list of rows"""
 
     def __post_init__(self) -> None:
         check_dataset_name(self.dataset)
