@@ -198,6 +198,19 @@ def _similar(config: cfg.SimilarConfig) -> None:
     print(format_ranking(recommender.similar(config.item_id, config.k)))
 
 
+def _search(config: cfg.SearchConfig) -> None:
+    from recsys.serving.recommend import Recommender, UnknownUserWarning
+    from recsys.serving.search import SearchWarning, VideoSearch, format_matches
+
+    engine = VideoSearch.load(config.dataset, config.processed_dir, config.lexical_weight)
+    recommender = None
+    if config.user_id is not None:
+        recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id)
+    with _notes_to_stderr(SearchWarning), _notes_to_stderr(UnknownUserWarning):  # the fallback still goes to stdout
+        ranking = engine.search(config.query, config.k, config.user_id, recommender, config.rerank_depth)
+    print(ranking.write_json() if config.output == "json" else format_matches(ranking))
+
+
 def _demo(config: cfg.DemoConfig) -> None:
     from recsys.demo import demo
 
@@ -239,6 +252,9 @@ COMMANDS: list[Command] = [
             ("dataset",)),
     Command(("recommend",), cfg.RecommendConfig, _recommend,
             "Top-k videos for a user (or a watch history), with titles and scores"),
+    Command(("search",), cfg.SearchConfig, _search,
+            "Videos matching a text query, by what they show and sound like and by their titles",
+            ("dataset", "query")),
     Command(("similar",), cfg.SimilarConfig, _similar,
             "Videos nearest to a video in the item embedding space (cold-start videos included)"),
 ]

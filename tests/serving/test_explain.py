@@ -21,7 +21,7 @@ SCORING = {"weight": 0.5, "taste_weight": 0.2, "bias": 0.3, "fresh_weight": 0.1,
 """New-video coefficients with every term switched on."""
 
 
-def _model(paths: PreparedPaths) -> tuple[TwoTower, dict[str, dict[str, float]]]:
+def explained_model(paths: PreparedPaths) -> tuple[TwoTower, dict[str, dict[str, float]]]:
     """A two-tower model with IDs, content (each video's group, noisy) and cluster tastes, untrained."""
     torch.manual_seed(0)
     items = pl.read_parquet(paths.items).sort("item_idx")
@@ -42,7 +42,7 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> PreparedPaths:
 
 @pytest.fixture(scope="module")
 def recommender(paths: PreparedPaths) -> Recommender:
-    model, info = _model(paths)
+    model, info = explained_model(paths)
     return Recommender(paths, model=TwoTowerScorer(model, info=info), index_kind="exact")
 
 
@@ -95,7 +95,7 @@ def test_unknown_user_explanation_is_popularity(recommender: Recommender) -> Non
 
 
 def test_cli_explain_table_and_json(paths: PreparedPaths, capsys: pytest.CaptureFixture[str]) -> None:
-    model, info = _model(paths)
+    model, info = explained_model(paths)
     save_trained(model, paths.root.parent, paths.root.name, "run-explain", info)
     base = ["recommend", "--user-id", "3", "-k", "3", "--processed-dir", str(paths.root.parent), "--explain"]
     assert main(base) == 0
