@@ -20,6 +20,10 @@ from recsys.metrics import top_k
 from recsys.synthetic.generator import FILLER, WORDS
 
 PARAPHRASES: dict[str, str] = {
+    "ocean": "seaside swimming coast",
+    "mountain": "climbing rocky peaks",
+    "cooking": "preparing food for dinner",
+    "football": "soccer players scoring",
     "guitar": "acoustic strumming musician",
     "cat": "feline pet meowing",
     "racing": "fast cars on a track",
