@@ -26,6 +26,7 @@ one scorer, through `Recommender`); an unknown user gets the plain matches and a
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -111,6 +112,7 @@ class VideoSearch:
         self.index_kind: IndexKind = index_kind
         self.candidates = candidates
         self.bm25 = bm25s.BM25()
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # its per-index DEBUG line is noise in the CLI
         self.bm25.index(tokenize(list(texts)), show_progress=False)
 
     @classmethod
