@@ -186,8 +186,8 @@ def _recommend(config: cfg.RecommendConfig) -> None:
 
     recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id, config.index)
     with _notes_to_stderr(UnknownUserWarning):  # the fallback ranking still goes to stdout
-        ranking = recommender.recommend(config.user_id, config.k, config.exclude_seen, config.history)
-    print(format_ranking(ranking))
+        ranking = recommender.recommend(config.user_id, config.k, config.exclude_seen, config.history, config.explain)
+    print(ranking.write_json() if config.output == "json" else format_ranking(ranking))
 
 
 def _similar(config: cfg.SimilarConfig) -> None:
@@ -196,6 +196,19 @@ def _similar(config: cfg.SimilarConfig) -> None:
     assert config.item_id is not None  # checked by SimilarConfig
     recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id, config.index)
     print(format_ranking(recommender.similar(config.item_id, config.k)))
+
+
+def _search(config: cfg.SearchConfig) -> None:
+    from recsys.serving.recommend import Recommender, UnknownUserWarning
+    from recsys.serving.search import SearchWarning, VideoSearch, format_matches
+
+    engine = VideoSearch.load(config.dataset, config.processed_dir, config.lexical_weight)
+    recommender = None
+    if config.user_id is not None:
+        recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id)
+    with _notes_to_stderr(SearchWarning), _notes_to_stderr(UnknownUserWarning):  # the fallback still goes to stdout
+        ranking = engine.search(config.query, config.k, config.user_id, recommender, config.rerank_depth)
+    print(ranking.write_json() if config.output == "json" else format_matches(ranking))
 
 
 def _demo(config: cfg.DemoConfig) -> None:
@@ -239,6 +252,9 @@ COMMANDS: list[Command] = [
             ("dataset",)),
     Command(("recommend",), cfg.RecommendConfig, _recommend,
             "Top-k videos for a user (or a watch history), with titles and scores"),
+    Command(("search",), cfg.SearchConfig, _search,
+            "Videos matching a text query, by what they show and sound like and by their titles",
+            ("dataset", "query")),
     Command(("similar",), cfg.SimilarConfig, _similar,
             "Videos nearest to a video in the item embedding space (cold-start videos included)"),
 ]

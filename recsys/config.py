@@ -498,6 +498,10 @@ class RecommendConfig:
     """Training run of the model to use; unset: the newest trained model of the dataset"""
     index: Literal["auto", "exact", "pq", "hnsw", "ivf"] = "auto"
     """Item index: exact matrix product, or FAISS pq (re-ranked 4-bit PQ), HNSW or IVF; auto: pq for large catalogues"""
+    explain: bool = False
+    """Say why each video is recommended: nearest watched video, shares of its score, ranked from content"""
+    output: Literal["table", "json"] = "table"
+    """Print an aligned table, or one JSON list of rows"""
 
     def __post_init__(self) -> None:
         check_dataset_name(self.dataset)
@@ -506,6 +510,38 @@ class RecommendConfig:
         self.history = tuple(v.strip() for entry in self.history for v in str(entry).split(",") if v.strip())
         _require(self.k >= 1, f"k must be at least 1, got {self.k}")
         _require(self.user_id is not None or bool(self.history), "give a --user-id, a --history, or both")
+
+
+@dataclass
+class SearchConfig:
+    """What `recsys search` looks for, in which dataset, and for whom."""
+
+    dataset: Dataset = "synth"
+    """Prepared dataset whose videos are searched (its content model must be trained)"""
+    query: str = ""
+    """Words describing what the videos show or sound like, e.g. 'cat playing'"""
+    k: int = field(default=10, metadata={"aliases": ("-k",)})
+    """Number of videos to list"""
+    user_id: str | None = None
+    """Re-rank the best matches by this user's taste (the two-tower score); unknown users get plain matches"""
+    rerank_depth: int | None = None
+    """How many of the best matches a user's taste re-ranks; unset: 3k"""
+    lexical_weight: float | None = None
+    """Weight of the BM25 title match in the blend (0: content only, 1: titles only); unset: the fitted one"""
+    processed_dir: Path = Path("data/processed")
+    """Folder holding the prepared datasets and their trained models"""
+    run_id: str | None = None
+    """Training run of the two-tower model used with --user-id; unset: the newest"""
+    output: Literal["table", "json"] = "table"
+    """Print an aligned table, or one JSON list of rows"""
+
+    def __post_init__(self) -> None:
+        check_dataset_name(self.dataset)
+        self.processed_dir = Path(self.processed_dir)
+        _require(self.k >= 1, f"k must be at least 1, got {self.k}")
+        _require(self.rerank_depth is None or self.rerank_depth >= 1, "rerank_depth must be at least 1 when given")
+        _require(self.lexical_weight is None or 0.0 <= self.lexical_weight <= 1.0,
+                 f"lexical_weight must be between 0 and 1, got {self.lexical_weight}")
 
 
 @dataclass

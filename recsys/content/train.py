@@ -10,6 +10,8 @@ EVERY item of the store (cold-start and failed ones included):
   no usable modality at all, e.g. a failed video without a title)
 - `embedding_<modality>.npy` float32 (N, D) for frames, motion, audio, title (zero rows where
   the item lacks that modality)
+- `title_projection.safetensors`: the trained title projection, so that `recsys search` embeds a
+  text query the way titles were embedded
 - `content.json`: D, modalities, per-modality counts, the MLflow run ID and the checkpoint.
 
 On the synthetic corpus the latent topic of every video is known, so the run also logs the
@@ -40,6 +42,7 @@ from recsys.content.datamodule import ContentArrays, ContentDataModule
 from recsys.content.embedding_files import CONTENT_EMBEDDING, CONTENT_JSON, read_item_embeddings
 from recsys.content.encoder import MODALITIES, ContentEncoder, EncoderSpec
 from recsys.content.module import ContentModule, cross_modal_retrieval
+from recsys.content.title_encoder import save_title_projection
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError
 from recsys.files import write_json
@@ -264,13 +267,14 @@ def _train(config: ContentConfig) -> dict[str, Any]:
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)
                             and k != "epochs" and v is not None})
         _log_plots(history.history, embeddings, topics)
-        files = write_embeddings(store, embeddings, {
+        projection = save_title_projection(module.encoder.title, store.folder)  # search embeds queries with it
+        files = [projection, *write_embeddings(store, embeddings, {
             "run_id": run_id,
             "checkpoint": checkpoint or None,
             "embedded_from": config.embed_from,
             "spec": dataclasses.asdict(spec),
             "best_val_loss": summary["best_val_loss"],
-        })
+        })]
         summary["files"] = [str(p) for p in files]
         summary["store"] = str(store.folder)
     return summary

@@ -28,6 +28,7 @@ from recsys.config import ConfigError
 from recsys.data.histories import UNKNOWN_USER, histories_by_user, train_counts
 from recsys.data.paths import PreparedPaths
 from recsys.metrics import top_k
+from recsys.serving.explain import explain_popular, explain_ranking
 from recsys.serving.index import IndexKind, ItemIndex, make_index
 
 
@@ -136,8 +137,12 @@ class Recommender:
         k: int = 10,
         exclude_seen: bool = True,
         history: Sequence[str] = (),
+        explain: bool = False,
     ) -> pl.DataFrame:
         """Top-k videos: rank, item_id, title, score (best first).
+
+        With `explain`, each video also says why (`recsys.serving.explain`): the history video
+        nearest to it, the shares of its score and whether it was ranked from its content.
 
         `history` adds videos just watched (oldest first) to a known user's history, or is the
         whole history of a user the dataset does not know. With `exclude_seen`, videos in the
@@ -164,11 +169,16 @@ class Recommender:
                     stacklevel=2,
                 )
         if not known and not len(extra):
-            return self._popular(k)  # nothing watched, so nothing to exclude
+            popular = self._popular(k)  # nothing watched, so nothing to exclude
+            return explain_popular(popular) if explain else popular
         exclude = [np.unique(watched)] if exclude_seen else None
         query = self.model.user_vectors(np.array([user_idx]), [watched])  # (1, D')
         scores, ids = self.user_index.search(query, k, exclude)
-        return self._frame(ids[0], scores[0])
+        ranking = self._frame(ids[0], scores[0])
+        if not explain:
+            return ranking
+        found = ids[0][ids[0] >= 0]
+        return explain_ranking(ranking, self.model, query, found, watched, self.unit_items, self.item_ids, self.titles)
 
     def similar(self, item_id: str, k: int = 10) -> pl.DataFrame:
         """The k videos nearest to `item_id` by cosine similarity: rank, item_id, title, score."""
@@ -206,9 +216,11 @@ def recommend(
     processed_dir: Path = Path("data/processed"),
     run_id: str | None = None,
     index_kind: IndexKind = "auto",
+    explain: bool = False,
 ) -> pl.DataFrame:
     """Top-k videos for a user of a prepared dataset (see `Recommender.recommend`); loads everything each call."""
-    return Recommender.load(dataset, processed_dir, run_id, index_kind).recommend(user_id, k, exclude_seen, history)
+    recommender = Recommender.load(dataset, processed_dir, run_id, index_kind)
+    return recommender.recommend(user_id, k, exclude_seen, history, explain)
 
 
 def similar(
@@ -224,11 +236,13 @@ def similar(
 
 
 def format_ranking(ranking: pl.DataFrame) -> str:
-    """A ranking as aligned text: rank, video ID, score, title."""
+    """A ranking as aligned text: rank, video ID, score, title (and `why:` lines when it is explained)."""
     if ranking.is_empty():
         return "(no videos left to recommend)"
     id_width = max(len("video"), *(len(i) for i in ranking["item_id"]))
     lines = [f"{'rank':>4}  {'video':<{id_width}}  {'score':>8}  title"]
     for row in ranking.iter_rows(named=True):
         lines.append(f"{row['rank']:>4}  {row['item_id']:<{id_width}}  {row['score']:>8.4f}  {row['title']}")
+        if "reason" in row:
+            lines.append(f"{'':>4}  {'':<{id_width}}  {'':>8}  why: {row['reason']}")
     return "\n".join(lines)
