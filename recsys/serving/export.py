@@ -29,6 +29,9 @@ ENTRY_POINT = Path(__file__).with_name("pyfunc_entry.py")
 REQUIREMENTS = ("mlflow", "torch", "torchrec", "fbgemm-gpu-cpu", "numpy", "pandas", "polars", "pyarrow",
                 "safetensors")
 """Packages the model needs at inference (besides recsys itself, installed from this repository)."""
+HEADLINE = ("val_ndcg_10", "val_hr_10", "val_mrr_10", "test_ndcg_10", "test_hr_10", "test_mrr_10",
+            "test_cold_ndcg_10", "test_coverage_10")
+"""The metrics a version's description lists (all of them are logged with the model)."""
 
 
 @dataclass
@@ -144,7 +147,7 @@ def export(config: ExportConfig) -> ExportResult:
             )
             mlflow.log_metrics({**val, **test}, model_id=logged.model_id)  # shown with the logged model
             log_embedding_map(ranker, paths, config)
-            headline = {k: v for k, v in {**val, **test}.items() if k.endswith("_10")}
+            headline = {k: v for k, v in {**val, **test}.items() if k in HEADLINE}
             decision = register(logged.model_uri, config.dataset, val["val_ndcg_10"], train_run_id, run.info.run_id,
                                 version_description(train_run_id, variant, headline))
             mlflow.MlflowClient().update_run(run.info.run_id, name=f"export v{decision.version} {variant}".strip())

@@ -2,12 +2,13 @@
 
 `log_tables` logs parquet files (a split, the catalogue) into the active run with `mlflow.log_input`;
 the UI shows them in the runs table's Dataset column and on the run page, and runs that read the
-same data show the same digest. The digest is MLflow's own for polars frames (a hash of the rows,
-so it does not depend on the file's path or encoding); `input_digests` reads them back.
+same data show the same digest. The digest (`digest`) hashes the table's columns, length and rows,
+so it does not depend on the file's path or encoding; `input_digests` reads them back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,16 @@ def dataset_name(dataset: str, role: str) -> str:
     return f"{dataset}/{role}"
 
 
+def digest(frame: pl.DataFrame) -> str:
+    """12 hex digits identifying a table's content: its schema, its length and the sum of its row hashes.
+
+    Equal for equal rows in any order (a split is a set of interactions), whatever file holds them.
+    MLflow's own digest for polars is the bare row-hash sum: a 20-digit number, too long to read in the UI.
+    """
+    rows = int(frame.hash_rows(seed=0).sum()) if frame.height else 0
+    return hashlib.sha256(f"{frame.schema}|{frame.height}|{rows}".encode()).hexdigest()[:12]
+
+
 def log_frame(frame: pl.DataFrame, dataset: str, role: str, source: Path) -> Any:
     """Log one table (already in memory) as an input of the active run; returns the MLflow dataset."""
     import mlflow
@@ -32,7 +43,8 @@ def log_frame(frame: pl.DataFrame, dataset: str, role: str, source: Path) -> Any
         # MLflow registers its local-file source for both the '' and 'file' schemes and warns that a
         # path matches both; either resolves it the same way.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-        data = mlflow.data.from_polars(frame, source=str(Path(source).resolve()), name=dataset_name(dataset, role))
+        data = mlflow.data.from_polars(frame, source=str(Path(source).resolve()), name=dataset_name(dataset, role),
+                                       digest=digest(frame))
     mlflow.log_input(data, context=CONTEXTS.get(role, role))
     return data
 
