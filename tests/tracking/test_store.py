@@ -139,3 +139,17 @@ def test_two_corpora_differing_only_by_folder_are_told_apart_by_their_data(tmp_p
     assert f"a = {ids[0]} (train_retrieval gru fused d64 s0)" in out
     assert "datasets (digests):" in out and digest[1] in out
     assert "test_ndcg_10" in out and "0.03" in out  # the same figure the UI's compare view shows
+
+
+def test_run_names_say_what_differs() -> None:
+    from recsys.config import ContentConfig, PrepareConfig, RetrievalConfig
+    from recsys.content.train import run_name as content_name
+    from recsys.data.prepare import run_name as prepare_name
+    from recsys.twotower.train import run_name as retrieval_name
+
+    assert retrieval_name(RetrievalConfig(dataset="synth"), "fused") == "train_retrieval gru fused d64 s0"
+    assert (retrieval_name(RetrievalConfig(dataset="synth", encoder="attention", dim=32, seed=3, ids=False), "title")
+            == "train_retrieval attention title no-ids d32 s3")
+    assert content_name(ContentConfig(temporal="mean", seed=1)) == "content small mean gated d64 s1"
+    assert content_name(ContentConfig(distill_weight=0.5)) == "content small gru gated d64 distill s0"
+    assert prepare_name(PrepareConfig(split="temporal", min_weight=0.5)) == "prepare temporal u5 i5 w0.5"
