@@ -42,6 +42,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 DATASET = "synth"
 WIDTH, HEIGHT = 1360, 820
 """Browser window: wide enough for the runs table's Dataset column beside the run names."""
+MODEL_TRAINING = "workflowType=machine_learning"
+"""The UI's sidebar switch set to *Model training* for one page (what a person picks once; the browser keeps it)."""
 STEP_NAMES = ("synth ", "prepare ", "ingest ", "content ", "train_retrieval ", "evaluate ", "export ")
 """How the name of each nested step run starts (the rest says what differs: sizes, encoder, seed)."""
 
@@ -60,6 +62,11 @@ class Check:
 class Report:
     checks: list[Check] = field(default_factory=list)
     screenshots: list[str] = field(default_factory=list)
+
+    def shot(self, path: Path) -> None:
+        """Record a saved screenshot (relative to the repository when it is inside it)."""
+        root = DOCS.parent
+        self.screenshots.append(str(path.resolve().relative_to(root) if path.resolve().is_relative_to(root) else path))
 
     def check(self, page: str, what: str, ok: bool, detail: str = "") -> bool:
         self.checks.append(Check(page, what, bool(ok), detail))
@@ -264,9 +271,8 @@ def second_training_run(processed_dir: str) -> None:
 
 async def close_assistant(browser: Browser) -> None:
     """Fold away MLflow's assistant side panel, which opens by itself on a first visit (screenshots only)."""
-    await browser.js("(() => { const b = [...document.querySelectorAll('button')].find(b => "
-                     "(b.getAttribute('aria-label') || '').toLowerCase().includes('close') && "
-                     "b.closest('[class*=ssistant], [data-testid*=ssistant], aside')); if (b) b.click(); })()")
+    await browser.wait_for("document.querySelector('button[aria-label=Close]')", timeout=10)
+    await browser.js("document.querySelector('button[aria-label=Close]')?.click()")
 
 
 async def experiment_page(browser: Browser, base: str, facts: dict[str, Any], report: Report, docs: Path) -> None:
@@ -322,7 +328,7 @@ async def experiment_page(browser: Browser, base: str, facts: dict[str, Any], re
         await browser.drag(edge[0], edge[1], 150)
     await asyncio.sleep(1)
     await browser.screenshot(docs / "ui-runs.png")
-    report.screenshots.append(str(docs / "ui-runs.png"))
+    report.shot(docs / "ui-runs.png")
 
 
 async def run_page(browser: Browser, base: str, facts: dict[str, Any], report: Report) -> None:
@@ -335,9 +341,11 @@ async def run_page(browser: Browser, base: str, facts: dict[str, Any], report: R
     digest = input_digests(training).get("train", "?")
     ok = await browser.wait_text(training.info.run_name, f"{DATASET}/train ({digest})", timeout=90)
     report.check(page, "the run page names the run and lists its train split with its digest", ok, digest)
+    parent = json.dumps(facts["demo"].info.run_name)
+    linked = await browser.wait_for("(() => { const t = document.body.innerText.split('Parent run')[1] || ''; "
+                                    f"return t.replace(/^[\\s:]+/, '').startsWith({parent}); }})()", timeout=60)
+    report.check(page, "the run page links the parent (demo) run", linked)
     text = await browser.text()
-    report.check(page, "the run page links the parent (demo) run",
-                 f"Parent run\n{facts['demo'].info.run_name}" in text)
     report.check(page, "the run page shows its test metrics", "test_ndcg_10" in text and "val_ndcg_10" in text)
 
 
@@ -345,7 +353,8 @@ async def compare_page(browser: Browser, base: str, facts: dict[str, Any], repor
     page = "compare"
     runs = facts["training"][:2]
     ids = json.dumps([r.info.run_id for r in runs])
-    await browser.goto(f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([facts['experiment_id']])}")
+    await browser.goto(f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([facts['experiment_id']])}"
+                       f"&{MODEL_TRAINING}")
     names = [r.info.run_name for r in runs]
     ok = await browser.wait_text(*names, timeout=120)
     report.check(page, "the compare view names both training runs", ok, " / ".join(names))
@@ -368,11 +377,12 @@ async def compare_page(browser: Browser, base: str, facts: dict[str, Any], repor
     # The params and tags tables: only rows that differ (metrics: all, to compare them).
     await browser.js("['Parameters', 'Tags'].forEach(t => document.querySelector("
                      "`button[aria-label='${t} - Show diff only']`)?.click())")
-    await browser.js("(() => { const h = [...document.querySelectorAll('h1, h2, h3, button, span')].find("
-                     "e => e.innerText && e.innerText.trim() === 'Run details'); if (h) h.scrollIntoView(); })()")
-    await asyncio.sleep(1)
-    await browser.screenshot(docs / "ui-compare.png", height=1500)
-    report.screenshots.append(str(docs / "ui-compare.png"))
+    # Fold the parallel-coordinates plot away (its header toggles it): the tables below are what is compared.
+    await browser.js("[...document.querySelectorAll('*')].filter(e => e.innerText && e.innerText.trim() === "
+                     "'Visualizations').pop()?.click()")
+    await asyncio.sleep(2)
+    await browser.screenshot(docs / "ui-compare.png", height=1400)
+    report.shot(docs / "ui-compare.png")
 
 
 async def model_page(browser: Browser, base: str, report: Report, docs: Path) -> None:
@@ -383,7 +393,7 @@ async def model_page(browser: Browser, base: str, report: Report, docs: Path) ->
     page = "model"
     name = model_name(DATASET)
     champion = MlflowClient().get_model_version_by_alias(name, CHAMPION)
-    await browser.goto(f"{base}/#/models/{name}")
+    await browser.goto(f"{base}/#/models/{name}?{MODEL_TRAINING}")
     ok = await browser.wait_text(name, f"Version {champion.version}", timeout=90)
     report.check(page, f"the registered model {name} lists its versions", ok)
     text = await browser.text()
@@ -392,20 +402,22 @@ async def model_page(browser: Browser, base: str, report: Report, docs: Path) ->
     await close_assistant(browser)
     await asyncio.sleep(1)
     await browser.screenshot(docs / "ui-model.png")
-    report.screenshots.append(str(docs / "ui-model.png"))
+    report.shot(docs / "ui-model.png")
 
     page = "model version"
-    await browser.goto(f"{base}/#/models/{name}/versions/{champion.version}")
-    ok = await browser.wait_text(f"Version {champion.version}", "Two-tower ranking model", timeout=90)
+    await browser.goto(f"{base}/#/models/{name}/versions/{champion.version}?{MODEL_TRAINING}")
+    export_run = MlflowClient().get_run(champion.run_id).info.run_name
+    ok = await browser.wait_text(f"Version {champion.version}", "Two-tower ranking model", export_run, timeout=90)
     report.check(page, "the champion version shows its description with its metrics", ok)
     text = await browser.text()
     report.check(page, "the description carries val_ndcg_10 and test_ndcg_10",
                  "val_ndcg_10" in text and "test_ndcg_10" in text)
     report.check(page, "the version page shows the champion alias", CHAMPION in text)
+    report.check(page, "the version page links its export run", export_run in text, export_run)
     await close_assistant(browser)
     await asyncio.sleep(1)
     await browser.screenshot(docs / "ui-model-version.png")
-    report.screenshots.append(str(docs / "ui-model-version.png"))
+    report.shot(docs / "ui-model-version.png")
 
 
 async def drive(binary: str, base: str, facts: dict[str, Any], report: Report, docs: Path) -> None:
