@@ -104,15 +104,23 @@ def _ingest(config: cfg.IngestConfig) -> None:
 
 
 def _runs(config: cfg.RunsConfig) -> None:
+    import polars as pl
+
     from recsys.tracking.runs import compare_runs, format_table, runs_table, summary
 
     if config.action == "compare":
         assert config.run_a is not None and config.run_b is not None  # checked by RunsConfig
         comparison = compare_runs(config.run_a, config.run_b)
-        print(f"a = {comparison.run_a}\nb = {comparison.run_b}")
+        name_a, name_b = (f" ({name})" if name else "" for name in comparison.names)
+        print(f"a = {comparison.run_a}{name_a}\nb = {comparison.run_b}{name_b}")
         print("params that differ:" if comparison.params.height else "params: identical")
         if comparison.params.height:
             print(format_table(comparison.params))
+        if comparison.datasets.height:  # digests of the tables each run read (the UI's Dataset column)
+            same = comparison.datasets.filter(pl.col("a") == pl.col("b")).height == comparison.datasets.height
+            print("datasets: identical" if same else "datasets (digests):")
+            if not same:
+                print(format_table(comparison.datasets))
         print("metrics (delta = b - a):" if comparison.metrics.height else "metrics: none logged")
         if comparison.metrics.height:
             print(format_table(comparison.metrics))

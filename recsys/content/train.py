@@ -183,6 +183,14 @@ def collaborative_embeddings(config: ContentConfig, paths: PreparedPaths, n_item
     return torch.from_numpy(np.where(warm[:, None], items, 0.0).astype(np.float32)), run_id
 
 
+def run_name(config: ContentConfig) -> str:
+    """What tells content runs apart in the UI: backbone, motion encoder, fusion, width, distillation, seed
+    (e.g. `content small gru gated d64 s0`)."""
+    distill = ["distill"] if config.distill_weight > 0 else []
+    return " ".join([STEP, config.backbone, config.temporal, config.fusion, f"d{config.embedding_dim}", *distill,
+                     f"s{config.seed}"])
+
+
 def train_content(config: ContentConfig) -> dict[str, Any]:
     """Train the content encoders on a dataset's feature store and write every item's embeddings into it.
 
@@ -196,6 +204,7 @@ def train_content(config: ContentConfig) -> dict[str, Any]:
 def _train(config: ContentConfig) -> dict[str, Any]:
     import mlflow
 
+    from recsys.tracking.inputs import log_tables
     from recsys.tracking.store import start_run
 
     paths = PreparedPaths.of(config.processed_dir, config.dataset).require()
@@ -215,8 +224,9 @@ def _train(config: ContentConfig) -> dict[str, Any]:
         augment=config.augment,
         distill_weight=config.distill_weight, collab_embeddings=collab, max_epochs=config.max_epochs,
     )
-    with start_run(config.dataset, STEP, to_dict(config), inputs=inputs) as run:
+    with start_run(config.dataset, STEP, to_dict(config), inputs=inputs, run_name=run_name(config)) as run:
         run_id = run.info.run_id
+        log_tables(config.dataset, {"catalogue": paths.items})
         mlflow.log_params({"encoder.n_mels": spec.n_mels, "train_items": len(data.train_rows),
                            "val_items": len(data.val_rows), "items": len(store)})
         checkpoints = config.checkpoint_dir / config.dataset / STEP / run_id

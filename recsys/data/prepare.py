@@ -18,6 +18,7 @@ from recsys.config import PrepareConfig, to_dict
 from recsys.data.datasets import load_raw
 from recsys.data.paths import PreparedPaths
 from recsys.files import write_json, write_parquet
+from recsys.tracking.inputs import log_frame
 from recsys.tracking.store import fingerprint_files, start_run
 
 SPLITS = ("train", "valid", "test")
@@ -125,6 +126,12 @@ def assign_splits(indexed: pl.DataFrame, config: PrepareConfig) -> pl.DataFrame:
         .otherwise(pl.lit("train"))
     )
     return ranked.with_columns(split.alias("split")).drop("_quantile")
+
+
+def run_name(config: PrepareConfig) -> str:
+    """The prepare run's name: its split and filters (`prepare leave-one-out u5 i5`)."""
+    name = f"prepare {config.split} u{config.min_user_interactions} i{config.min_item_interactions}"
+    return name + (f" w{config.min_weight:g}" if config.min_weight is not None else "")
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
@@ -243,9 +250,13 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     }
     write_json(paths.meta, meta)
 
-    with start_run(config.dataset, "prepare", to_dict(config), {"raw_files": meta["input_fingerprint"]}) as run:
+    with start_run(config.dataset, "prepare", to_dict(config), {"raw_files": meta["input_fingerprint"]},
+                   run_name=run_name(config)) as run:
         import mlflow
 
+        # The indexed watch log with its split column (unknown videos, repeats and k-core removed): what the
+        # splits are cut from.
+        log_frame(split_df, config.dataset, "interactions", config.raw_dir / config.dataset)
         mlflow.log_metrics({f"count.{k}": v for k, v in meta["counts"].items()})
         mlflow.log_metrics({"rejected.total": sum(rejected.values())})
         mlflow.log_artifact(str(paths.meta))

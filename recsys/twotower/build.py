@@ -8,18 +8,22 @@ model parallel) build the same `TwoTower` from the same inputs here, and return 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from recsys.config import RetrievalConfig
+from recsys.config import RetrievalConfig, to_dict
 from recsys.content.embedding_files import CONTENT_EMBEDDING, CONTENT_JSON
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.media.feature_store import TITLES
-from recsys.tracking.store import fingerprint_files, latest_run_id
+from recsys.tracking.inputs import log_tables
+from recsys.tracking.store import fingerprint_files, latest_run_id, start_run
 from recsys.twotower.datamodule import RetrievalDataModule
 from recsys.twotower.towers import TwoTower, TwoTowerSpec
 
@@ -86,6 +90,26 @@ def upstream_inputs(config: RetrievalConfig, paths: PreparedPaths) -> dict[str, 
         if source == "fused" and meta.exists():
             inputs["content_run"] = str(json.loads(meta.read_text()).get("run_id", "unknown"))
     return inputs
+
+
+def run_name(config: RetrievalConfig, content_source: str) -> str:
+    """What tells training runs apart in the UI: history encoder, item content, ID embeddings, size, seed.
+
+    E.g. `train_retrieval gru fused d64 s0`, `train_retrieval attention none d32 s1`,
+    `train_retrieval gru title no-ids d64 s0` (the content-only model).
+    """
+    ids = [] if config.ids else ["no-ids"]
+    return " ".join(["train_retrieval", config.encoder, content_source, *ids, f"d{config.dim}", f"s{config.seed}"])
+
+
+@contextmanager
+def training_run(config: RetrievalConfig, paths: PreparedPaths, inputs: dict[str, str]) -> Iterator[Any]:
+    """The MLflow run of one training (single-process or sharded), named by `run_name`, with the
+    splits and the catalogue it reads logged as its datasets."""
+    source, _ = content_file(paths, config.content)
+    with start_run(config.dataset, "train_retrieval", to_dict(config), inputs, run_name(config, source)) as run:
+        log_tables(config.dataset, {"train": paths.train, "valid": paths.valid, "catalogue": paths.items})
+        yield run
 
 
 def build_model(config: RetrievalConfig, data: RetrievalDataModule, content: ItemContent) -> TwoTower:

@@ -46,8 +46,7 @@ from recsys.config import RetrievalConfig, config_from, config_parser, save_conf
 from recsys.data.paths import PreparedPaths
 from recsys.errors import RecsysError
 from recsys.files import read_json
-from recsys.tracking.store import start_run
-from recsys.twotower.build import RetrievalResult, build_model, load_content, upstream_inputs
+from recsys.twotower.build import RetrievalResult, build_model, load_content, training_run, upstream_inputs
 from recsys.twotower.datamodule import RetrievalBatch, RetrievalDataModule
 from recsys.twotower.module import VAL_METRIC, RetrievalObjective, optimizer_groups
 from recsys.twotower.new_videos import fit_new_videos, new_video_metrics
@@ -191,7 +190,7 @@ def train_sharded(config: RetrievalConfig) -> RetrievalResult:
     This process opens the MLflow run; rank 0 logs into it and saves the gathered model.
     """
     paths = PreparedPaths.of(config.processed_dir, config.dataset).require()
-    with start_run(config.dataset, "train_retrieval", to_dict(config), upstream_inputs(config, paths)) as run:
+    with training_run(config, paths, upstream_inputs(config, paths)) as run:
         run_id = run.info.run_id
         with tempfile.TemporaryDirectory() as tmp:
             config_path = save_config(config, Path(tmp) / "config.json")
@@ -228,8 +227,8 @@ def torchrun_main(argv: Sequence[str] | None = None) -> int:
         elif namespace.run_id is not None:
             train_rank(config, rank, world_size, device, namespace.run_id)
         else:
-            inputs = upstream_inputs(config, PreparedPaths.of(config.processed_dir, config.dataset).require())
-            with start_run(config.dataset, "train_retrieval", to_dict(config), inputs) as run:
+            paths = PreparedPaths.of(config.processed_dir, config.dataset).require()
+            with training_run(config, paths, upstream_inputs(config, paths)) as run:
                 summary = train_rank(config, rank, world_size, device, run.info.run_id)
             assert summary is not None
             print(f"{config.dataset}: sharded two-tower model over {world_size} processes -> {summary['folder']} "

@@ -19,8 +19,7 @@ from recsys.data.paths import PreparedPaths
 from recsys.errors import MissingInputError
 from recsys.threads import torch_threads
 from recsys.tracking.callbacks import MlflowEpochMetrics
-from recsys.tracking.store import start_run
-from recsys.twotower.build import RetrievalResult, build_model, load_content, upstream_inputs
+from recsys.twotower.build import RetrievalResult, build_model, load_content, training_run, upstream_inputs
 from recsys.twotower.datamodule import RetrievalDataModule
 from recsys.twotower.module import VAL_METRIC, RetrievalModule
 from recsys.twotower.new_videos import fit_new_videos, new_video_metrics
@@ -71,7 +70,7 @@ def _train(config: RetrievalConfig, paths: PreparedPaths) -> RetrievalResult:
     if resume_from is not None:
         inputs["resumed_from"] = resume_from.parent.name
 
-    with start_run(config.dataset, "train_retrieval", to_dict(config), inputs) as run:
+    with training_run(config, paths, inputs) as run:
         import mlflow
 
         run_id = run.info.run_id

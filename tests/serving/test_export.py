@@ -53,6 +53,15 @@ def test_first_export_becomes_champion_with_lineage(exported: tuple[Path, Export
     assert run.data.tags["recsys.input.train_retrieval"] == version.tags["recsys.train_run"]
     assert run.data.metrics["val_ndcg_10"] == pytest.approx(result.val_metrics["val_ndcg_10"])
     assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/item_embeddings.png"]
+    # What the registry and the UI show: names, datasets, the version's description and metrics
+    assert run.info.run_name == f"export v{result.version} gru none d16 s0"
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {f"{DATASET}/{t}" for t in
+                                                                   ("train", "valid", "catalogue")}
+    assert f"val_ndcg_10 {result.val_metrics['val_ndcg_10']:.4f}" in version.description
+    assert version.tags["recsys.train_run"] in version.description and "first champion" in version.description
+    assert champion_uri(DATASET) in client.get_registered_model(model_name(DATASET)).description
+    logged_model = mlflow.get_logged_model(result.model_uri.removeprefix("models:/"))
+    assert {m.key for m in logged_model.metrics} >= {"val_ndcg_10", "val_hr_10"}
     # the trained model learnt the groups: well above a random ranking (about 0.1 here)
     assert result.val_metrics["val_ndcg_10"] > 0.25
 
