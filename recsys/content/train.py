@@ -226,7 +226,8 @@ def _train(config: ContentConfig) -> dict[str, Any]:
     )
     with start_run(config.dataset, STEP, to_dict(config), inputs=inputs, run_name=run_name(config)) as run:
         run_id = run.info.run_id
-        log_tables(config.dataset, {"catalogue": paths.items})
+        if paths.items.exists():  # a feature store made outside `data prepare` (tests, benchmarks) has no catalogue
+            log_tables(config.dataset, {"catalogue": paths.items})
         mlflow.log_params({"encoder.n_mels": spec.n_mels, "train_items": len(data.train_rows),
                            "val_items": len(data.val_rows), "items": len(store)})
         checkpoints = config.checkpoint_dir / config.dataset / STEP / run_id
