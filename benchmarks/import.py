@@ -39,9 +39,9 @@ from pathlib import Path
 step, root = sys.argv[1], Path(sys.argv[2])
 import polars as pl
 if step != "bare":
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (imports outside the timing: MLflow's store,
     import recsys.tracking.store as tracking
-    tracking.system_info()  # imports torch and MLflow outside the timing
-    import mlflow  # noqa: F401
+    tracking.system_info()  # and torch)
     from recsys.config import ImportConfig, PrepareConfig
     from recsys.data.importers.files import import_dataset
     from recsys.data.prepare import prepare
