@@ -45,9 +45,9 @@ def _sort_positions(major: np.ndarray, n_minor: int) -> np.ndarray:
 
 def _natural_positions(ids: pl.Series) -> np.ndarray:
     """Positions of `ids` in natural order (`_natural_order`, nulls first): by string, then stably by length."""
-    frame = ids.to_frame("id").with_row_index("_position").sort("id").sort(
-        pl.col("id").str.len_chars(), maintain_order=True)
-    return frame.get_column("_position").to_numpy().astype(np.int64)
+    by_string = ids.arg_sort().to_numpy()  # nulls first
+    lengths = ids.str.len_chars().fill_null(0).to_numpy()[by_string]
+    return by_string[np.argsort(lengths, kind="stable")].astype(np.int64)
 
 
 def _factorize(values: pl.Series) -> tuple[np.ndarray, pl.Series]:
@@ -104,7 +104,9 @@ def _first_of_pairs(users: np.ndarray, items: np.ndarray, n_items: int) -> np.nd
     pairs = keys >> np.uint64(shift)
     first = np.ones(keys.size, dtype=bool)
     first[1:] = pairs[1:] != pairs[:-1]
-    return np.sort((keys[first] & np.uint64((1 << shift) - 1)).astype(np.int64))
+    keep = np.zeros(keys.size, dtype=bool)
+    keep[keys[first] & np.uint64((1 << shift) - 1)] = True
+    return np.flatnonzero(keep)
 
 
 def k_core(users: np.ndarray, items: np.ndarray, min_user: int, min_item: int) -> tuple[np.ndarray, int]:
@@ -119,8 +121,9 @@ def k_core(users: np.ndarray, items: np.ndarray, min_user: int, min_item: int) -
     rounds = 0
     while True:
         rounds += 1
-        keep = (np.bincount(users, minlength=n_users)[users] >= min_user) & (
-            np.bincount(items, minlength=n_items)[items] >= min_item)
+        user_ok = np.bincount(users, minlength=n_users) >= min_user
+        item_ok = np.bincount(items, minlength=n_items) >= min_item
+        keep = user_ok[users] & item_ok[items]
         if keep.all():
             return kept, rounds
         kept, users, items = kept[keep], users[keep], items[keep]
