@@ -153,11 +153,14 @@ def main() -> None:
         "import_rows_kept": runs["import"][0]["rows_kept"],
         "generate_seconds": round(generate_s, 1),
         "cpu_count": os.cpu_count(),
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "polars": pl.__version__,
         "note": ("prepare uses the PrepareConfig defaults (k-core 5/5, leave-one-out): what a user gets; "
                  "ratio_to_bare_read = (import + prepare seconds) / bare scan_csv().collect() seconds; "
                  "times exclude each process's imports (process_seconds include them); peak RSS is the "
-                 "larger of the import and prepare processes (Python, polars, torch and MLflow included)"),
+                 "larger of the import and prepare processes (Python, polars, torch and MLflow included); the log "
+                 "is in time order, as exports usually are (prepare then skips its time sort); the 2 cores are "
+                 "shared with other jobs (see the load average), so wall times are noisy"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "import.json").write_text(json.dumps(result, indent=2) + "\n")
