@@ -13,6 +13,7 @@ import codecs
 import difflib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -208,8 +209,7 @@ def _collect_all(table: Table, frames: list[pl.LazyFrame]) -> list[pl.DataFrame]
 
 def _text(name: str) -> pl.Expr:
     """A column as trimmed text, null when empty."""
-    value = pl.col(name).cast(pl.String).str.strip_chars()
-    return pl.when(value == "").then(None).otherwise(value)
+    return pl.col(name).cast(pl.String).str.strip_chars().replace("", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,27 +548,26 @@ def import_dataset(config: ImportConfig) -> ImportReport:
     target = CanonicalFolder(config.raw_dir / config.dataset)
     assert config.interactions is not None  # checked by ImportConfig
     log = scan_table(config.interactions, table_format(config.interactions, config.format))
-    with target.replace_atomically(config.overwrite) as staging:
+    sources = [p for p in (config.interactions, config.items) if p is not None]
+    # The sources' hash (a full read of the log) is taken while polars reads it, on a core it leaves idle.
+    with target.replace_atomically(config.overwrite) as staging, ThreadPoolExecutor(1) as background:
+        fingerprint = background.submit(fingerprint_files, sources)
         catalogue = read_catalogue(config)
         # One pass over the log: kept rows straight to their table, skipped ones (few) beside them
-        # with what their error needs, and the summary of the kept ones.
+        # with what their error needs. zstd level 1: the size of the default level 3, 20% less CPU.
         rows = _watch_log(config, log, catalogue.items.get_column("item_id"))
-        kept = rows.filter(pl.col("_skip").is_null())
         skipped_file = staging / "_skipped.parquet"
-        summary = _collect_all(log, [
-            kept.select(list(INTERACTIONS_SCHEMA)).sink_parquet(staging / "interactions.parquet", lazy=True),
+        _collect_all(log, [
+            rows.filter(pl.col("_skip").is_null()).select(list(INTERACTIONS_SCHEMA))
+            .sink_parquet(staging / "interactions.parquet", compression_level=1, lazy=True),
             rows.filter(pl.col("_skip").is_not_null()).select("line", "item_id", "_time", "_weight", "_skip")
             .sink_parquet(skipped_file, lazy=True),
-            kept.select(
-                pl.len().alias("kept"),
-                pl.col("user_id").n_unique().alias("users"), pl.col("item_id").n_unique().alias("items"),
-                pl.col("timestamp").min().alias("first"), pl.col("timestamp").max().alias("last"),
-            ),
-        ])[-1].row(0, named=True)
+        ])
         skipped = pl.scan_parquet(skipped_file)
         counts = {reason: n for reason, n in skipped.group_by("_skip").len().collect().iter_rows()}
-        if summary["kept"]:
-            counts[None] = summary["kept"]
+        kept = pl.scan_parquet(staging / "interactions.parquet")
+        if kept_rows := kept.select(pl.len()).collect().item():
+            counts[None] = kept_rows
         rows_read = sum(counts.values())
         if rows_read == 0:
             raise DataFormatError(f"{log.path}: holds no views (only a header?)")
@@ -579,6 +578,15 @@ def import_dataset(config: ImportConfig) -> ImportReport:
             reasons = ", ".join(f"{n:,} {r}" for r, n in counts.items())
             raise DataFormatError(f"{log.path}: no view is left to import ({reasons})")
         catalogue.items.write_parquet(staging / "items.parquet")
+        # A summary of the table just written (a third output of the pass above would read the log again).
+        # Every kept video is in the catalogue, so when the catalogue's IDs have distinct hashes the
+        # kept videos' distinct hashes count them exactly, without a hash table of the strings.
+        ids = catalogue.items.get_column("item_id")
+        videos = pl.col("item_id").hash() if ids.hash().n_unique() == ids.len() else pl.col("item_id")
+        summary = kept.select(
+            pl.col("user_id").n_unique().alias("users"), videos.n_unique().alias("items"),
+            pl.col("timestamp").min().alias("first"), pl.col("timestamp").max().alias("last"),
+        ).collect(engine="streaming").row(0, named=True)
 
         items = catalogue.items
         report = ImportReport(
@@ -599,8 +607,7 @@ def import_dataset(config: ImportConfig) -> ImportReport:
             last_time=_iso(summary["last"]),
         )
         assert report.rows_read == report.rows_kept + sum(report.skipped.values())
-        sources = [p for p in (config.interactions, config.items) if p is not None]
-        with start_run(config.dataset, "import", to_dict(config), {"sources": fingerprint_files(sources)}) as run:
+        with start_run(config.dataset, "import", to_dict(config), {"sources": fingerprint.result()}) as run:
             import mlflow
 
             mlflow.log_metrics({"count.rows_read": rows_read, "count.rows_kept": kept_count,
