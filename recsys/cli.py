@@ -268,6 +268,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional:
             kwargs["help"] = f"one of {', '.join(map(str, choices))}; {help_text}"
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif "const" in f.metadata:  # `--flag` alone means the const, `--flag VALUE` that value
+            kwargs.update(nargs="?", const=f.metadata["const"])
         elif typing.get_origin(annotation) is tuple:
             kwargs["nargs"] = "+"
         if f.name in positional:

@@ -31,6 +31,10 @@ Dataset = str
 """A dataset name: built-in or imported (lower-case letters, digits, '.', '_' and '-')."""
 FetchableDataset = Literal["movielens-100k", "movielens-1m", "microlens-50k"]
 DATASET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+"""An MLflow run ID."""
+RESUME_LATEST = "latest"
+"""`--resume` alone: the newest unfinished training run of the same dataset and config."""
 
 C = TypeVar("C")
 
@@ -347,8 +351,10 @@ class RetrievalConfig:
     """Users whose validation target is ranked each epoch (a fixed seeded sample; 0: every user)"""
     seed: int = 0
     """Random seed of initialisation, shuffling and dropout"""
-    resume: bool = False
-    """Continue the newest interrupted training of this dataset from its last checkpoint"""
+    resume: str | None = field(default=None, metadata={"const": RESUME_LATEST})
+    """Continue a killed training run from its last checkpoint: its run ID, or alone the newest unfinished one"""
+    resume_or_start: bool = False
+    """Like --resume, but train the run again from the start when it has no checkpoint, or a new one if none"""
     threads: int = 1
     """CPU threads for torch (0: torch's default); the towers' operations are small: more threads mostly wait"""
     progress_bar: bool = True
@@ -378,7 +384,10 @@ class RetrievalConfig:
         _require(self.validation_users >= 0, "validation_users must be 0 (every user) or more")
         _require(self.threads >= 0, "threads must be 0 (torch's default) or more")
         _require(self.world_size >= 1, "world_size must be at least 1")
-        _require(self.world_size == 1 or not self.resume, "--resume continues single-process (Lightning) runs only")
+        _require(self.resume is None or self.resume == RESUME_LATEST or bool(RUN_ID.match(self.resume)),
+                 f"resume: {self.resume!r} is neither a run ID (32 hex digits) nor {RESUME_LATEST!r}")
+        _require(self.world_size == 1 or (self.resume is None and not self.resume_or_start),
+                 "--resume continues single-process (Lightning) runs only")
 
 
 @dataclass
