@@ -427,11 +427,20 @@ class ServeConfig:
     """TCP port to listen on"""
     workers: int = 1
     """Server worker processes (each loads the model)"""
+    max_request_rows: int = 1000
+    """Most rows (users) one request may hold; more are answered 413"""
+    max_request_bytes: int = 1 << 20
+    """Largest request body in bytes; a larger one is answered 413 before it is read"""
+    request_timeout: int = 60
+    """Seconds a request may take; later it is answered 504 and its work stops"""
 
     def __post_init__(self) -> None:
         check_dataset_name(self.dataset)
         _require(1 <= self.port <= 65535, f"port must be between 1 and 65535, got {self.port}")
         _require(self.workers >= 1, "workers must be at least 1")
+        _require(self.max_request_rows >= 1, "max_request_rows must be at least 1")
+        _require(self.max_request_bytes >= 1, "max_request_bytes must be at least 1")
+        _require(self.request_timeout >= 1, "request_timeout must be at least 1 second")
 
 
 @dataclass

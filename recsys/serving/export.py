@@ -44,14 +44,18 @@ class ExportResult:
 
 
 def signature() -> object:
-    """Input: user_id (str), optional k (int) and history (list of item IDs); output: one row per video."""
+    """Input: user_id (str), optional k (int) and history (list of item IDs); output: one row per video.
+
+    k is declared of any type: MLflow would cast a declared long, turning 2.5 into 2, true into 1
+    and "5" into 5, where the model must refuse them (`parse_requests` checks k's type itself).
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import DataType
-    from mlflow.types.schema import Array, ColSpec, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, Schema
 
     inputs = Schema([
         ColSpec(DataType.string, "user_id"),
-        ColSpec(DataType.long, "k", required=False),
+        ColSpec(AnyType(), "k", required=False),
         ColSpec(Array(DataType.string), "history", required=False),
     ])
     outputs = Schema([
