@@ -25,6 +25,7 @@ from recsys.serving.pyfunc_model import Ranker
 from recsys.serving.registry import champion_uri
 from recsys.serving.serve import ServerProcess, free_port, venv_env
 from tests import tiny_model
+from tests.process_tree import alive, descendants
 
 DATASET = tiny_model.DATASET
 
@@ -118,31 +119,6 @@ def test_served_rankings_equal_in_process_and_bad_requests_get_4xx(
     assert server.process is not None and server.process.poll() is not None
 
 
-def _children(pid: int) -> set[int]:
-    """Every live descendant of a process (Linux /proc)."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        if fields[0] != "Z":
-            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, frontier = set(), [pid]
-    while frontier:
-        for child in parents.get(frontier.pop(), []):
-            found.add(child)
-            frontier.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_recsys_serve_stops_every_server_process_and_frees_the_port(
@@ -157,13 +133,13 @@ def test_a_signal_to_recsys_serve_stops_every_server_process_and_frees_the_port(
     children: set[int] = set()
     try:
         server.wait_ready(f"http://127.0.0.1:{port}/ping", timeout=240)
-        children = _children(wrapper.pid)
+        children = descendants(wrapper.pid)
         assert len(children) >= 3  # uvicorn's supervisor and its two workers
         os.kill(wrapper.pid, stop)  # to the PID only, as `kill PID` does
         started = time.monotonic()
-        while any(_alive(c) for c in children) and time.monotonic() - started < 5:
+        while any(alive(c) for c in children) and time.monotonic() - started < 5:
             time.sleep(0.05)
-        assert not [c for c in children if _alive(c)], f"left running 5 s after {stop.name}"
+        assert not [c for c in children if alive(c)], f"left running 5 s after {stop.name}"
         with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=2):
             pass
         with socket.socket() as sock:
@@ -174,6 +150,6 @@ def test_a_signal_to_recsys_serve_stops_every_server_process_and_frees_the_port(
         assert wrapper.wait(timeout=60) == (0 if stop == signal.SIGINT else 128 + stop)
     finally:
         for pid in [wrapper.pid, *children]:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         wrapper.wait(timeout=10)
