@@ -24,8 +24,8 @@ from recsys.errors import MissingInputError
 from recsys.media.feature_store import FeatureStore, RowWriter, StoreLayout
 from recsys.media.ingest import ingest
 from recsys.media.titles import TitleEncoder
+from recsys.processes import descendants, is_running
 from recsys.synthetic.render import write_mp4
-from tests.process_tree import alive, descendants
 
 DATASET = "synth"
 
@@ -329,10 +329,10 @@ def test_the_decode_workers_of_a_killed_ingestion_exit_with_it(shared_data: Path
         process.send_signal(signal.SIGKILL)
         process.wait()
         killed = time.monotonic()
-        while any(alive(w) for w in workers) and time.monotonic() - killed < 10:
+        while any(is_running(w) for w in workers) and time.monotonic() - killed < 10:
             time.sleep(0.05)
-        assert not [w for w in workers if alive(w)], "a decode worker outlived the killed ingestion"
+        assert not [w for w in workers if is_running(w)], "a decode worker outlived the killed ingestion"
     finally:
         for pid in [process.pid, *descendants(process.pid)]:
-            if alive(pid):
+            if is_running(pid):
                 os.kill(pid, signal.SIGKILL)

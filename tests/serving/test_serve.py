@@ -20,12 +20,12 @@ import polars as pl
 import pytest
 
 from recsys.config import ExportConfig
+from recsys.processes import descendants, is_running
 from recsys.serving.export import export
 from recsys.serving.pyfunc_model import Ranker
 from recsys.serving.registry import champion_uri
 from recsys.serving.serve import ServerProcess, free_port, venv_env
 from tests import tiny_model
-from tests.process_tree import alive, descendants
 
 DATASET = tiny_model.DATASET
 
@@ -137,9 +137,9 @@ def test_a_signal_to_recsys_serve_stops_every_server_process_and_frees_the_port(
         assert len(children) >= 3  # uvicorn's supervisor and its two workers
         os.kill(wrapper.pid, stop)  # to the PID only, as `kill PID` does
         started = time.monotonic()
-        while any(alive(c) for c in children) and time.monotonic() - started < 5:
+        while any(is_running(c) for c in children) and time.monotonic() - started < 5:
             time.sleep(0.05)
-        assert not [c for c in children if alive(c)], f"left running 5 s after {stop.name}"
+        assert not [c for c in children if is_running(c)], f"left running 5 s after {stop.name}"
         with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=2):
             pass
         with socket.socket() as sock:
@@ -150,6 +150,6 @@ def test_a_signal_to_recsys_serve_stops_every_server_process_and_frees_the_port(
         assert wrapper.wait(timeout=60) == (0 if stop == signal.SIGINT else 128 + stop)
     finally:
         for pid in [wrapper.pid, *children]:
-            if alive(pid):
+            if is_running(pid):
                 os.kill(pid, signal.SIGKILL)
         wrapper.wait(timeout=10)
