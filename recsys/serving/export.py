@@ -46,17 +46,18 @@ class ExportResult:
 def signature() -> object:
     """Input: user_id (str), optional k (int) and history (list of item IDs); output: one row per video.
 
-    k is declared of any type: MLflow would cast a declared long, turning 2.5 into 2, true into 1
-    and "5" into 5, where the model must refuse them (`parse_requests` checks k's type itself).
+    k and history are declared of any type, and `parse_requests` checks them: MLflow would cast a
+    declared long, turning 2.5 into 2, true into 1 and "5" into 5, where the model must refuse
+    them, and a declared array refuses a request where some rows have a history and others none.
     """
     from mlflow.models import ModelSignature
     from mlflow.types import DataType
-    from mlflow.types.schema import AnyType, Array, ColSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, Schema
 
     inputs = Schema([
         ColSpec(DataType.string, "user_id"),
         ColSpec(AnyType(), "k", required=False),
-        ColSpec(Array(DataType.string), "history", required=False),
+        ColSpec(AnyType(), "history", required=False),
     ])
     outputs = Schema([
         ColSpec(DataType.string, "user_id"),

@@ -87,8 +87,10 @@ def test_served_rankings_equal_in_process_and_bad_requests_get_4xx(
         assert status == 200
         assert [r["item_id"] for r in body["predictions"]] == in_process.rank(
             pd.DataFrame(history)).get_column("item_id").to_list()
-        status, body = _post(f"{url}/invocations", _records([{"user_id": "1", "k": 5}, {"user_id": "2"}]))
-        assert status == 200 and len(body["predictions"]) == 5 + 10  # a missing k is the default, 10
+        # rows with and without k and history in one request; a missing k is the default, 10
+        mixed = [{"user_id": "1", "k": 5}, {"user_id": "someone-new", "k": 3, "history": ["1", "2"]}, {"user_id": "2"}]
+        status, body = _post(f"{url}/invocations", _records(mixed))
+        assert status == 200 and len(body["predictions"]) == 5 + 3 + 10, body
 
         bad = {
             "missing user_id": (_records([{"k": 3}]), 400, "missing inputs ['user_id']"),
