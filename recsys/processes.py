@@ -28,11 +28,8 @@ def exit_with_parent(parent_pid: int) -> None:
     Linux sends the signal when the *thread* that started the child ends: call this in children
     started by a thread that lives as long as they are needed (a pool owned by the main thread).
     """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    else:
+    linux = sys.platform.startswith("linux")
+    if not linux or ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         threading.Thread(target=_watch_parent, args=(parent_pid,), name="exit-with-parent", daemon=True).start()
     if os.getppid() != parent_pid:  # the parent died before the request was made: nobody would signal
         os._exit(1)

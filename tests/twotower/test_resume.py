@@ -1,9 +1,10 @@
 """Killing `train retrieval` anywhere and resuming it: the same run goes on exactly as if never stopped.
 
 Training processes are killed for real (SIGKILL, nothing of them runs afterwards) at chosen points:
-inside a training step before the first checkpoint, in the middle of an epoch, and half-way
-through writing a checkpoint file. The resumed run must log the same per-epoch metrics as an
-uninterrupted run of the same config, and never continue (or report) another run.
+inside a training step before the first checkpoint, in the middle of an epoch, half-way through
+writing a checkpoint file, and after the last checkpoint of a run that stopped early. The resumed
+run must log the same per-epoch metrics as an uninterrupted run of the same config, and never
+continue (or report) another run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,11 @@ if where == "step":  # SIGKILL inside training step `number` of epoch `epoch`
             os.kill(os.getpid(), signal.SIGKILL)
         return step(self, batch, batch_idx)
     RetrievalModule.training_step = training_step
+elif where == "after_training":  # SIGKILL after the last checkpoint, when the trained model is written
+    import recsys.twotower.train as train
+    def killed_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+    train.save_trained = killed_save
 else:  # SIGKILL half-way through writing checkpoint file `number`
     save, calls = torch.save, []
     def torn_save(obj, handle, *args, **kwargs):
@@ -66,7 +73,7 @@ train_retrieval(load_config(RetrievalConfig, sys.argv[1]))
 
 def _config(paths: PreparedPaths, **changes: object) -> RetrievalConfig:
     # Uniform negatives and dropout draw random numbers every step: a resume must restore them.
-    return quick_config(paths, max_epochs=3, patience=10, uniform_negatives=8, **changes)
+    return quick_config(paths, **{"max_epochs": 3, "patience": 10, "uniform_negatives": 8, **changes})
 
 
 def _train_and_kill(config: RetrievalConfig, tmp_path: Path, where: str, epoch: int, number: int) -> None:
@@ -157,6 +164,20 @@ def test_a_run_killed_mid_epoch_or_while_writing_a_checkpoint_resumes_exactly(
     _assert_same_curve(resumed, uninterrupted)
     assert not list(folder.glob(".*.part"))
     assert MlflowClient().get_run(killed).info.status == "FINISHED"
+
+
+def test_a_run_killed_after_deciding_to_stop_early_stops_at_the_same_epoch(
+    topic_data: PreparedPaths, tmp_path: Path
+) -> None:
+    # A learning rate this high makes validation NDCG@10 fall at some epoch: patience 1 stops there.
+    config = _config(topic_data, max_epochs=8, patience=1, learning_rate=0.5)
+    uninterrupted = train_retrieval(config)
+    assert uninterrupted.epochs < config.max_epochs
+    before = _run_ids()
+    _train_and_kill(config, tmp_path, "after_training", 0, 0)
+    resumed = train_retrieval(replace(config, resume=_killed_run(before)))
+    assert resumed.epochs == uninterrupted.epochs
+    _assert_same_curve(resumed, uninterrupted)
 
 
 def test_resume_never_continues_a_finished_run_or_other_settings(
