@@ -10,6 +10,8 @@ checkpoint file being written when the process is killed would be left cut short
 - `RandomState` is a callback whose state, saved in every checkpoint, is the global torch, numpy
   and Python generators; loading it puts them back. What a datamodule's own seeded generators
   hold goes into the datamodule's `state_dict` (see `RetrievalDataModule`).
+- `ResumableEarlyStopping` stops a run restored from the checkpoint of the epoch where it had
+  decided to stop, instead of training on.
 
 Checkpoints hold tensors and plain values only, so they load with `weights_only=True`.
 """
@@ -25,6 +27,7 @@ import numpy as np
 import pytorch_lightning as L
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import EarlyStopping
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -78,3 +81,16 @@ class RandomState(L.Callback):
                              saved["has_gauss"], saved["cached_gaussian"]))
         python = state_dict["python"]
         random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+
+
+class ResumableEarlyStopping(EarlyStopping):
+    """`EarlyStopping` that, restored with its patience used up, stops the run before another epoch.
+
+    Lightning keeps the callback's counters in the checkpoint but not the trainer's `should_stop`,
+    so a run killed after the checkpoint of its stopping epoch would otherwise train on.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.wait_count >= self.patience:
+            trainer.should_stop = True

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as L
 import torch
-from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from recsys.checkpoints import AtomicCheckpointIO, RandomState, remove_partial_files
+from recsys.checkpoints import AtomicCheckpointIO, RandomState, ResumableEarlyStopping, remove_partial_files
 from recsys.config import RESUME_LATEST, ConfigError, RetrievalConfig, to_dict
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
@@ -311,15 +311,17 @@ def _train(config: RetrievalConfig, paths: PreparedPaths) -> RetrievalResult:
         if plan.checkpoint is None and ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)  # a run trained again from the start keeps nothing of its first try
         # Saved at the end of each training epoch, after its validation and metrics: a resumed run
-        # starts the next epoch with everything the uninterrupted run would have had.
+        # starts the next epoch with everything the uninterrupted run would have had. `last` is a
+        # checkpoint of its own: at a train epoch's end, save_last=True only saves with a new best.
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=VAL_METRIC, mode="max",
-                                     save_top_k=1, save_last=True, save_on_train_epoch_end=True,
-                                     enable_version_counter=False)
+                                     save_top_k=1, save_on_train_epoch_end=True, enable_version_counter=False)
+        last = ModelCheckpoint(dirpath=ckpt_dir, filename=Path(LAST_CHECKPOINT).stem, save_top_k=1,
+                               save_on_train_epoch_end=True, enable_version_counter=False)
         metrics = MlflowEpochMetrics()
         trainer = L.Trainer(
             accelerator="cpu", devices=1, max_epochs=config.max_epochs, logger=False,
-            callbacks=[checkpoint, EarlyStopping(VAL_METRIC, mode="max", patience=config.patience), metrics,
-                       RandomState()],
+            callbacks=[checkpoint, last, ResumableEarlyStopping(VAL_METRIC, mode="max", patience=config.patience),
+                       metrics, RandomState()],
             plugins=[AtomicCheckpointIO()],
             num_sanity_val_steps=0, enable_progress_bar=config.progress_bar, enable_model_summary=False,
             deterministic=True, default_root_dir=ckpt_dir,

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from recsys.config import ConfigError, RetrievalConfig, save_config
@@ -173,6 +174,11 @@ def test_a_run_killed_after_deciding_to_stop_early_stops_at_the_same_epoch(
     config = _config(topic_data, max_epochs=8, patience=1, learning_rate=0.5)
     uninterrupted = train_retrieval(config)
     assert uninterrupted.epochs < config.max_epochs
+    # last.ckpt follows every epoch, best.ckpt only the best one
+    folder = checkpoint_root(topic_data.root.parent, DATASET) / uninterrupted.run_id
+    saved = {name: torch.load(folder / name, map_location="cpu", weights_only=True)["epoch"]
+             for name in (LAST_CHECKPOINT, "best.ckpt")}
+    assert saved[LAST_CHECKPOINT] == uninterrupted.epochs - 1 > saved["best.ckpt"]
     before = _run_ids()
     _train_and_kill(config, tmp_path, "after_training", 0, 0)
     resumed = train_retrieval(replace(config, resume=_killed_run(before)))
