@@ -182,10 +182,10 @@ def start_worker(layout: dict[str, Any], parent_pid: int) -> None:
     A worker would otherwise outlive an ingestion killed with SIGKILL, idle, holding its memory.
     Seconds of imports belong to starting the worker, not to whichever video comes first.
     """
-    from recsys.media.audio import log_mel
     from recsys.processes import exit_with_parent
 
-    exit_with_parent(parent_pid)
+    exit_with_parent(parent_pid)  # first: the imports below take seconds, the parent may die meanwhile
+    from recsys.media.audio import log_mel
 
     store_layout = StoreLayout(**layout)
     log_mel(np.zeros(store_layout.n_fft, dtype=np.float32), store_layout.sample_rate, store_layout.n_mels,

@@ -5,8 +5,9 @@ uvicorn: /invocations, /ping, /health, /version, its error answers and its reque
 any body whole and answers a timed-out request with 504 while the request's work goes on in its
 thread. `RequestLimits` sits in front of it:
 
-- a body larger than `max_request_bytes` is answered 413 before it is read (by its Content-Length)
-  or as soon as it grows past the limit;
+- a body larger than `max_request_bytes` is answered 413 without being kept (refused by its
+  Content-Length, or as soon as it grows past the limit; the rest is read and dropped, so that the
+  client, still sending, gets the answer);
 - the ranking model refuses more than `max_request_rows` rows with REQUEST_LIMIT_EXCEEDED, which
   MLflow's table of codes answers 429; this app answers it 413, with the model's message;
 - each request gets a deadline (`REQUEST_DEADLINE`, `request_timeout` seconds after it arrived)
@@ -36,6 +37,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+DRAIN_BYTES = 64 << 20
+"""Most bytes of a refused body read (and dropped) before the 413 is sent; beyond, the connection is closed."""
 TOO_MANY_ROWS_STATUS = 429
 """MLflow's status for REQUEST_LIMIT_EXCEEDED, which only the ranking model's row limit raises."""
 
@@ -54,10 +57,12 @@ class RequestLimits:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
+            await _drain(receive)
             await self._too_large(send, f"has {int(declared)} bytes, more")
             return
         body = await self._read_body(receive)
         if body is None:
+            await _drain(receive)
             await self._too_large(send, "is larger")
             return
         token = REQUEST_DEADLINE.set(time.monotonic() + self.request_timeout)
@@ -86,6 +91,22 @@ class RequestLimits:
         message = (f"the request body {size} than the limit of {self.max_request_bytes} bytes "
                    f"(recsys serve --max-request-bytes); send fewer rows per request")
         await _send_json(send, 413, {"error_code": "REQUEST_LIMIT_EXCEEDED", "message": message})
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop the rest of a refused body (up to DRAIN_BYTES), holding none of it.
+
+    An answer sent while the client is still sending, followed by closing the connection, reaches
+    most clients as a broken pipe instead of the 413 (they read the answer only once all is sent).
+    """
+    drained = 0
+    while drained < DRAIN_BYTES:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -57,9 +57,30 @@ def test_a_body_over_the_limit_is_413_before_the_app_sees_it() -> None:
     status, answer = _call(app, [b"x" * 101], declared=101)
     assert status == 413 and answer["message"].startswith("the request body has 101 bytes, more than the limit "
                                                           "of 100 bytes")
-    status, answer = _call(app, [b"x" * 60, b"x" * 60])  # no Content-Length: counted as it arrives
+    status, answer = _call(app, [b"x" * 60, b"x" * 60, b"x" * 60])  # no Content-Length: counted as it arrives
     assert status == 413 and "larger than the limit of 100 bytes" in answer["message"]
     assert inner.bodies == []
+    assert drained_before_answer(app, [b"x" * 60] * 5, declared=300) == 5  # the client can send it all
+
+
+def drained_before_answer(app: RequestLimits, chunks: list[bytes], declared: int) -> int:
+    """How many chunks of the body the app had read when it sent its answer."""
+    read = []
+
+    async def receive() -> dict[str, Any]:
+        read.append(1)
+        return {"type": "http.request", "body": chunks[len(read) - 1], "more_body": len(read) < len(chunks)}
+
+    answered_after: list[int] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            answered_after.append(len(read))
+
+    scope = {"type": "http", "method": "POST", "path": "/invocations",
+             "headers": [(b"content-length", str(declared).encode())]}
+    asyncio.run(app(scope, receive, send))
+    return answered_after[0]
 
 
 def test_a_body_within_the_limit_reaches_the_app_whole_with_a_deadline() -> None:
