@@ -1,4 +1,8 @@
-"""What every benchmark shares: `--quick`, median timing, and the JSON result file + last line."""
+"""What every benchmark shares: `--quick`, median timing, and the JSON result file + last line.
+
+Benchmarks run as scripts (`.venv/bin/python benchmarks/NAME.py`), so Python puts this folder at
+the front of `sys.path` and `from _common import ...` finds this file; `recsys` is the installed package.
+"""
 
 from __future__ import annotations
 

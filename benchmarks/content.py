@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,17 +41,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import parse_args, report
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parse_args, report  # noqa: E402
-
-from recsys.config import ContentConfig, IngestConfig, PrepareConfig, SynthConfig  # noqa: E402
-from recsys.content.datamodule import ContentArrays  # noqa: E402
-from recsys.content.encoder import MODALITIES, ContentEncoder  # noqa: E402
-from recsys.content.train import encoder_spec, extract_embeddings, topic_probe, train_content  # noqa: E402
-from recsys.media.feature_store import FeatureStore  # noqa: E402
-from recsys.synthetic.truth import SynthTruth  # noqa: E402
-from recsys.threads import torch_threads  # noqa: E402
+from recsys.config import ContentConfig, IngestConfig, PrepareConfig, SynthConfig
+from recsys.content.datamodule import ContentArrays
+from recsys.content.encoder import MODALITIES, ContentEncoder
+from recsys.content.train import encoder_spec, extract_embeddings, topic_probe, train_content
+from recsys.media.feature_store import FeatureStore
+from recsys.synthetic.truth import SynthTruth
+from recsys.threads import torch_threads
 
 DATASET = "synth"
 TARGET_OVERHEAD = 1.2

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parse_args, report  # noqa: E402
+from _common import parse_args, report
 
 TARGET_SECONDS = 600.0
 """`make demo` after install must finish in under 10 minutes on 2 cores."""

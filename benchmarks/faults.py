@@ -64,9 +64,10 @@ TOLERANCE = 1e-6
 CLIENTS = 8
 
 KILLER = """
-import os, signal, sys
+import json, os, signal, sys
+from pathlib import Path
 import torch
-from recsys.config import RetrievalConfig, load_config
+from recsys.config import RetrievalConfig
 from recsys.twotower.module import RetrievalModule
 from recsys.twotower.train import train_retrieval
 
@@ -88,7 +89,7 @@ else:  # SIGKILL inside training step `number` of epoch `epoch`
             os.kill(os.getpid(), signal.SIGKILL)
         return step(self, batch, batch_idx)
     RetrievalModule.training_step = training_step
-train_retrieval(load_config(RetrievalConfig, sys.argv[1]))
+train_retrieval(RetrievalConfig(**json.loads(Path(sys.argv[1]).read_text())))
 """
 
 

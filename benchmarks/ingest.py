@@ -28,8 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, parse_args, report  # noqa: E402
+from _common import SHARED_DATA, parse_args, report
 
 REAL_QUICK = [
     "videos/torchcodec/nasa_13013.mp4",

@@ -13,8 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, parse_args, report  # noqa: E402
+from _common import SHARED_DATA, parse_args, report
 
 ONE_RUN = """
 import json, resource, sys, time

@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -52,9 +51,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SHARED_DATA, report  # noqa: E402
+from _common import RESULTS, SHARED_DATA, report
 
 METRICS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@50", "hr@50", "coverage@10", "cold_ndcg@10", "ndcg@10/oracle")
 VARIANTS = {
@@ -181,8 +178,9 @@ class TopicReference:
 
 def topic_reference(root: Path) -> dict[str, float]:
     """Test metrics of `TopicReference` on the prepared synthetic corpus under root."""
+    from recsys.data.histories import train_counts
     from recsys.data.paths import PreparedPaths
-    from recsys.evaluation.protocol import evaluate_scorer, load_cases, train_counts
+    from recsys.evaluation.protocol import evaluate_scorer, load_cases
     from recsys.synthetic.truth import SynthTruth
 
     paths = PreparedPaths.of(root / "processed", "synth")

@@ -33,19 +33,15 @@ are not expected to be met).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 import torch
+from _common import report
 
 from recsys.serving.index import FAISS_MIN_ITEMS, ExactIndex, FaissIndex, auto_kind
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report  # noqa: E402
 
 DIM = 64
 K = 10

@@ -49,9 +49,9 @@ def run(root: Path, batches_per_run: int, repeats: int) -> dict[str, Any]:
     from recsys.data.fetch import fetch
     from recsys.data.paths import PreparedPaths
     from recsys.data.prepare import prepare
+    from recsys.twotower.build import ItemContent, build_model
     from recsys.twotower.datamodule import RetrievalDataModule
     from recsys.twotower.module import RetrievalModule
-    from recsys.twotower.train import ItemContent, build_model
 
     dataset = "movielens-100k"
     fetch(FetchConfig(dataset=dataset, source=SHARED_DATA / "movielens" / "ml-100k", dest=root / "raw"))

@@ -1,22 +1,23 @@
 """The `recsys` command line: one subcommand per pipeline step, a thin layer over typed functions.
 
-Every option comes from a field of the step's config dataclass (its docstring is the help text,
-its default is shown); `--config FILE` loads a saved config and options given on the command
-line override it; `--save-config FILE` writes the resolved config.
+Parsed by jsonargparse (the parser LightningCLI is built on): every entry of `COMMANDS` is a
+subcommand whose options are the fields of its config dataclass (`recsys.config.config_parser`:
+the field's docstring is the help text, its type and default are shown). `--config FILE` reads a
+JSON/YAML config and options after it override it; `--print_config` prints the resolved config
+and exits; `--save-config FILE` writes it and runs the command.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import sys
-import typing
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+from jsonargparse import SUPPRESS, ArgumentError, ArgumentParser
 
 from recsys import config as cfg
 from recsys.errors import RecsysError
@@ -94,7 +95,8 @@ def _ingest(config: cfg.IngestConfig) -> None:
         f"{config.dataset}: {c['items']} items: {c['ok']} ok, {c['failed']} failed; "
         f"videos in {c['videos_in']} = {c['videos_ok']} ok + {c['videos_failed']} failed; "
         f"{c['with_audio']} with audio, {c['with_title']} with a title "
-        f"({summary['store']}, {c['resumed_rows']} rows already done) -> {summary['folder']} "
+        f"({summary['store']}, {c['resumed_rows']} rows already done, {c['carried_over_rows']} carried over "
+        f"from the previous store) -> {summary['folder']} "
         f"(MLflow run {summary['mlflow_run_id']})"
     )
     for reason, count in summary["failures"].items():
@@ -102,15 +104,23 @@ def _ingest(config: cfg.IngestConfig) -> None:
 
 
 def _runs(config: cfg.RunsConfig) -> None:
+    import polars as pl
+
     from recsys.tracking.runs import compare_runs, format_table, runs_table, summary
 
     if config.action == "compare":
         assert config.run_a is not None and config.run_b is not None  # checked by RunsConfig
         comparison = compare_runs(config.run_a, config.run_b)
-        print(f"a = {comparison.run_a}\nb = {comparison.run_b}")
+        name_a, name_b = (f" ({name})" if name else "" for name in comparison.names)
+        print(f"a = {comparison.run_a}{name_a}\nb = {comparison.run_b}{name_b}")
         print("params that differ:" if comparison.params.height else "params: identical")
         if comparison.params.height:
             print(format_table(comparison.params))
+        if comparison.datasets.height:  # digests of the tables each run read (the UI's Dataset column)
+            same = comparison.datasets.filter(pl.col("a") == pl.col("b")).height == comparison.datasets.height
+            print("datasets: identical" if same else "datasets (digests):")
+            if not same:
+                print(format_table(comparison.datasets))
         print("metrics (delta = b - a):" if comparison.metrics.height else "metrics: none logged")
         if comparison.metrics.height:
             print(format_table(comparison.metrics))
@@ -184,8 +194,8 @@ def _recommend(config: cfg.RecommendConfig) -> None:
 
     recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id, config.index)
     with _notes_to_stderr(UnknownUserWarning):  # the fallback ranking still goes to stdout
-        ranking = recommender.recommend(config.user_id, config.k, config.exclude_seen, config.history)
-    print(format_ranking(ranking))
+        ranking = recommender.recommend(config.user_id, config.k, config.exclude_seen, config.history, config.explain)
+    print(ranking.write_json() if config.output == "json" else format_ranking(ranking))
 
 
 def _similar(config: cfg.SimilarConfig) -> None:
@@ -194,6 +204,19 @@ def _similar(config: cfg.SimilarConfig) -> None:
     assert config.item_id is not None  # checked by SimilarConfig
     recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id, config.index)
     print(format_ranking(recommender.similar(config.item_id, config.k)))
+
+
+def _search(config: cfg.SearchConfig) -> None:
+    from recsys.serving.recommend import Recommender, UnknownUserWarning
+    from recsys.serving.search import SearchWarning, VideoSearch, format_matches
+
+    engine = VideoSearch.load(config.dataset, config.processed_dir, config.lexical_weight)
+    recommender = None
+    if config.user_id is not None:
+        recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id)
+    with _notes_to_stderr(SearchWarning), _notes_to_stderr(UnknownUserWarning):  # the fallback still goes to stdout
+        ranking = engine.search(config.query, config.k, config.user_id, recommender, config.rerank_depth)
+    print(ranking.write_json() if config.output == "json" else format_matches(ranking))
 
 
 def _demo(config: cfg.DemoConfig) -> None:
@@ -237,114 +260,88 @@ COMMANDS: list[Command] = [
             ("dataset",)),
     Command(("recommend",), cfg.RecommendConfig, _recommend,
             "Top-k videos for a user (or a watch history), with titles and scores"),
+    Command(("search",), cfg.SearchConfig, _search,
+            "Videos matching a text query, by what they show and sound like and by their titles",
+            ("dataset", "query")),
     Command(("similar",), cfg.SimilarConfig, _similar,
             "Videos nearest to a video in the item embedding space (cold-start videos included)"),
 ]
 
 
 # --------------------------------------------------------------------------------------------
-# Building argparse from config dataclasses
+# Parsing: jsonargparse subcommands, one per command, each built from its config class
 
 
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+def build_parsers() -> dict[tuple[str, ...], ArgumentParser]:
+    """The parser of every command and command group by its words; `()` is `recsys` itself.
 
+    Each command's parser is `config_parser` of its config class (its options, `--config FILE`,
+    `--print_config`) plus `--save-config FILE`; groups (`data`, `train`) nest as jsonargparse
+    subcommands.
+    """
+    description = "Multimodal video recommendation: prepare data, train, evaluate, recommend."
+    parsers = {(): ArgumentParser(prog="recsys", description=description, exit_on_error=False)}
+    subcommands: dict[tuple[str, ...], Any] = {}
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional: Sequence[str] = ()) -> None:
-    """Add one argument per config field; defaults stay unset so a `--config` file can fill them."""
-    docs, hints = cfg.field_docs(cls), cfg.field_types(cls)
-    for f in dataclasses.fields(cls):
-        annotation = hints[f.name]
-        default = cfg.default_of(f)
-        help_text = docs.get(f.name, "")
-        if default is not dataclasses.MISSING:
-            help_text += f" (default: {default})"
-        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
-        choices = _choices(annotation)
-        optional_positional = f.name in positional and default is not dataclasses.MISSING
-        if choices and not optional_positional:  # argparse would check the unset default against them
-            kwargs["choices"] = choices
-        elif choices:
-            kwargs["help"] = f"one of {', '.join(map(str, choices))}; {help_text}"
-        if annotation is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif "const" in f.metadata:  # `--flag` alone means the const, `--flag VALUE` that value
-            kwargs.update(nargs="?", const=f.metadata["const"])
-        elif typing.get_origin(annotation) is tuple:
-            kwargs["nargs"] = "+"
-        if f.name in positional:
-            parser.add_argument(f.name, metavar=f.name.upper(), nargs="?" if optional_positional else None, **kwargs)
-        elif annotation is bool and "negative_flag" in f.metadata:
-            # A named pair such as --exclude-seen / --include-seen instead of --x / --no-x.
-            del kwargs["action"]
-            pair = parser.add_mutually_exclusive_group()
-            pair.add_argument(_flag(f), dest=f.name, action="store_true", **kwargs)
-            pair.add_argument(f.metadata["negative_flag"], dest=f.name, action="store_false",
-                              default=argparse.SUPPRESS, help=f"the opposite of {_flag(f)}")
-        else:
-            parser.add_argument(_flag(f), *f.metadata.get("aliases", ()), dest=f.name, **kwargs)
+    def add(words: tuple[str, ...], parser: ArgumentParser, help: str) -> None:
+        group = words[:-1]
+        if group not in subcommands:  # a group's subcommands are added after the group joined its parent
+            title = f"{' '.join(('recsys', *group))} commands"
+            subcommands[group] = parsers[group].add_subcommands(required=False, title=title)
+        subcommands[group].add_subcommand(words[-1], parser, help=help)
+        parsers[words] = parser
 
-
-def _choices(annotation: Any) -> tuple | None:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is Literal:
-        return typing.get_args(annotation)
-    if len(args) == 1 and typing.get_origin(args[0]) is Literal:
-        return typing.get_args(args[0])
-    return None
-
-
-def config_from_args(cls: type, namespace: argparse.Namespace) -> Any:
-    """Build the config: saved file (if any), then the options given on the command line."""
-    given = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
-    if namespace.config is not None:
-        return cfg.load_config(cls, namespace.config, **_coerced(cls, given))
-    return cfg.from_dict(cls, given, source="command line")
-
-
-def _coerced(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    hints = cfg.field_types(cls)
-    return {name: cfg.coerce(value, hints[name], name) for name, value in values.items()}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="recsys",
-        description="Multimodal video recommendation: prepare data, train, evaluate, recommend.",
-    )
-    groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(title="commands")}
     for command in COMMANDS:
         for depth in range(1, len(command.words)):
-            prefix = command.words[:depth]
-            if prefix not in groups:
-                group_parser = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
-                groups[prefix] = group_parser.add_subparsers(title=f"{' '.join(prefix)} commands")
-                group_parser.set_defaults(command=None, group_parser=group_parser)
-        sub = groups[command.words[:-1]].add_parser(
-            command.words[-1], help=command.help, description=command.help
-        )
-        add_config_arguments(sub, command.config, command.positional)
-        sub.add_argument("--config", type=Path, default=None, help="Load the config from a saved JSON/YAML file")
-        sub.add_argument("--save-config", type=Path, default=None, help="Write the resolved config to this file")
-        sub.set_defaults(command=command)
-    parser.set_defaults(command=None, group_parser=parser)
-    return parser
+            group = command.words[:depth]
+            if group not in parsers:
+                add(group, ArgumentParser(description=f"{' '.join(group)} commands"), f"{group[-1]} commands")
+        parser = cfg.config_parser(command.config, command.positional, description=command.help)
+        parser.add_argument("--save-config", type=Path, default=SUPPRESS,
+                            help="Write the resolved config to this file (JSON, or YAML by a .yaml suffix)")
+        add(command.words, parser, command.help)
+    return parsers
+
+
+def parse(argv: Sequence[str] | None = None) -> tuple[Command, Any, Path | None]:
+    """The command a command line names, its resolved and validated config, and where to save it;
+    nothing is run.
+
+    Raises ArgumentError for an option jsonargparse rejects and ConfigError for a value the config
+    rejects; `--help` and `--print_config` exit 0, a group without its command (`recsys data`)
+    prints the group's help and exits 2.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parsers = build_parsers()
+    try:
+        options = parsers[()].parse_args(argv)
+    except ArgumentError as err:
+        named = next((c.words for c in COMMANDS if tuple(argv[: len(c.words)]) == c.words), ())
+        if len(named) > 1 and type(err.__cause__) is KeyError:
+            # jsonargparse 4.53 trips (KeyError) over an unknown key in the --config file of a nested
+            # subcommand (`data prepare`); the command's own parser names the key.
+            parsers[named].parse_args(argv[len(named):])
+        raise
+    words: tuple[str, ...] = ()
+    while options.get("subcommand"):
+        words += (options.subcommand,)
+        options = options[options.subcommand]
+    command = next((c for c in COMMANDS if c.words == words), None)
+    if command is None:
+        parsers[words].print_help()
+        raise SystemExit(2)
+    return command, cfg.config_from(command.config, options), options.get("save_config")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `recsys` console script."""
-    parser = build_parser()
-    namespace = parser.parse_args(argv)
-    command: Command | None = namespace.command
-    if command is None:
-        namespace.group_parser.print_help()
-        return 2
     try:
-        config = config_from_args(command.config, namespace)
-    except cfg.ConfigError as err:
-        parser.exit(2, f"recsys: error: {err}\n")
-    if namespace.save_config is not None:
-        cfg.save_config(config, namespace.save_config)
+        command, config, save_to = parse(argv)
+    except (ArgumentError, cfg.ConfigError) as err:
+        print("recsys: error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, no usage dump
+        raise SystemExit(2) from None
+    if save_to is not None:
+        cfg.save_config(config, save_to)
     try:
         command.run(config)
     except RecsysError as err:

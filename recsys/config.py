@@ -1,26 +1,28 @@
 """Typed configuration for every pipeline stage.
 
 One dataclass per stage; each field carries a one-line docstring that the CLI shows as
-`--help`. Every config validates itself in `__post_init__` and can be saved to and loaded
-from JSON or YAML, so a run's full configuration is reproducible from its file.
+`--help`. Every config validates itself in `__post_init__`; `config_parser` turns a config
+class into a jsonargparse parser (the CLI's options, `--config FILE`), and `save_config`
+writes a config as JSON or YAML that `--config` reads back, so a run's full configuration
+is reproducible from its file.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import json
+import os
 import re
-import textwrap
-import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import docstring_parser
 import yaml
+from jsonargparse import SUPPRESS, ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
 from recsys.errors import RecsysError
 
@@ -514,6 +516,10 @@ class RecommendConfig:
     """Training run of the model to use; unset: the newest trained model of the dataset"""
     index: Literal["auto", "exact", "pq", "hnsw", "ivf"] = "auto"
     """Item index: exact matrix product, or FAISS pq (re-ranked 4-bit PQ), HNSW or IVF; auto: pq for large catalogues"""
+    explain: bool = False
+    """Say why each video is recommended: nearest watched video, shares of its score, ranked from content"""
+    output: Literal["table", "json"] = "table"
+    """Print an aligned table, or one JSON list of rows"""
 
     def __post_init__(self) -> None:
         check_dataset_name(self.dataset)
@@ -522,6 +528,38 @@ class RecommendConfig:
         self.history = tuple(v.strip() for entry in self.history for v in str(entry).split(",") if v.strip())
         _require(self.k >= 1, f"k must be at least 1, got {self.k}")
         _require(self.user_id is not None or bool(self.history), "give a --user-id, a --history, or both")
+
+
+@dataclass
+class SearchConfig:
+    """What `recsys search` looks for, in which dataset, and for whom."""
+
+    dataset: Dataset = "synth"
+    """Prepared dataset whose videos are searched (its content model must be trained)"""
+    query: str = ""
+    """Words describing what the videos show or sound like, e.g. 'cat playing'"""
+    k: int = field(default=10, metadata={"aliases": ("-k",)})
+    """Number of videos to list"""
+    user_id: str | None = None
+    """Re-rank the best matches by this user's taste (the two-tower score); unknown users get plain matches"""
+    rerank_depth: int | None = None
+    """How many of the best matches a user's taste re-ranks; unset: 3k"""
+    lexical_weight: float | None = None
+    """Weight of the BM25 title match in the blend (0: content only, 1: titles only); unset: the fitted one"""
+    processed_dir: Path = Path("data/processed")
+    """Folder holding the prepared datasets and their trained models"""
+    run_id: str | None = None
+    """Training run of the two-tower model used with --user-id; unset: the newest"""
+    output: Literal["table", "json"] = "table"
+    """Print an aligned table, or one JSON list of rows"""
+
+    def __post_init__(self) -> None:
+        check_dataset_name(self.dataset)
+        self.processed_dir = Path(self.processed_dir)
+        _require(self.k >= 1, f"k must be at least 1, got {self.k}")
+        _require(self.rerank_depth is None or self.rerank_depth >= 1, "rerank_depth must be at least 1 when given")
+        _require(self.lexical_weight is None or 0.0 <= self.lexical_weight <= 1.0,
+                 f"lexical_weight must be between 0 and 1, got {self.lexical_weight}")
 
 
 @dataclass
@@ -668,7 +706,80 @@ class ContentConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Saving, loading and describing configs
+# Command-line parsers, saved configs
+
+
+def config_parser(cls: type, positional: Sequence[str] = (), **parser_args: Any) -> ArgumentParser:
+    """A jsonargparse parser with one option per field of the config dataclass `cls`.
+
+    jsonargparse checks every value against the field's type hint (Literal choices included),
+    shows the field's docstring with its type and default as help, and reads `--config FILE`
+    (JSON or YAML; options after it override it) and `--print_config`. What it does not spell
+    natively is adapted here, per field: `--kebab-case` names (or metadata `flag`, plus
+    `aliases`), booleans as a pair of switches (`--x` / `--no-x`, or metadata `negative_flag`)
+    instead of `--x true`, tuples as several values (`--ks 10 20`) instead of `--ks [10,20]`,
+    the fields named in `positional` as positional arguments too (one without a default only as a
+    positional, jsonargparse's own way), and a field with metadata `const` as an option whose value
+    may be left out (then it is the const).
+    """
+    parser = ArgumentParser(**parser_args)
+    parser.add_argument("--config", action=ActionConfigFile, help="Read options from a JSON/YAML file; "
+                        "options after it override it (--print_config writes one)")
+    hints, docs = typing.get_type_hints(cls), _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        hint, doc = hints[f.name], docs.get(f.name, "")
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        if f.default is not dataclasses.MISSING:
+            default: dict[str, Any] = {"default": f.default}
+        elif f.default_factory is not dataclasses.MISSING:
+            default = {"default": f.default_factory()}
+        elif f.name in positional:
+            parser.add_argument(f.name, type=hint, metavar=f.name.upper(), help=doc)
+            continue
+        else:
+            default = {"required": True}
+        if hint is bool:
+            negative = f.metadata.get("negative_flag", "--no-" + flag.removeprefix("--"))
+            parser.add_argument(flag, dest=f.name, action=_switches(flag, negative), help=doc, **default)
+        elif typing.get_origin(hint) is tuple:
+            # tuple[X, ...]: each value is checked as an X, and argparse collects them in a list
+            (item, _) = typing.get_args(hint)
+            if "default" in default:
+                default["default"] = list(default["default"])
+            parser.add_argument(flag, dest=f.name, type=item, nargs="+", help=doc, **default)
+        else:
+            # metadata `const`: the option alone means that value (`--resume`), with a value that value
+            alone = {"nargs": "?", "const": f.metadata["const"]} if "const" in f.metadata else {}
+            parser.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, type=hint, help=doc, **default,
+                                **alone)
+        if f.name in positional:
+            # Also a positional (`recsys data prepare NAME`) without a default of its own: left out, it
+            # would put the default over a --config file's value (argparse sets it when none is given).
+            parser.add_argument(f.name, type=hint, nargs="?", default=SUPPRESS, metavar=f.name.upper(),
+                                help=f"the same as {flag}")
+    return parser
+
+
+@cache
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field, on one line (read from the source: the slow part of a parser)."""
+    return {p.arg_name: " ".join((p.description or "").split()) for p in docstring_parser.parse_from_object(cls).params}
+
+
+def _switches(flag: str, negative: str) -> ActionYesNo:
+    """jsonargparse's pair of boolean switches, for any two flags that share a suffix:
+    --ids / --no-ids (prefixes '' and 'no-'), --exclude-seen / --include-seen ('ex' and 'in')."""
+    yes, no = flag.removeprefix("--"), negative.removeprefix("--")
+    shared = len(os.path.commonprefix([yes[::-1], no[::-1]]))
+    return ActionYesNo(yes_prefix=yes[: len(yes) - shared], no_prefix=no[: len(no) - shared])
+
+
+def config_from(cls: type[C], namespace: Namespace) -> C:
+    """The config that a `config_parser(cls)` parse resolved; its `__post_init__` validates it."""
+    hints = typing.get_type_hints(cls)
+    values = {f.name: namespace[f.name] for f in dataclasses.fields(cls) if f.name in namespace}
+    # Several values given on the command line arrive as a list.
+    return cls(**{k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in values.items()})
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -685,7 +796,7 @@ def _plain(value: Any) -> Any:
 
 
 def save_config(config: Any, path: Path) -> Path:
-    """Write a config as JSON or YAML, chosen by the file's suffix."""
+    """Write a config as JSON or YAML (by the file's suffix), readable by `--config`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = to_dict(config)
@@ -696,109 +807,14 @@ def save_config(config: Any, path: Path) -> Path:
     return path
 
 
-def load_config(cls: type[C], path: Path, **overrides: Any) -> C:
-    """Read a config saved by `save_config`; `overrides` replace fields from the file."""
-    path = Path(path)
-    text = path.read_text()
-    data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config fields")
-    return from_dict(cls, {**data, **overrides}, source=str(path))
-
-
-def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
-    """Build a config from plain values, converting each to its field's declared type."""
-    hints = field_types(cls)
-    unknown = set(data) - set(hints)
-    if unknown:
-        raise ConfigError(f"{source}: unknown field(s) for {cls.__name__}: {', '.join(sorted(unknown))}")
-    return cls(**{name: coerce(value, hints[name], name) for name, value in data.items()})
-
-
-@cache
-def field_types(cls: type) -> dict[str, Any]:
-    """Resolved type hints of a config dataclass's fields."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def coerce(value: Any, annotation: Any, name: str) -> Any:
-    """Convert a plain (JSON/YAML/CLI) value to a field's declared type, or raise ConfigError."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return coerce(value, inner, name)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if origin is tuple:
-        return tuple(coerce(v, args[0], name) for v in value)
-    if annotation is Path:
-        return Path(value)
-    if annotation is bool:
-        if isinstance(value, str):
-            if value.lower() in ("true", "1", "yes"):
-                return True
-            if value.lower() in ("false", "0", "no"):
-                return False
-            raise ConfigError(f"{name}: {value!r} is not a boolean")
-        return bool(value)
-    if annotation in (int, float, str):
-        try:
-            converted = annotation(value)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{name}: {value!r} is not a valid {annotation.__name__}") from err
-        if annotation is int and isinstance(value, float) and value != converted:
-            raise ConfigError(f"{name}: {value!r} is not a whole number")
-        return converted
-    return value
-
-
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstrings written under each field of a config dataclass."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, following in zip(body, body[1:], strict=False):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(following.value.value.split())
-    return docs
-
-
-def default_of(f: dataclasses.Field) -> Any:
-    """A field's default value (calling its factory when it has one)."""
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
-
-
 __all__ = [
     "BUILTIN_DATASETS",
     "check_dataset_name",
     "ConfigError",
     "FetchConfig",
     "PrepareConfig",
-    "coerce",
-    "default_of",
-    "field_docs",
-    "field_types",
-    "from_dict",
-    "load_config",
+    "config_from",
+    "config_parser",
     "save_config",
     "to_dict",
 ]

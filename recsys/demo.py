@@ -3,9 +3,9 @@
 synthetic corpus → prepare → ingest → train content → train retrieval → evaluate → register →
 recommend. Each step is the same typed function its subcommand runs; the demo only chains them,
 logs a line when each step starts and ends (the long ones show their own progress bars), tags
-every MLflow run with one pipeline ID (`recsys.pipeline`), records the step times in a final
-`demo` run, and ends by printing the quality table, the top-10 of one user from the registered
-champion, and how to look further (MLflow UI, notebooks, REST).
+every MLflow run with one pipeline ID (`recsys.pipeline`), opens a `demo` run that every step's
+run nests under (it records the step times), and ends by printing the quality table, the top-10
+of one user from the registered champion, and how to look further (MLflow UI, notebooks, REST).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import polars as pl
 
 from recsys.config import DemoConfig, to_dict
 from recsys.environment import environment
-from recsys.tracking.store import PIPELINE_TAG, start_run
+from recsys.tracking.store import PIPELINE_TAG, experiment_id, pipeline_run
 
 DATASET = "synth"
 T = TypeVar("T")
@@ -94,6 +94,8 @@ STEPS = ("synthetic corpus", "prepare", "ingest", "train content", "train retrie
 
 def demo(config: DemoConfig, out: TextIO = sys.stdout) -> DemoResult:
     """Run the pipeline end to end (see the module docstring); every step's output goes where its subcommand's would."""
+    import mlflow
+
     from recsys.config import (
         ContentConfig,
         EvaluateConfig,
@@ -113,7 +115,8 @@ def demo(config: DemoConfig, out: TextIO = sys.stdout) -> DemoResult:
 
     log = StepLog(len(STEPS), out)
     pipeline = config.pipeline or f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    with pipeline_id(pipeline):
+    with pipeline_id(pipeline), pipeline_run(DATASET, "demo", to_dict(config), inputs={},
+                                             run_name=f"demo {config.preset} s{config.seed}") as run:
         log.run("synthetic corpus", lambda: synthesize(SynthConfig(
             preset=config.preset, raw_dir=config.raw_dir, seed=config.seed, workers=config.workers)),
             lambda folder: str(folder))
@@ -139,15 +142,13 @@ def demo(config: DemoConfig, out: TextIO = sys.stdout) -> DemoResult:
         user_id = config.user_id or _first_user(config)
         top = log.run("recommend", lambda: champion_recommendations(user_id, config.k),
                       lambda table: f"{table.height} videos for user {user_id}")
-        with start_run(DATASET, "demo", to_dict(config), inputs={
+        mlflow.set_tags({f"recsys.input.{name}": value for name, value in {
             "train_retrieval": trained.run_id, "evaluate": str(quality["mlflow_run_id"][0]), "export": exported.run_id,
-        }) as run:
-            import mlflow
-
-            mlflow.log_metrics({f"seconds.{name.replace(' ', '_')}": s for name, s in log.seconds.items()})
-            mlflow.log_metrics({f"cpu_seconds.{name.replace(' ', '_')}": s for name, s in log.cpu_seconds.items()})
-            mlflow.log_metric("seconds.total", sum(log.seconds.values()))
-            mlflow.log_table(top.to_pandas(), "recommendations.json")
+        }.items()})
+        mlflow.log_metrics({f"seconds.{name.replace(' ', '_')}": s for name, s in log.seconds.items()})
+        mlflow.log_metrics({f"cpu_seconds.{name.replace(' ', '_')}": s for name, s in log.cpu_seconds.items()})
+        mlflow.log_metric("seconds.total", sum(log.seconds.values()))
+        mlflow.log_table(top.to_pandas(), "recommendations.json")
     result = DemoResult(pipeline, dict(log.seconds), dict(log.cpu_seconds), quality, user_id, top, exported,
                         run.info.run_id)
     print_summary(result, config, out)
@@ -182,6 +183,13 @@ def champion_recommendations(user_id: str, k: int) -> pl.DataFrame:
     return pl.from_pandas(model.predict(pd.DataFrame({"user_id": [user_id], "k": [k]})))
 
 
+def ui_url(experiment: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's page of an experiment's runs. MLflow 3.17 picks its GenAI or its model-training
+    pages by a switch remembered per browser, not by the experiment's kind tag: `workflowType` selects
+    model training for this address."""
+    return f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
 def print_summary(result: DemoResult, config: DemoConfig, out: TextIO) -> None:
     """The quality table, the user's recommendations with titles, step times and where to look next."""
     from recsys.evaluation.evaluate import format_results
@@ -206,7 +214,9 @@ def print_summary(result: DemoResult, config: DemoConfig, out: TextIO) -> None:
         f"  runs:      .venv/bin/recsys runs --experiment {DATASET}",
         "  MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db "
         "--default-artifact-root ./mlflow/artifacts --host 127.0.0.1 --port 5000",
-        "             then open http://127.0.0.1:5000 (see mlflow/README.md)",
+        f"             then open {ui_url(experiment_id(DATASET))}",
+        f"             (this demo is the run `demo {config.preset} s{config.seed}`; its steps are nested under it; "
+        "see mlflow/README.md)",
         "  notebooks: notebooks/01_explore_data.ipynb, 02_recommend_for_a_user.ipynb, 03_compare_runs.ipynb "
         "(kernel python3 of .venv; headless: .venv/bin/jupyter execute notebooks/01_explore_data.ipynb)",
         f"  recommend: .venv/bin/recsys recommend --dataset {DATASET} --user-id {result.user_id}",

@@ -31,21 +31,29 @@ def count_true(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8).sum(dim=1, keepdim=True, dtype=torch.int32).long()
 
 
-def mask_excluded(scores: torch.Tensor, exclude: Sequence[np.ndarray], keep: torch.Tensor | None = None) -> None:
-    """Set each row's excluded items to -inf in place, except the item in `keep` (one per row).
+def mask_pairs(scores: torch.Tensor, rows: torch.Tensor, items: torch.Tensor, keep: torch.Tensor | None = None
+               ) -> None:
+    """Set the excluded (row, item) pairs of scores (B, N) to -inf in place, except each row's item in `keep`.
 
-    `keep` protects a held-out target that the user had also watched before (a re-watch): it is
-    still the item to predict, so its own score must stay rankable.
+    rows, items (E,): the pairs; keep (B,) or None. `keep` protects a held-out target that the user
+    had also watched before (a re-watch): it is still the item to predict, so its own score must
+    stay rankable. Every ranking with exclusions masks through here, then ranks (`target_ranks`,
+    `top_k`, or an index's top-k).
     """
-    if not len(exclude):
-        return
-    rows = np.repeat(np.arange(len(exclude)), [len(e) for e in exclude])  # (nnz,)
-    cols = np.concatenate([np.asarray(e, dtype=np.int64) for e in exclude])  # (nnz,)
     if keep is not None:
         saved = scores.gather(1, keep[:, None])  # (B, 1)
-    scores[torch.from_numpy(rows), torch.from_numpy(cols)] = float("-inf")
+    scores[rows.to(scores.device), items.to(scores.device)] = float("-inf")
     if keep is not None:
         scores.scatter_(1, keep[:, None], saved)
+
+
+def mask_excluded(scores: torch.Tensor, exclude: Sequence[np.ndarray], keep: torch.Tensor | None = None) -> None:
+    """`mask_pairs` with the exclusions given as one array of item indices per row of scores (B, N)."""
+    if not len(exclude):
+        return
+    rows = np.repeat(np.arange(len(exclude)), [len(e) for e in exclude])  # (E,)
+    items = np.concatenate([np.asarray(e, dtype=np.int64) for e in exclude])  # (E,)
+    mask_pairs(scores, torch.from_numpy(rows), torch.from_numpy(items), keep)
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,16 @@
-"""Shared test fixtures: the read-only shared data folder and a throwaway MLflow store."""
+"""Shared test fixtures: the read-only shared data folder, the session's MLflow store, the tiny trained model."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from recsys.serving.export import ExportResult
+    from tests.tiny_model import TinyModel
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -17,14 +23,32 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One sqlite MLflow store for the whole session (creating one costs seconds), in MLFLOW_TRACKING_URI
+    before any other fixture runs: every test, fixture and child process (torchrun, the model server,
+    notebook kernels) logs there, never into the project's mlflow/."""
+    store = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", store)
+        yield store
+
+
 @pytest.fixture(scope="session")
-def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One sqlite MLflow store for the whole session (creating one costs seconds)."""
-    folder = tmp_path_factory.mktemp("mlflow")
-    return f"sqlite:///{folder}/mlflow.db"
+def trained_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """`tests.tiny_model` trained once per session: the export, serving, evaluation, content distillation and
+    plot tests share it (read-only: a test that writes into its dataset works on a copy)."""
+    from tests.tiny_model import TinyModel, build
+
+    processed_dir, result = build(tmp_path_factory.mktemp("tiny"))
+    return TinyModel(processed_dir, result)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_mlflow(mlflow_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test logs into the session's temporary store, never into the project's mlflow/."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+@pytest.fixture(scope="session")
+def exported_tiny_model(trained_tiny_model: TinyModel) -> ExportResult:
+    """The tiny model exported once per session: the first (champion) version of its registered model."""
+    from recsys.config import ExportConfig
+    from recsys.serving.export import export
+    from tests.tiny_model import DATASET
+
+    return export(ExportConfig(dataset=DATASET, processed_dir=trained_tiny_model.processed_dir))

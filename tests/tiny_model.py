@@ -1,24 +1,35 @@
 """A tiny structured dataset in MovieLens-100k format, prepared and with a trained two-tower model.
 
-Used by the export, serving and notebook tests: 4 groups of 12 videos, 80 users who each watch
-videos of one group in order, so a trained model ranks the user's own group first.
+4 groups of 12 videos, 80 users who each watch videos of one group in order, so a trained model
+ranks the user's own group first. `tests/conftest.py` builds it once per session
+(`trained_tiny_model`) for the export, serving, evaluation, content distillation and plot tests.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from recsys.config import PrepareConfig, RetrievalConfig
 from recsys.data.prepare import prepare
-from recsys.twotower.train import RetrievalResult, train_retrieval
+from recsys.twotower.build import RetrievalResult
+from recsys.twotower.train import train_retrieval
 from tests.movielens_files import write_ml100k
 
 DATASET = "movielens-100k"
 GROUPS = 4
 ITEMS_PER_GROUP = 12
 USERS = 80
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """The prepared tiny dataset and its one trained model."""
+
+    processed_dir: Path
+    result: RetrievalResult
 
 
 def write_raw(raw_dir: Path, seed: int = 0) -> Path:

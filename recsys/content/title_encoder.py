@@ -6,7 +6,13 @@ The sentence model stays frozen and is never run during training: `recsys ingest
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from recsys.errors import MissingInputError
+from recsys.files import atomic_path
 
 SENTENCE_DIM = 384
 """Size of the all-MiniLM-L6-v2 sentence embedding stored in the feature store."""
@@ -23,3 +29,30 @@ class TitleEncoder(nn.Module):
 
     def forward(self, sentence: Tensor) -> Tensor:
         return self.net(sentence)  # (B, D)
+
+
+TITLE_PROJECTION_FILE = "title_projection.safetensors"
+"""The trained projection, saved beside the content embeddings so that search can embed a text query."""
+
+
+def save_title_projection(encoder: TitleEncoder, folder: Path) -> Path:
+    """Write the projection's weights to `folder/title_projection.safetensors` (no pickle)."""
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in encoder.state_dict().items()}
+    path = Path(folder) / TITLE_PROJECTION_FILE
+    with atomic_path(path) as tmp:
+        save_file(state, tmp)
+    return path
+
+
+def load_title_projection(folder: Path) -> TitleEncoder:
+    """The projection `save_title_projection` wrote into `folder`, in eval mode; its sizes read from the weights."""
+    path = Path(folder) / TITLE_PROJECTION_FILE
+    if not path.exists():
+        raise MissingInputError(f"no trained title projection at {path}: (re)train the content model "
+                                f"(`recsys train content {Path(folder).parent.name}`) to write it")
+    state = load_file(path)
+    hidden, in_dim = state["net.1.weight"].shape
+    out_dim = state["net.3.weight"].shape[0]
+    encoder = TitleEncoder(int(out_dim), in_dim=int(in_dim), hidden_dim=int(hidden))
+    encoder.load_state_dict(state)
+    return encoder.eval()

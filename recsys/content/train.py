@@ -10,6 +10,8 @@ EVERY item of the store (cold-start and failed ones included):
   no usable modality at all, e.g. a failed video without a title)
 - `embedding_<modality>.npy` float32 (N, D) for frames, motion, audio, title (zero rows where
   the item lacks that modality)
+- `title_projection.safetensors`: the trained title projection, so that `recsys search` embeds a
+  text query the way titles were embedded
 - `content.json`: D, modalities, per-modality counts, the MLflow run ID and the checkpoint.
 
 On the synthetic corpus the latent topic of every video is known, so the run also logs the
@@ -37,16 +39,17 @@ import torch
 
 from recsys.config import ContentConfig, to_dict
 from recsys.content.datamodule import ContentArrays, ContentDataModule
+from recsys.content.embedding_files import CONTENT_EMBEDDING, CONTENT_JSON, read_item_embeddings
 from recsys.content.encoder import MODALITIES, ContentEncoder, EncoderSpec
 from recsys.content.module import ContentModule, cross_modal_retrieval
+from recsys.content.title_encoder import save_title_projection
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError
-from recsys.files import read_json, write_json
+from recsys.files import write_json
 from recsys.media.feature_store import FeatureStore
 from recsys.threads import torch_threads
+from recsys.tracking.callbacks import MlflowEpochMetrics
 
-CONTENT_JSON = "content.json"
-CONTENT_EMBEDDING = "content_embedding"
 STEP = "content"
 
 
@@ -154,47 +157,38 @@ def topic_probe(embeddings: np.ndarray, labels: np.ndarray, rows: np.ndarray | N
 
 def synthetic_topics(paths: PreparedPaths, store: FeatureStore) -> np.ndarray | None:
     """Latent topic of every store row when the dataset is the synthetic corpus (its truth is known)."""
-    from recsys.synthetic.truth import SynthTruth
+    from recsys.synthetic.truth import SynthTruth, corpus_folder
 
-    meta = read_json(paths.meta)
-    raw_dir = meta.get("config", {}).get("raw_dir")
-    truth_dir = Path(raw_dir) / "synth" if raw_dir else None
-    if paths.root.name != "synth" or truth_dir is None or not (truth_dir / "truth").is_dir():
+    folder = corpus_folder(paths)
+    if folder is None:
         return None
-    truth = SynthTruth.load(truth_dir)
+    truth = SynthTruth.load(folder)
     return truth.item_topic[truth.item_index(store.manifest.get_column("item_id").to_list())]
 
 
 def collaborative_embeddings(config: ContentConfig, paths: PreparedPaths, n_items: int) -> tuple[torch.Tensor, str]:
-    """Item embeddings of a trained two-tower model (zero rows for items never seen in training), its run ID."""
+    """Item embeddings of a trained two-tower model (zero rows for items never seen in training), its run ID.
+
+    Read from the file the two-tower training wrote (`recsys.content.embedding_files`)."""
     import polars as pl
 
-    from recsys.twotower.trained_model import load_trained
-
-    scorer = load_trained(config.processed_dir, config.dataset, config.distill_run)
-    items = scorer.item_embeddings()  # (N, Dc)
+    items, run_id = read_item_embeddings(config.processed_dir, config.dataset, config.distill_run)  # (N, Dc)
     if items.shape[0] != n_items:
         raise DataFormatError(
-            f"two-tower run {scorer.run_id} embeds {items.shape[0]} items but the feature store has {n_items}; "
+            f"two-tower run {run_id} embeds {items.shape[0]} items but the feature store has {n_items}; "
             f"retrain it on the current data (`recsys train retrieval {config.dataset}`)"
         )
     warm = pl.read_parquet(paths.items, columns=["train_count"]).get_column("train_count").to_numpy() > 0
     # Cold items' two-tower embeddings come from content alone: distilling those would be circular.
-    return torch.from_numpy(np.where(warm[:, None], items, 0.0).astype(np.float32)), str(scorer.run_id)
+    return torch.from_numpy(np.where(warm[:, None], items, 0.0).astype(np.float32)), run_id
 
 
-class EpochHistory(pl.Callback):
-    """Logs every epoch's metrics to the active MLflow run and keeps them for the plots."""
-
-    def __init__(self) -> None:
-        self.epochs: list[dict[str, float]] = []
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        import mlflow
-
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        self.epochs.append(metrics)
-        mlflow.log_metrics(metrics, step=trainer.current_epoch)
+def run_name(config: ContentConfig) -> str:
+    """What tells content runs apart in the UI: backbone, motion encoder, fusion, width, distillation, seed
+    (e.g. `content small gru gated d64 s0`)."""
+    distill = ["distill"] if config.distill_weight > 0 else []
+    return " ".join([STEP, config.backbone, config.temporal, config.fusion, f"d{config.embedding_dim}", *distill,
+                     f"s{config.seed}"])
 
 
 def train_content(config: ContentConfig) -> dict[str, Any]:
@@ -210,6 +204,7 @@ def train_content(config: ContentConfig) -> dict[str, Any]:
 def _train(config: ContentConfig) -> dict[str, Any]:
     import mlflow
 
+    from recsys.tracking.inputs import log_tables
     from recsys.tracking.store import start_run
 
     paths = PreparedPaths.of(config.processed_dir, config.dataset).require()
@@ -229,14 +224,16 @@ def _train(config: ContentConfig) -> dict[str, Any]:
         augment=config.augment,
         distill_weight=config.distill_weight, collab_embeddings=collab, max_epochs=config.max_epochs,
     )
-    with start_run(config.dataset, STEP, to_dict(config), inputs=inputs) as run:
+    with start_run(config.dataset, STEP, to_dict(config), inputs=inputs, run_name=run_name(config)) as run:
         run_id = run.info.run_id
+        if paths.items.exists():  # a feature store made outside `data prepare` (tests, benchmarks) has no catalogue
+            log_tables(config.dataset, {"catalogue": paths.items})
         mlflow.log_params({"encoder.n_mels": spec.n_mels, "train_items": len(data.train_rows),
                            "val_items": len(data.val_rows), "items": len(store)})
         checkpoints = config.checkpoint_dir / config.dataset / STEP / run_id
         best = pl.callbacks.ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val_loss", mode="min",
                                             save_last=True)
-        history = EpochHistory()
+        history = MlflowEpochMetrics()
         trainer = pl.Trainer(
             max_epochs=config.max_epochs,
             accelerator="cpu",
@@ -280,14 +277,15 @@ def _train(config: ContentConfig) -> dict[str, Any]:
             summary.update(_probe_metrics(embeddings, topics, store, config.seed))
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)
                             and k != "epochs" and v is not None})
-        _log_plots(history.epochs, embeddings, topics)
-        files = write_embeddings(store, embeddings, {
+        _log_plots(history.history, embeddings, topics)
+        projection = save_title_projection(module.encoder.title, store.folder)  # search embeds queries with it
+        files = [projection, *write_embeddings(store, embeddings, {
             "run_id": run_id,
             "checkpoint": checkpoint or None,
             "embedded_from": config.embed_from,
             "spec": dataclasses.asdict(spec),
             "best_val_loss": summary["best_val_loss"],
-        })
+        })]
         summary["files"] = [str(p) for p in files]
         summary["store"] = str(store.folder)
     return summary

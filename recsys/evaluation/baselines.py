@@ -21,8 +21,9 @@ All fit from the train split only (the oracle reads the latent truth) and satisf
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -30,9 +31,11 @@ import scipy.sparse as sp
 import torch
 from sklearn.metrics.pairwise import cosine_similarity
 
+from recsys.config import EvaluateConfig
+from recsys.data.histories import train_counts
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError
-from recsys.evaluation.protocol import Split, train_counts
+from recsys.evaluation.protocol import Split
 from recsys.synthetic.truth import SynthTruth
 
 
@@ -114,20 +117,26 @@ def keep_top_per_row(matrix: sp.csr_matrix, k: int) -> sp.csr_matrix:
     )
 
 
+def _config_default(name: str) -> Any:
+    """The default of an `EvaluateConfig` field: settings made without it get what `recsys evaluate` uses."""
+    return {f.name: f.default for f in fields(EvaluateConfig)}[name]
+
+
 @dataclass
 class ALSSettings:
-    """Hyperparameters of implicit ALS."""
+    """Hyperparameters of implicit ALS: `EvaluateConfig`'s mf_* fields (documented there), with its defaults."""
 
-    factors: int = 64
-    """Latent dimension"""
-    reg: float = 5.0
-    """L2 regularisation of both factor matrices"""
-    alpha: float = 10.0
+    factors: int = _config_default("mf_factors")
+    reg: float = _config_default("mf_reg")
+    alpha: float = _config_default("mf_alpha")
     """Confidence of an observed interaction: weight 1 + alpha against 1 for unobserved pairs"""
-    iterations: int = 10
-    """Alternating sweeps (users then items)"""
-    seed: int = 0
-    """Seed of the initial factors"""
+    iterations: int = _config_default("mf_iterations")
+    seed: int = _config_default("seed")
+
+    @classmethod
+    def from_config(cls, config: EvaluateConfig) -> ALSSettings:
+        """The settings `recsys evaluate` fits MF with."""
+        return cls(config.mf_factors, config.mf_reg, config.mf_alpha, config.mf_iterations, config.seed)
 
 
 class ImplicitALS:

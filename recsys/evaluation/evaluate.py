@@ -8,6 +8,7 @@ catalogue coverage@K, and on the synthetic corpus each model's NDCG@K as a share
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -21,6 +22,7 @@ from recsys.evaluation.baselines import ALSSettings, ImplicitALS, ItemKNN, Oracl
 from recsys.evaluation.protocol import EvalCases, Scorer, evaluate_scorer, load_cases
 from recsys.files import read_json
 from recsys.metrics import METRICS
+from recsys.tracking.inputs import log_tables
 from recsys.tracking.store import fingerprint_files, start_run
 
 
@@ -40,8 +42,7 @@ def fit_baselines(config: EvaluateConfig, paths: PreparedPaths) -> dict[str, Sco
         elif name == "itemknn":
             scorers[name] = ItemKNN.fit(matrix, config.knn_neighbours)
         elif name == "mf":
-            settings = ALSSettings(config.mf_factors, config.mf_reg, config.mf_alpha, config.mf_iterations, config.seed)
-            scorers[name] = ImplicitALS.fit(matrix, settings)
+            scorers[name] = ImplicitALS.fit(matrix, ALSSettings.from_config(config))
     return scorers
 
 
@@ -111,6 +112,45 @@ def metric_key(model: str, metric: str) -> str:
     return f"{slug(model)}/{slug(metric.replace('@', '_at_').replace('/oracle', '_over_oracle'))}"
 
 
+HEADLINE = ("ndcg", "hr", "mrr", "cold_ndcg", "coverage")
+"""The metrics a person compares across training runs, logged as `<split>_<metric>_<K>` (`test_ndcg_10`)."""
+
+
+def headline_metrics(row: dict[str, float], split: str, ks: Sequence[int]) -> dict[str, float]:
+    """One model's headline metrics at K=10 (else the first K) under stable names: `test_ndcg_10`,
+    `test_hr_10`, `test_mrr_10`, `test_cold_ndcg_10`, `test_coverage_10` (`valid_...` on validation).
+
+    The same names whichever run, model variant or evaluation logged them, so the MLflow UI's
+    charts and compare view line up across training runs.
+    """
+    k = 10 if 10 in ks else ks[0]
+    return {f"{split}_{name}_{k}": float(row[f"{name}@{k}"]) for name in HEADLINE
+            if row.get(f"{name}@{k}") is not None}
+
+
+def log_to_training_runs(table: pl.DataFrame, run_of: dict[str, str], split: str, ks: Sequence[int]) -> None:
+    """Each evaluated two-tower model's headline metrics, logged into its own training run too:
+    comparing training runs in the UI (or with `recsys runs compare`) then shows their test figures."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+    for row in table.filter(pl.col("model").is_in(list(run_of))).iter_rows(named=True):
+        metrics = headline_metrics(row, split, ks)
+        now = int(time.time() * 1000)
+        client.log_batch(run_of[row["model"]], metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+
+
+def run_name(config: EvaluateConfig, run_of: dict[str, str]) -> str:
+    """The evaluate run's name: its split and the training runs it evaluated, by their run names
+    (`evaluate test gru fused d64 s0`), or `evaluate test baselines`."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    names = [client.get_run(run_id).info.run_name.removeprefix("train_retrieval ") for run_id in run_of.values()]
+    return " ".join(["evaluate", config.split, *(names or ["baselines"])])[:250]
+
+
 def log_plots(table: pl.DataFrame, two_towers: Sequence[str], ks: Sequence[int], split: str) -> None:
     """Log to the active run `plots/metrics_at_k.png` (HR/NDCG/MRR against K, one line per model) and,
     when two-tower models were evaluated, `plots/modality_ablation.png`: NDCG@10 (else @ the first K)
@@ -147,12 +187,19 @@ def evaluate(config: EvaluateConfig) -> pl.DataFrame:
         "prepared": fingerprint_files([paths.train, paths.valid, paths.test]),
         **{f"model.{slug(name)}": run_id for name, run_id in run_of.items()},
     }
-    with start_run(config.dataset, "evaluate", to_dict(config), inputs) as run:
+    with start_run(config.dataset, "evaluate", to_dict(config), inputs, run_name(config, run_of)) as run:
         import mlflow
 
+        splits = ("train", "valid", "test") if config.split == "test" else ("train", "valid")
+        log_tables(config.dataset, {**{s: getattr(paths, s) for s in splits}, "catalogue": paths.items})
         table = evaluate_models(scorers, cases, config.ks, config.batch_size)
         for row in table.iter_rows(named=True):
             mlflow.log_metrics({metric_key(row["model"], k): v for k, v in row.items() if k != "model"})
+        if len(run_of) == 1:  # one trained model: its figures under the stable names in this run too
+            (model,) = run_of
+            mlflow.log_metrics(headline_metrics(table.filter(pl.col("model") == model).row(0, named=True),
+                                                config.split, config.ks))
+        log_to_training_runs(table, run_of, config.split, config.ks)
         mlflow.log_table(table.to_pandas(), "evaluation.json")
         log_plots(table, list(models), config.ks, config.split)
         if notes:

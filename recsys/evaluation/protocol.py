@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from recsys.data.histories import split_lists, train_counts, user_histories
 from recsys.data.paths import PreparedPaths
 from recsys.errors import MissingInputError
 from recsys.files import read_json
@@ -71,32 +72,6 @@ class EvalCases:
             self.cold[rows],
             self.n_items,
         )
-
-
-def split_lists(lists: pl.Series) -> list[np.ndarray]:
-    """A polars list column of int64 as one numpy array per row (empty for null rows)."""
-    if lists.len() == 0:
-        return []
-    lengths = lists.list.len().fill_null(0).to_numpy()
-    flat = lists.explode().drop_nulls().to_numpy().astype(np.int64)
-    return np.split(flat, np.cumsum(lengths)[:-1])
-
-
-def user_histories(frames: Sequence[pl.LazyFrame]) -> pl.LazyFrame:
-    """user_idx, history (list of item_idx oldest first) from interaction frames given in time order."""
-    # A stable sort keeps train rows before valid rows when their timestamps tie.
-    return (
-        pl.concat([f.select("user_idx", "item_idx", "timestamp") for f in frames])
-        .sort("user_idx", "timestamp", maintain_order=True)
-        .group_by("user_idx", maintain_order=True)
-        .agg(pl.col("item_idx").alias("history"))
-    )
-
-
-def train_counts(paths: PreparedPaths) -> np.ndarray:
-    """(n_items,) int64 train interactions per item (0 for cold-start items)."""
-    popularity = pl.read_parquet(paths.popularity).sort("item_idx")
-    return popularity["count"].to_numpy().astype(np.int64)
 
 
 def load_cases(paths: PreparedPaths, split: Split = "test") -> EvalCases:

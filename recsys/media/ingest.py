@@ -296,9 +296,13 @@ def ingest(config: IngestConfig) -> dict[str, Any]:
     if prepare_run:
         inputs["prepare"] = prepare_run
 
-    with start_run(config.dataset, "ingest", to_dict(config), inputs) as run:
+    run_name = f"ingest T{config.frames} S{config.frame_size}" + ("" if config.titles else " no-titles")
+    with start_run(config.dataset, "ingest", to_dict(config), inputs, run_name=run_name) as run:
         import mlflow
 
+        from recsys.tracking.inputs import log_tables
+
+        log_tables(config.dataset, {"catalogue": paths.items})
         title_stats = _ingest_titles(config, builder, items)
         carried = builder.carry_over(unchanged_videos(builder.previous, items))
         builder.drop_previous()

@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from recsys.config import ServeConfig, from_dict
+from recsys.config import ServeConfig
 from recsys.serving.pyfunc_model import REQUEST_DEADLINE, RankingModel
 from recsys.serving.serve import CONFIG_ENV
 
@@ -146,7 +146,7 @@ def create_app() -> ASGIApp:
     """MLflow's scoring app for the model and limits of `CONFIG_ENV`, behind `RequestLimits`."""
     from mlflow.pyfunc import load_model, scoring_server
 
-    config = from_dict(ServeConfig, json.loads(os.environ[CONFIG_ENV]), source=CONFIG_ENV)
+    config = ServeConfig(**json.loads(os.environ[CONFIG_ENV]))
     assert config.model is not None, f"{CONFIG_ENV} names no model folder"
     # MLflow's app reads its timeout from here: it answers 504 then, the deadline stops the work.
     os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(config.request_timeout)

@@ -4,6 +4,8 @@ Writes the self-contained bundle (`recsys.serving.pyfunc_model`), scores it on t
 with the evaluation protocol, logs it as a pyfunc model (as code, with signature and input
 example) in an `export` run whose inputs are the training run and the prepared data, registers
 it as a new version of `recsys-<dataset>` and lets `recsys.serving.registry` decide about `champion`.
+The logged model and the version carry the validation metrics and, once `recsys evaluate` has
+logged them into the training run, its test figures (`test_ndcg_10`, ...).
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from recsys.config import ExportConfig, to_dict
 from recsys.data.paths import PreparedPaths
 from recsys.serving.pyfunc_model import Ranker, write_bundle
 from recsys.serving.registry import ChampionDecision, register
+from recsys.tracking.inputs import log_tables
 from recsys.tracking.store import fingerprint_files, start_run
 
 ENTRY_POINT = Path(__file__).with_name("pyfunc_entry.py")
 REQUIREMENTS = ("mlflow", "torch", "torchrec", "fbgemm-gpu-cpu", "numpy", "pandas", "polars", "pyarrow",
                 "safetensors")
 """Packages the model needs at inference (besides recsys itself, installed from this repository)."""
+HEADLINE = ("val_ndcg_10", "val_hr_10", "val_mrr_10", "test_ndcg_10", "test_hr_10", "test_mrr_10",
+            "test_cold_ndcg_10", "test_coverage_10")
+"""The metrics a version's description lists (all of them are logged with the model)."""
 
 
 @dataclass
@@ -83,12 +89,34 @@ def validation_metrics(ranker: Ranker, paths: PreparedPaths) -> dict[str, float]
 
 def log_embedding_map(ranker: Ranker, paths: PreparedPaths, config: ExportConfig) -> None:
     """The exported item embeddings in 2-D, coloured by latent topic (synthetic corpus) or first genre."""
+    from recsys.synthetic.truth import TRUTH_DIR, TRUTH_ITEMS
     from recsys.tracking.plots import embedding_map, item_labels, log_figure
 
     items = pl.read_parquet(paths.items).sort("item_idx")
-    labels = item_labels(items, config.raw_dir / config.dataset / "truth" / "items.parquet")
+    labels = item_labels(items, config.raw_dir / config.dataset / TRUTH_DIR / TRUTH_ITEMS)
     embeddings = ranker.scorer.item_embeddings()  # (N, D)
     log_figure(embedding_map(embeddings, labels, title=f"{config.dataset} item embeddings"), "item_embeddings")
+
+
+def training_run_facts(run_id: str) -> tuple[str, dict[str, float]]:
+    """(what names the training run, its test-split metrics) from the store; ("", {}) if the run is not there
+    (a model trained against another store)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        return "", {}
+    test = {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+    return (run.info.run_name or "").removeprefix("train_retrieval ").strip(), test
+
+
+def version_description(train_run_id: str, variant: str, metrics: dict[str, float]) -> str:
+    """What the registry shows for a version: the model, where it was trained, and its figures."""
+    shown = ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items()))
+    return (f"Two-tower ranking model ({variant or 'trained outside this store'}) from training run {train_run_id}. "
+            f"Metrics: {shown}. val_ndcg_10 decides the champion; test_* come from `recsys evaluate`.")
 
 
 def export(config: ExportConfig) -> ExportResult:
@@ -111,8 +139,10 @@ def export(config: ExportConfig) -> ExportResult:
         val = validation_metrics(ranker, paths)
         users = pl.read_parquet(paths.user_map).sort("user_idx").get_column("user_id").head(2).to_list()
         example = pd.DataFrame({"user_id": users, "k": np.full(len(users), 5, dtype=np.int64)})
-        with start_run(config.dataset, "export", to_dict(config), inputs) as run:
-            mlflow.log_metrics(val)
+        variant, test = training_run_facts(train_run_id)
+        with start_run(config.dataset, "export", to_dict(config), inputs, f"export {variant}".strip()) as run:
+            log_tables(config.dataset, {"train": paths.train, "valid": paths.valid, "catalogue": paths.items})
+            mlflow.log_metrics({**val, **test})
             logged = mlflow.pyfunc.log_model(
                 name="ranker",
                 python_model=str(ENTRY_POINT),
@@ -121,8 +151,12 @@ def export(config: ExportConfig) -> ExportResult:
                 input_example=example,
                 pip_requirements=_requirements(),
             )
+            mlflow.log_metrics({**val, **test}, model_id=logged.model_id)  # shown with the logged model
             log_embedding_map(ranker, paths, config)
-            decision = register(logged.model_uri, config.dataset, val["val_ndcg_10"], train_run_id, run.info.run_id)
+            headline = {k: v for k, v in {**val, **test}.items() if k in HEADLINE}
+            decision = register(logged.model_uri, config.dataset, val["val_ndcg_10"], train_run_id, run.info.run_id,
+                                version_description(train_run_id, variant, headline))
+            mlflow.MlflowClient().update_run(run.info.run_id, name=f"export v{decision.version} {variant}".strip())
             mlflow.log_dict(decision.to_dict(), "champion_decision.json")
             mlflow.set_tags({"recsys.champion.promoted": str(decision.promoted).lower(),
                              "recsys.champion.reason": decision.reason,

@@ -25,13 +25,11 @@ import polars as pl
 import torch
 
 from recsys.config import ConfigError
+from recsys.data.histories import UNKNOWN_USER, histories_by_user, train_counts
 from recsys.data.paths import PreparedPaths
-from recsys.evaluation.protocol import split_lists, train_counts, user_histories
 from recsys.metrics import top_k
+from recsys.serving.explain import explain_popular, explain_ranking
 from recsys.serving.index import IndexKind, ItemIndex, make_index
-
-UNKNOWN_USER = -1
-"""User index given to a model for a user it has never seen (embedded from the history alone)."""
 
 
 class UnknownUserWarning(UserWarning):
@@ -104,12 +102,7 @@ class Recommender:
     def histories(self) -> list[np.ndarray]:
         """Every known user's watch history (train, valid and test), oldest first, indexed by user_idx."""
         frames = [pl.scan_parquet(p) for p in (self.paths.train, self.paths.valid, self.paths.test) if p.exists()]
-        table = (
-            pl.DataFrame({"user_idx": np.arange(len(self.user_lookup), dtype=np.int64)})
-            .join(user_histories(frames).collect(), on="user_idx", how="left")
-            .sort("user_idx")
-        )
-        return split_lists(table["history"])
+        return histories_by_user(frames, len(self.user_lookup))
 
     @cached_property
     def user_index(self) -> ItemIndex:
@@ -144,8 +137,12 @@ class Recommender:
         k: int = 10,
         exclude_seen: bool = True,
         history: Sequence[str] = (),
+        explain: bool = False,
     ) -> pl.DataFrame:
         """Top-k videos: rank, item_id, title, score (best first).
+
+        With `explain`, each video also says why (`recsys.serving.explain`): the history video
+        nearest to it, the shares of its score and whether it was ranked from its content.
 
         `history` adds videos just watched (oldest first) to a known user's history, or is the
         whole history of a user the dataset does not know. With `exclude_seen`, videos in the
@@ -154,7 +151,16 @@ class Recommender:
         """
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
-        return self._rank([self._query(user_id, history)], [k], exclude_seen)[0]
+        query = self._query(user_id, history)
+        ranking = self._rank([query], [k], exclude_seen)[0]
+        if not explain:
+            return ranking
+        if query is None:
+            return explain_popular(ranking)
+        user_idx, watched = query
+        vector = self.model.user_vectors(np.array([user_idx]), [watched])  # (1, D') as `_rank` scored it
+        found = self.item_indices(ranking["item_id"].to_list())
+        return explain_ranking(ranking, self.model, vector, found, watched, self.unit_items, self.item_ids, self.titles)
 
     def recommend_many(
         self,
@@ -254,9 +260,11 @@ def recommend(
     processed_dir: Path = Path("data/processed"),
     run_id: str | None = None,
     index_kind: IndexKind = "auto",
+    explain: bool = False,
 ) -> pl.DataFrame:
     """Top-k videos for a user of a prepared dataset (see `Recommender.recommend`); loads everything each call."""
-    return Recommender.load(dataset, processed_dir, run_id, index_kind).recommend(user_id, k, exclude_seen, history)
+    recommender = Recommender.load(dataset, processed_dir, run_id, index_kind)
+    return recommender.recommend(user_id, k, exclude_seen, history, explain)
 
 
 def similar(
@@ -272,11 +280,13 @@ def similar(
 
 
 def format_ranking(ranking: pl.DataFrame) -> str:
-    """A ranking as aligned text: rank, video ID, score, title."""
+    """A ranking as aligned text: rank, video ID, score, title (and `why:` lines when it is explained)."""
     if ranking.is_empty():
         return "(no videos left to recommend)"
     id_width = max(len("video"), *(len(i) for i in ranking["item_id"]))
     lines = [f"{'rank':>4}  {'video':<{id_width}}  {'score':>8}  title"]
     for row in ranking.iter_rows(named=True):
         lines.append(f"{row['rank']:>4}  {row['item_id']:<{id_width}}  {row['score']:>8.4f}  {row['title']}")
+        if "reason" in row:
+            lines.append(f"{'':>4}  {'':<{id_width}}  {'':>8}  why: {row['reason']}")
     return "\n".join(lines)

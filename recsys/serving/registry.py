@@ -105,10 +105,21 @@ def decide(
     return ChampionDecision(name, version, score, previous_version, previous_score, promoted, reason)
 
 
+def model_description(dataset: str) -> str:
+    """The registered model's description: what it is and how to load its champion."""
+    return (f"Ranking model of the {dataset} dataset (one version per `recsys export`). The alias `{CHAMPION}` "
+            f"names the served version: it moves only to a version with a higher validation NDCG@10. Load it "
+            f"with mlflow.pyfunc.load_model('{champion_uri(dataset)}'); input user_id (optional k, history), "
+            "output user_id, rank, item_id, score, title.")
+
+
 def register(
-    model_uri: str, dataset: str, val_ndcg_10: float, train_run_id: str, export_run_id: str
+    model_uri: str, dataset: str, val_ndcg_10: float, train_run_id: str, export_run_id: str, description: str = ""
 ) -> ChampionDecision:
-    """Register a logged model as a new version of `recsys-<dataset>` and move `champion` if it wins."""
+    """Register a logged model as a new version of `recsys-<dataset>` and move `champion` if it wins.
+
+    `description` goes on the version, followed by the champion decision.
+    """
     import mlflow
     from mlflow import MlflowClient
 
@@ -124,4 +135,8 @@ def register(
     if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     client.set_model_version_tag(name, version.version, DECISION_TAG, decision.reason)
+    client.update_model_version(name, version.version, description=" ".join(
+        [description, f"Champion decision: {decision.reason}."]).strip())
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=model_description(dataset))
     return decision

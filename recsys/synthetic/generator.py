@@ -444,7 +444,9 @@ def _log_run(config: SynthConfig, folder: Path, summary: dict[str, Any]) -> None
     from recsys.tracking.store import fingerprint_files, start_run
 
     fingerprint = fingerprint_files([folder / "items.parquet", folder / "events.parquet"])
-    with start_run("synth", "synth", to_dict(config), {"generated": fingerprint}):
+    counts = summary["counts"]
+    name = f"synth {config.preset} {counts['videos']}v {counts['users']}u {counts['topics']}t s{config.seed}"
+    with start_run("synth", "synth", to_dict(config), {"generated": fingerprint}, run_name=name):
         mlflow.log_metrics({f"count.{name}": value for name, value in summary["counts"].items()})
         mlflow.log_metric("seconds", summary["seconds"])
         mlflow.log_artifact(str(folder / "synth.json"))

@@ -34,9 +34,28 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
+from recsys.files import read_json
 
 TRUTH_DIR = "truth"
+TRUTH_ITEMS = "items.parquet"
+"""The item truth file (item_id, topic, ...) under `TRUTH_DIR`."""
+
+
+def corpus_folder(paths: PreparedPaths) -> Path | None:
+    """The synthetic corpus a prepared dataset was made from (`<raw_dir>/<dataset>`, raw_dir as `prepare`
+    recorded it), when its truth is there; None for the other datasets (or when the raw files moved)."""
+    raw_dir = read_json(paths.meta).get("config", {}).get("raw_dir")
+    folder = Path(raw_dir) / paths.root.name if raw_dir else None
+    return folder if folder is not None and (folder / TRUTH_DIR).is_dir() else None
+
+
+def truth_items(paths: PreparedPaths) -> Path | None:
+    """The item truth of a prepared dataset's synthetic corpus (see `corpus_folder`), when it exists."""
+    folder = corpus_folder(paths)
+    path = folder / TRUTH_DIR / TRUTH_ITEMS if folder is not None else None
+    return path if path is not None and path.exists() else None
 
 
 @dataclass
@@ -131,7 +150,7 @@ class SynthTruth:
                 "cold": self.cold,
             }
         ).join(item_facts, on="item_id", how="left", maintain_order="left")
-        items.write_parquet(out / "items.parquet")
+        items.write_parquet(out / TRUTH_ITEMS)
         pl.DataFrame(
             {
                 "user_id": self.user_ids.tolist(),
@@ -161,7 +180,7 @@ class SynthTruth:
         folder = Path(folder)
         if (folder / TRUTH_DIR).is_dir():
             folder = folder / TRUTH_DIR
-        needed = [folder / "items.parquet", folder / "users.parquet", folder / "truth.json"]
+        needed = [folder / TRUTH_ITEMS, folder / "users.parquet", folder / "truth.json"]
         missing = [p for p in needed if not p.exists()]
         if missing:
             raise MissingInputError(

@@ -8,7 +8,9 @@ so it works headless and inside a training loop); `log_figure` stores one in the
 - `modality_ablation`: one metric per modality set (bars).
 - `embedding_map`: a 2-D projection of item embeddings coloured by topic or genre.
 
-`log_retrieval_plots` logs a two-tower training run's figures (curves and item embedding map).
+The figures take arrays and tables, never a model: the stage that owns what is drawn computes
+it (e.g. `recsys.twotower.plots` embeds the catalogue, then calls `embedding_map`), so this module
+imports no pipeline stage.
 """
 
 from __future__ import annotations
@@ -17,18 +19,11 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-
-from recsys.data.paths import PreparedPaths
-from recsys.files import read_json
-
-if TYPE_CHECKING:
-    from recsys.twotower.towers import TwoTower
 
 MAX_LABELS = 10
 """Labels coloured individually in an embedding map; rarer ones are drawn grey as 'other'."""
@@ -171,22 +166,13 @@ def embedding_map(
 
 def item_labels(items: pl.DataFrame, truth_items: Path | None = None) -> list[str]:
     """A label per row of a prepared `items` table: the latent topic from the synthetic corpus' truth
-    (`<raw>/synth/truth/items.parquet`) when given and present, else the first genre ("none" without one)."""
+    (`<raw>/synth/truth/items.parquet`, see `recsys.synthetic.truth.truth_items`) when given and present,
+    else the first genre ("none" without one)."""
     if truth_items is not None and Path(truth_items).exists():
         topics = pl.read_parquet(truth_items, columns=["item_id", "topic"])
         joined = items.select("item_id").join(topics, on="item_id", how="left", maintain_order="left")
         return [f"topic {t}" if t is not None else "unknown" for t in joined.get_column("topic").to_list()]
     return [genres[0] if genres else "none" for genres in items.get_column("genres").to_list()]
-
-
-def truth_items(paths: PreparedPaths) -> Path | None:
-    """The synthetic corpus' item truth (`<raw_dir>/<dataset>/truth/items.parquet`, raw_dir as `prepare`
-    recorded it) of a prepared dataset, when it exists; None for the other datasets."""
-    from recsys.synthetic.truth import TRUTH_DIR
-
-    raw_dir = read_json(paths.meta).get("config", {}).get("raw_dir")
-    path = Path(raw_dir) / paths.root.name / TRUTH_DIR / "items.parquet" if raw_dir else None
-    return path if path is not None and path.exists() else None
 
 
 def log_figure(figure: Figure, name: str, run_id: str | None = None) -> None:
@@ -206,19 +192,3 @@ def log_training_curves(run_id: str, title: str = "training") -> None:
     history = run_history(run_id)
     if history:
         MlflowClient().log_figure(run_id, training_curves(history, title), "plots/training_curves.png")
-
-
-def log_retrieval_plots(run_id: str, model: TwoTower, paths: PreparedPaths) -> None:
-    """Log a two-tower training run's figures into run `run_id` (open or not, so that rank 0 of sharded
-    training can log through a client): its per-epoch curves (`plots/training_curves.png`) and the
-    trained item embeddings in 2-D (`plots/item_embeddings.png`), coloured by latent topic on the
-    synthetic corpus and by first genre elsewhere."""
-    from recsys.twotower.trained_model import TwoTowerScorer
-
-    dataset = paths.root.name
-    log_training_curves(run_id, title=f"{dataset}: two-tower training")
-    items = pl.read_parquet(paths.items).sort("item_idx")
-    embeddings = TwoTowerScorer(model).item_embeddings()  # (N, D), cold items from their content
-    labels = item_labels(items, truth_items(paths))
-    log_figure(embedding_map(embeddings, labels, title=f"{dataset}: two-tower item embeddings"), "item_embeddings",
-               run_id)

@@ -14,12 +14,15 @@ import polars as pl
 
 from recsys.config import ConfigError
 from recsys.errors import MissingInputError
+from recsys.tracking.inputs import input_digests
 from recsys.tracking.store import PIPELINE_TAG, configure, mark_dead_runs
 
 MAX_KEY_PARAMS = 6
 """Params shown in a printed run table at most: those that vary most across the listed runs come first."""
 MAX_KEY_METRICS = 6
 """Metrics shown in a printed run table at most (unless chosen by name)."""
+PARENT_RUN_TAG = "mlflow.parentRunId"
+"""MLflow's tag on a nested run naming its parent (`mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID`)."""
 
 
 def _search(experiment: str | None, step: str | None, limit: int) -> list[Any]:
@@ -56,9 +59,11 @@ def _row(run: Any, experiments: dict[str, str]) -> dict[str, Any]:
         "experiment": experiments.get(info.experiment_id, info.experiment_id),
         "step": data.tags.get("recsys.step"),
         "pipeline": data.tags.get(PIPELINE_TAG),
+        "parent_run_id": data.tags.get(PARENT_RUN_TAG),
         "status": info.status,
         "start_time": start,
         "duration_s": duration,
+        **{f"datasets.{role}": digest for role, digest in input_digests(run).items()},
         **{f"params.{k}": v for k, v in data.params.items()},
         **{f"metrics.{k}": float(v) for k, v in data.metrics.items()},
     }
@@ -71,7 +76,8 @@ def runs_table(
     limit: int = 100,
     step: str | None = None,
 ) -> pl.DataFrame:
-    """One row per run: id, name, experiment, step, pipeline, status, times, `params.*` and `metrics.*`.
+    """One row per run: id, name, experiment, step, pipeline, parent run, status, times, `datasets.*`
+    (the digest of each logged table: `datasets.train`, `datasets.catalogue`, ...), `params.*`, `metrics.*`.
 
     `experiment` is a dataset name (None: every experiment); `step` keeps the runs of one pipeline
     step (`train_retrieval`, `evaluate`, ...). `sort_by` names a metric (with or without the
@@ -85,14 +91,15 @@ def runs_table(
     if not rows:
         return pl.DataFrame(
             schema={"run_id": pl.String, "run_name": pl.String, "experiment": pl.String, "step": pl.String,
-                    "pipeline": pl.String, "status": pl.String,
+                    "pipeline": pl.String, "parent_run_id": pl.String, "status": pl.String,
                     "start_time": pl.Datetime("us", "UTC"), "duration_s": pl.Float64}
         )
     table = pl.from_dicts(rows, infer_schema_length=None)
-    fixed = [c for c in table.columns if not c.startswith(("params.", "metrics."))]
+    fixed = [c for c in table.columns if not c.startswith(("datasets.", "params.", "metrics."))]
+    datasets = sorted(c for c in table.columns if c.startswith("datasets."))
     params = sorted(c for c in table.columns if c.startswith("params."))
     metrics = sorted(c for c in table.columns if c.startswith("metrics."))
-    table = table.select(fixed + params + metrics)
+    table = table.select(fixed + datasets + params + metrics)
     if sort_by is not None:
         column = sort_by if sort_by.startswith("metrics.") else f"metrics.{sort_by}"
         if column not in table.columns:
@@ -108,6 +115,33 @@ def key_params(table: pl.DataFrame, limit: int = MAX_KEY_PARAMS) -> list[str]:
     distinct = {c: table.get_column(c).drop_nulls().n_unique() for c in params}
     varying = [c for c in params if distinct[c] > 1]
     return sorted(varying, key=lambda c: (-distinct[c], c))[:limit]
+
+
+def key_datasets(table: pl.DataFrame) -> list[str]:
+    """The `datasets.*` columns whose digests differ between the runs that logged them."""
+    columns = [c for c in table.columns if c.startswith("datasets.")]
+    return [c for c in columns if table.get_column(c).drop_nulls().n_unique() > 1]
+
+
+def run_labels(table: pl.DataFrame, data: str = "train", width: int = 6) -> list[str]:
+    """A short label per run that says what tells it from the other runs of the table.
+
+    The params that vary (folders left out: they say where, not what) as `name=value`, and the
+    first `width` characters of the digest of the run's `data` table: two corpora made with other
+    settings differ there even when every param but the folder is equal. A run whose params and
+    data equal another's is told apart by its run-ID prefix.
+    """
+    varying = [c for c in key_params(table, limit=len(table.columns)) if not c.endswith(("_dir", "_path"))]
+    digests = table.get_column(f"datasets.{data}") if f"datasets.{data}" in table.columns else None
+    labels = []
+    for i, row in enumerate(table.iter_rows(named=True)):
+        parts = [f"{c.removeprefix('params.')}={row[c]}" for c in varying if row[c] is not None]
+        if digests is not None and digests[i] is not None:
+            parts.append(f"{data} {digests[i][:width]}")
+        labels.append(" ".join(parts) or row["run_name"] or row["run_id"][:8])
+    repeated = {label for label in labels if labels.count(label) > 1}
+    return [f"{label} [{run_id[:6]}]" if label in repeated else label
+            for label, run_id in zip(labels, table.get_column("run_id"), strict=True)]
 
 
 def key_metrics(table: pl.DataFrame, limit: int = MAX_KEY_METRICS) -> list[str]:
@@ -130,8 +164,9 @@ def summary(table: pl.DataFrame, metrics: list[str] | None = None) -> pl.DataFra
     identity.append("status")
     if table.get_column("pipeline").null_count() < table.height:
         identity.append("pipeline")
-    shown = table.select(identity + key_params(table) + chosen)
-    return shown.rename({c: c.split(".", 1)[1] for c in shown.columns if "." in c})
+    shown = table.select(identity + key_datasets(table) + key_params(table) + chosen)
+    return shown.rename({c: c.replace("datasets.", "data:") if c.startswith("datasets.") else c.split(".", 1)[1]
+                         for c in shown.columns if "." in c})
 
 
 @dataclass
@@ -144,6 +179,10 @@ class RunComparison:
     """param, a, b: only params whose values differ (missing on one side shows as null)."""
     metrics: pl.DataFrame
     """metric, a, b, delta (b - a): every metric either run logged (final values)."""
+    datasets: pl.DataFrame
+    """dataset, a, b: the digest of each table either run logged (`train`, `valid`, `catalogue`, ...)."""
+    names: tuple[str, str] = ("", "")
+    """The two runs' names (what the MLflow UI lists them by)."""
 
 
 def _get_run(client: Any, run_id: str) -> Any:
@@ -163,7 +202,14 @@ def compare_runs(run_a: str, run_b: str) -> RunComparison:
 
     configure()
     client = MlflowClient()
-    a, b = _get_run(client, run_a).data, _get_run(client, run_b).data
+    run_objects = _get_run(client, run_a), _get_run(client, run_b)
+    a, b = (run.data for run in run_objects)
+    data_a, data_b = (input_digests(run) for run in run_objects)
+    roles = sorted(set(data_a) | set(data_b))
+    datasets = pl.DataFrame(
+        {"dataset": roles, "a": [data_a.get(r) for r in roles], "b": [data_b.get(r) for r in roles]},
+        schema={"dataset": pl.String, "a": pl.String, "b": pl.String},
+    )
     param_names = sorted(set(a.params) | set(b.params))
     differing = [n for n in param_names if a.params.get(n) != b.params.get(n)]
     params = pl.DataFrame(
@@ -179,7 +225,8 @@ def compare_runs(run_a: str, run_b: str) -> RunComparison:
         },
         schema={"metric": pl.String, "a": pl.Float64, "b": pl.Float64},
     ).with_columns((pl.col("b") - pl.col("a")).alias("delta"))
-    return RunComparison(run_a, run_b, params, metrics)
+    names = tuple(run.info.run_name or "" for run in run_objects)
+    return RunComparison(run_a, run_b, params, metrics, datasets, (names[0], names[1]))
 
 
 def format_table(frame: pl.DataFrame) -> str:

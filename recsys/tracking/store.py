@@ -4,7 +4,8 @@ The store defaults to `sqlite:///mlflow/mlflow.db` (relative to the working dire
 artifacts under `mlflow/artifacts`; `MLFLOW_TRACKING_URI` overrides it. Every pipeline step that
 produces files opens a run through `start_run`, which records the step's config, the fingerprint
 of its inputs (file hashes or upstream run IDs) and system info, so lineage can be traced in
-the MLflow UI.
+the MLflow UI. A command that runs several steps (`recsys demo`) opens its own run with
+`pipeline_run`; the steps' runs open nested under it.
 
 A process killed by SIGKILL (or the machine going down) cannot end its run, which would stay
 RUNNING forever. So every run names the process that owns it (tag `recsys.owner`: host, PID and
@@ -28,6 +29,15 @@ from typing import Any
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 PIPELINE_TAG = "recsys.pipeline"
 """Tag grouping the runs of one `recsys demo` or scripted pipeline (value from RECSYS_PIPELINE)."""
+PARENT_RUN_ENV = "RECSYS_PARENT_RUN"
+"""Environment variable naming the run that `start_run` nests new runs under (set by `pipeline_run`)."""
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""The MLflow UI's experiment-kind tag (no Python constant in 3.17). Its experiment-kind selector reads and
+writes it; 3.17's pages follow the sidebar's GenAI / Model training switch instead (see `recsys.demo.ui_url`)."""
+EXPERIMENT_KIND = "custom_model_development"
+"""The UI's "Machine learning" kind (`ExperimentKind.CUSTOM_MODEL_DEVELOPMENT` in the 3.17 UI): runs, not traces."""
+DESCRIPTION_TAG = "mlflow.note.content"
+"""The description the UI shows under an experiment's name (`mlflow.utils.mlflow_tags.MLFLOW_RUN_NOTE`)."""
 OWNER_TAG = "recsys.owner"
 """Tag naming the process that runs a run: `host:pid:start`, see `process_owner`."""
 KILLED_TAG = "recsys.killed"
@@ -122,17 +132,38 @@ def mark_dead_runs() -> list[str]:
     return marked
 
 
+def experiment_tags(dataset: str) -> dict[str, str]:
+    """Tags of a dataset's experiment: the UI opens it on its training runs and shows what it holds."""
+    return {
+        EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+        DESCRIPTION_TAG: (
+            f"recsys runs on the {dataset} dataset. One run per pipeline step (synth, prepare, ingest, content, "
+            "train_retrieval, evaluate, export), nested under the `recsys demo` run that started them; single "
+            "commands stay top-level. Run names say what differs (e.g. `train_retrieval gru fused d64 s0`), the "
+            "Dataset column shows each run's data splits and catalogue with their digests. Compare training runs "
+            "on val_ndcg_10 (per epoch), test_ndcg_10 / test_hr_10 / test_mrr_10, test_cold_ndcg_10 and "
+            f"test_coverage_10; the served model is models:/recsys-{dataset}@champion."
+        ),
+    }
+
+
 def experiment_id(dataset: str) -> str:
-    """The experiment of a dataset (created on first use, artifacts under the local artifact root)."""
+    """The experiment of a dataset (created on first use, artifacts under the local artifact root).
+
+    An experiment made before it was tagged gets its tags on the next run (what is already set stays).
+    """
     import mlflow
 
     configure()
     existing = mlflow.get_experiment_by_name(dataset)
     if existing is not None:
+        for key, value in experiment_tags(dataset).items():
+            if key not in existing.tags:
+                mlflow.MlflowClient().set_experiment_tag(existing.experiment_id, key, value)
         return existing.experiment_id
     root = artifact_root()
     location = (root / dataset).resolve().as_uri() if root is not None else None
-    return mlflow.create_experiment(dataset, artifact_location=location)
+    return mlflow.create_experiment(dataset, artifact_location=location, tags=experiment_tags(dataset))
 
 
 def fingerprint_files(paths: Iterable[Path]) -> str:
@@ -173,7 +204,8 @@ def start_run(
     `inputs` maps an input's name to its fingerprint or upstream run ID; each becomes a tag
     `recsys.input.<name>` so the UI can trace where a run's data came from. `run_id` continues an
     existing run of the experiment (a resumed training) instead of opening a new one: it is RUNNING
-    again, owned by this process. `tags` are set as well.
+    again, owned by this process. `tags` are set as well. Inside `pipeline_run` (RECSYS_PARENT_RUN
+    set, inherited by worker processes) the run opens nested under that run.
     """
     import mlflow
 
@@ -190,12 +222,29 @@ def start_run(
     if run_id is not None:
         # Owner first: the run must not look RUNNING under its dead owner, which the next sweep would kill.
         mlflow.MlflowClient().set_tag(run_id, OWNER_TAG, all_tags[OWNER_TAG])
+    parent = os.environ.get(PARENT_RUN_ENV) or None
     with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=None if run_id else run_name or step,
-                          tags=all_tags) as run:
+                          tags=all_tags, nested=parent is not None,
+                          parent_run_id=parent if run_id is None else None) as run:
         if run_id is None:  # a continued run keeps the params and config it was started with
             mlflow.log_params(flatten_params(config))
             mlflow.log_dict(config, "config.json")
         mlflow.log_dict(system_info(), "system.json")
+        yield run
+
+
+@contextmanager
+def pipeline_run(
+    dataset: str, step: str, config: dict[str, Any], inputs: dict[str, str], run_name: str | None = None
+) -> Iterator[Any]:
+    """A `start_run` run that every run opened inside the block nests under, in this process and its children.
+
+    For commands that run several steps (`recsys demo`): the UI shows one row per invocation with
+    its steps beneath it, where a single-step command's run stays top-level.
+    """
+    from recsys.environment import environment
+
+    with start_run(dataset, step, config, inputs, run_name) as run, environment(**{PARENT_RUN_ENV: run.info.run_id}):
         yield run
 
 

@@ -25,6 +25,7 @@ import pytorch_lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from recsys.data.histories import in_watch_order, train_counts
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError
 from recsys.twotower.sparse import SparseFeatures, collate
@@ -85,9 +86,7 @@ class InteractionLog:
     @classmethod
     def read(cls, path: str) -> InteractionLog:
         frame = (
-            pl.scan_parquet(path)
-            # Stable sort: prepare writes each user's rows in time order, ties already broken by line.
-            .sort(["user_idx", "timestamp"], maintain_order=True)
+            in_watch_order([pl.scan_parquet(path)])
             .select(
                 pl.col("user_idx"),
                 pl.col("item_idx"),
@@ -169,8 +168,7 @@ class RetrievalDataModule(L.LightningDataModule):
         if len(self.train_log) == 0:
             raise DataFormatError(f"{self.paths.train} holds no training interactions")
         self.windows = TrainWindows.cut(self.train_log, self.max_history)
-        counts = pl.read_parquet(self.paths.popularity).sort("item_idx")
-        self.item_counts = counts.get_column("count").to_numpy().astype(np.int64)
+        self.item_counts = train_counts(self.paths)
         self.n_items = len(self.item_counts)
         self.n_users = pl.scan_parquet(self.paths.user_map).select(pl.len()).collect().item()
         # Each user's train rows are contiguous in the sorted log: [first, end).

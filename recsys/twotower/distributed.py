@@ -42,17 +42,16 @@ from torchrec.optim import RowWiseAdagrad, apply_optimizer_in_backward
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from recsys.config import RetrievalConfig, save_config, to_dict
+from recsys.config import RetrievalConfig, config_from, config_parser, save_config, to_dict
 from recsys.data.paths import PreparedPaths
 from recsys.errors import RecsysError
 from recsys.files import read_json
-from recsys.tracking.plots import log_retrieval_plots
-from recsys.tracking.store import start_run
+from recsys.twotower.build import RetrievalResult, build_model, load_content, training_run, upstream_inputs
 from recsys.twotower.datamodule import RetrievalBatch, RetrievalDataModule
 from recsys.twotower.module import VAL_METRIC, RetrievalObjective, optimizer_groups
 from recsys.twotower.new_videos import fit_new_videos, new_video_metrics
+from recsys.twotower.plots import log_retrieval_plots
 from recsys.twotower.sparse import ITEM_TABLE, USER_TABLE
-from recsys.twotower.train import RetrievalResult, build_model, load_content, upstream_inputs
 from recsys.twotower.trained_model import MODEL_FILE, NEW_VIDEO_SCORING, WEIGHTS_FILE, models_dir, save_trained
 
 
@@ -191,7 +190,7 @@ def train_sharded(config: RetrievalConfig) -> RetrievalResult:
     This process opens the MLflow run; rank 0 logs into it and saves the gathered model.
     """
     paths = PreparedPaths.of(config.processed_dir, config.dataset).require()
-    with start_run(config.dataset, "train_retrieval", to_dict(config), upstream_inputs(config, paths)) as run:
+    with training_run(config, paths, upstream_inputs(config, paths)) as run:
         run_id = run.info.run_id
         with tempfile.TemporaryDirectory() as tmp:
             config_path = save_config(config, Path(tmp) / "config.json")
@@ -206,29 +205,17 @@ def train_sharded(config: RetrievalConfig) -> RetrievalResult:
                            info["content_source"], info["history"])
 
 
-def _device(local_rank: int) -> tuple[torch.device, str]:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank), "nccl"
-    return torch.device("cpu"), "gloo"
-
-
 def torchrun_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of one torchrun process; takes the options of `recsys train retrieval`.
 
     `--run-id` logs into an MLflow run opened by the launcher; without it rank 0 opens one.
     """
-    import argparse
-
-    from recsys.cli import add_config_arguments, config_from_args
-
-    parser = argparse.ArgumentParser(prog="python -m recsys.twotower.distributed",
-                                     description="One process of sharded two-tower training (start it with torchrun)")
-    add_config_arguments(parser, RetrievalConfig, ("dataset",))
-    parser.add_argument("--config", type=Path, default=None, help="Load the config from a saved JSON/YAML file")
-    parser.add_argument("--run-id", default=None, help="MLflow run to log into (opened by the launcher)")
+    parser = config_parser(RetrievalConfig, ("dataset",), prog="python -m recsys.twotower.distributed",
+                           description="One process of sharded two-tower training (start it with torchrun)")
+    parser.add_argument("--run-id", type=str | None, default=None,
+                        help="MLflow run to log into (opened by the launcher)")
     namespace = parser.parse_args(argv)
-    config: RetrievalConfig = config_from_args(RetrievalConfig, namespace)
+    config = config_from(RetrievalConfig, namespace)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -240,8 +227,8 @@ def torchrun_main(argv: Sequence[str] | None = None) -> int:
         elif namespace.run_id is not None:
             train_rank(config, rank, world_size, device, namespace.run_id)
         else:
-            inputs = upstream_inputs(config, PreparedPaths.of(config.processed_dir, config.dataset).require())
-            with start_run(config.dataset, "train_retrieval", to_dict(config), inputs) as run:
+            paths = PreparedPaths.of(config.processed_dir, config.dataset).require()
+            with training_run(config, paths, upstream_inputs(config, paths)) as run:
                 summary = train_rank(config, rank, world_size, device, run.info.run_id)
             assert summary is not None
             print(f"{config.dataset}: sharded two-tower model over {world_size} processes -> {summary['folder']} "

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.metrics import metrics_from_ranks
+from recsys.metrics import mask_pairs, metrics_from_ranks, target_ranks
 from recsys.twotower.datamodule import RetrievalBatch
 from recsys.twotower.sparse import collate
 from recsys.twotower.towers import TwoTower
@@ -80,15 +80,14 @@ def sampled_softmax_loss(
 
 def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude_rows: torch.Tensor,
                     exclude_items: torch.Tensor) -> torch.Tensor:
-    """0-based rank (B,) of each row's target among all items (B, N), excluded pairs pushed to the end.
+    """0-based rank (B,) of each row's target among all items (B, N), excluded pairs (E,) pushed to the end.
 
-    Ties go to the lower item index (as in `recsys.evaluation`), so equal scores earn no credit.
+    The ranking of `recsys.evaluation` (`recsys.metrics`): ties go to the lower item index, so equal
+    scores earn no credit. `scores` is left as it is.
     """
-    scores = scores.index_put((exclude_rows, exclude_items), torch.tensor(float("-inf"), device=scores.device))
-    target_scores = scores.gather(1, targets.unsqueeze(1))  # (B, 1)
-    index = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0)  # (1, N)
-    ahead = (scores > target_scores) | ((scores == target_scores) & (index < targets.unsqueeze(1)))  # (B, N)
-    return ahead.sum(dim=1)  # (B,)
+    scores = scores.clone()
+    mask_pairs(scores, exclude_rows, exclude_items)
+    return target_ranks(scores, targets)
 
 
 def ndcg_and_hits(scores: torch.Tensor, batch: RetrievalBatch) -> tuple[torch.Tensor, torch.Tensor]:

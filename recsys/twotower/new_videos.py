@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsys.metrics import metrics_from_ranks
+from recsys.metrics import mask_pairs, metrics_from_ranks
 from recsys.twotower.datamodule import RetrievalBatch
 from recsys.twotower.module import VAL_METRIC, K, catalogue_embeddings, ndcg_and_hits
 from recsys.twotower.sparse import HISTORY_FEATURE
@@ -201,7 +201,8 @@ class TargetRanks:
     """
 
     def __init__(self, scores: torch.Tensor, batch: RetrievalBatch, new: torch.Tensor) -> None:
-        scores = scores.index_put((batch.exclude_rows, batch.exclude_items), torch.tensor(float("-inf")))
+        scores = scores.clone()
+        mask_pairs(scores, batch.exclude_rows, batch.exclude_items)
         targets = batch.targets  # (B,)
         index = torch.arange(scores.shape[1])
         self.new_targets = new[targets]  # (B,)

@@ -16,6 +16,7 @@ order. `DistributedModelParallel` shards both collections without any change to 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,17 @@ from torchrec import (
     KeyedJaggedTensor,
     PoolingType,
 )
+
+
+class _FxTracingNote(logging.Filter):
+    """Drops torch's note that `is_fx_tracing()` also covers torch.export: TorchRec's modules call it on
+    every forward pass, so each process (a CLI run, every notebook) printed it once, about code we do not own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("is_fx_tracing will return true")
+
+
+logging.getLogger("torch.fx._symbolic_trace").addFilter(_FxTracingNote())
 
 USER_FEATURE = "user_id"
 ITEM_FEATURE = "item_id"

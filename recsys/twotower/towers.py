@@ -16,53 +16,72 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys.config import RetrievalConfig
 from recsys.twotower.fresh_views import FreshViews
 from recsys.twotower.sparse import SparseArch, SparseEmbeddings, SparseFeatures
 
 Encoder = Literal["gru", "attention"]
 
 
+def _config_default(name: str) -> Any:
+    """The default of a `RetrievalConfig` field: a spec built without it gets what training would use."""
+    return {f.name: f.default for f in fields(RetrievalConfig)}[name]
+
+
 @dataclass
 class TwoTowerSpec:
-    """Everything needed to rebuild a `TwoTower` (saved as JSON beside the weights)."""
+    """Everything needed to rebuild a `TwoTower` (saved as JSON beside the weights).
+
+    The architecture fields are `RetrievalConfig`'s (documented there), with its defaults:
+    `from_config` is how training builds a spec. The rest describe what the trained model holds,
+    found from the data; their defaults (nothing) are also what a model.json written before them means.
+    """
 
     n_users: int
     """Rows of the user ID table"""
     n_items: int
     """Rows of the item ID table (the prepared catalogue)"""
-    dim: int = 64
-    """Dimension of ID embeddings and of the shared user/item space"""
-    max_history: int = 50
-    """Most recent watched items the user tower reads"""
-    encoder: Encoder = "gru"
-    """Sequence encoder of the watch history"""
-    layers: int = 1
-    """Layers of the sequence encoder"""
-    heads: int = 2
-    """Attention heads (encoder 'attention')"""
-    dropout: float = 0.1
-    """Dropout inside the towers"""
-    use_ids: bool = True
-    """Learn user and item ID embeddings; False gives the content-only model"""
-    user_id_dropout: float = 0.2
-    """Probability of hiding a row's user ID embedding in training"""
-    item_id_dropout: float = 0.1
-    """Probability of hiding an item's ID embedding in training (only when content exists)"""
+    dim: int = _config_default("dim")
+    max_history: int = _config_default("max_history")
+    encoder: Encoder = _config_default("encoder")
+    layers: int = _config_default("layers")
+    heads: int = _config_default("heads")
+    dropout: float = _config_default("dropout")
+    use_ids: bool = _config_default("ids")
+    """`RetrievalConfig.ids`: False gives the content-only model"""
+    user_id_dropout: float = _config_default("user_id_dropout")
+    item_id_dropout: float = _config_default("item_id_dropout")
+    """`RetrievalConfig.item_id_dropout` when the model has content, else 0"""
     content_dim: int = 0
     """Width of the item content embedding; 0 when the model has no content"""
     content_source: str = "none"
     """Which feature store file gave the content embedding (fused, title or none)"""
     taste_clusters: int = 0
-    """Clusters of watched videos whose share in a user's history scores new videos (0: none)"""
+    """`RetrievalConfig.taste_clusters` when the model has content, else 0 (no new-video taste term)"""
     fresh_views: int = 0
     """(user, item) views after the training cut-off that the model holds (`recsys.twotower.fresh_views`)"""
+
+    @classmethod
+    def from_config(cls, config: RetrievalConfig, n_users: int, n_items: int, content_dim: int = 0,
+                    content_source: str = "none", fresh_views: int = 0) -> TwoTowerSpec:
+        """The spec a training config asks for, on a catalogue of `n_items` and `n_users` (content found by
+        the caller: `content_dim` 0 means none; `fresh_views` held, when `config.fresh_views`)."""
+        return cls(
+            n_users=n_users, n_items=n_items, dim=config.dim, max_history=config.max_history,
+            encoder=config.encoder, layers=config.layers, heads=config.heads, dropout=config.dropout,
+            use_ids=config.ids, user_id_dropout=config.user_id_dropout,
+            item_id_dropout=config.item_id_dropout if content_dim else 0.0,
+            content_dim=content_dim, content_source=content_source,
+            taste_clusters=config.taste_clusters if content_dim else 0,
+            fresh_views=fresh_views if config.fresh_views else 0,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

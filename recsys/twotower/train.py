@@ -20,150 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as L
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from recsys.checkpoints import AtomicCheckpointIO, RandomState, ResumableEarlyStopping, remove_partial_files
 from recsys.config import RESUME_LATEST, ConfigError, RetrievalConfig, to_dict
 from recsys.data.paths import PreparedPaths
-from recsys.errors import DataFormatError, MissingInputError
+from recsys.errors import MissingInputError
 from recsys.threads import torch_threads
-from recsys.tracking.plots import log_retrieval_plots
-from recsys.tracking.store import fingerprint_files, latest_run_id, start_run
+from recsys.tracking.callbacks import MlflowEpochMetrics
+from recsys.twotower.build import RetrievalResult, build_model, load_content, training_run, upstream_inputs
 from recsys.twotower.datamodule import RetrievalDataModule
 from recsys.twotower.module import VAL_METRIC, RetrievalModule
 from recsys.twotower.new_videos import fit_new_videos, new_video_metrics
-from recsys.twotower.towers import TwoTower, TwoTowerSpec
+from recsys.twotower.plots import log_retrieval_plots
 from recsys.twotower.trained_model import NEW_VIDEO_SCORING, models_dir, save_trained
-
-CONTENT_FILES = {"fused": "content_embedding.npy", "title": "title_embedding.npy"}
-"""Feature store files holding one content embedding per item, by `content` option."""
-CONTENT_META = "content.json"
-
-
-@dataclass
-class ItemContent:
-    """The content embedding chosen for the item tower."""
-
-    source: str
-    """fused, title or none"""
-    embedding: np.ndarray | None
-    """float32 (N, C), row i = item_idx i; None without content"""
-
-
-def content_file(paths: PreparedPaths, choice: str) -> tuple[str, Path | None]:
-    """(source, file) of the content embedding per `choice`: auto takes fused, else title, else none."""
-    if choice == "none":
-        return "none", None
-    for source in ["fused", "title"] if choice == "auto" else [choice]:
-        path = paths.features / CONTENT_FILES[source]
-        if path.exists():
-            return source, path
-    if choice == "auto":
-        return "none", None
-    raise MissingInputError(
-        f"content={choice}: {paths.features / CONTENT_FILES[choice]} does not exist; "
-        f"run `recsys ingest {paths.root.name}`" + (" and `recsys train content`" if choice == "fused" else "")
-        + ", or choose --content auto/none"
-    )
-
-
-def load_content(paths: PreparedPaths, choice: str, n_items: int) -> ItemContent:
-    """The content embedding per `choice`, checked against the catalogue size."""
-    source, path = content_file(paths, choice)
-    if path is None:
-        return ItemContent("none", None)
-    stored = np.load(path, mmap_mode="r")
-    if stored.ndim != 2 or stored.shape[0] != n_items:
-        raise DataFormatError(
-            f"{path}: shape {stored.shape}, expected ({n_items}, D) rows for the {n_items} prepared items; "
-            f"re-run `recsys ingest {paths.root.name}` after `recsys data prepare`"
-        )
-    # A private in-memory copy: the model keeps it as a buffer that loading a checkpoint writes into,
-    # which a read-only memory map would not allow.
-    embedding = np.array(stored, dtype=np.float32)
-    if not np.isfinite(embedding).all():
-        raise DataFormatError(f"{path}: holds NaN or infinite values; re-create it")
-    return ItemContent(source, embedding)
-
-
-def upstream_inputs(config: RetrievalConfig, paths: PreparedPaths) -> dict[str, str]:
-    """Lineage of a training run for MLflow: prepared files, the prepare run, the content file and run."""
-    inputs = {
-        "prepared": fingerprint_files([paths.train, paths.valid, paths.popularity]),
-        "prepare_run": latest_run_id(config.dataset, "prepare") or "unknown",
-    }
-    source, path = content_file(paths, config.content)
-    if path is not None:
-        inputs[f"content_{source}"] = fingerprint_files([path])
-        meta = paths.features / CONTENT_META
-        if source == "fused" and meta.exists():
-            inputs["content_run"] = str(json.loads(meta.read_text()).get("run_id", "unknown"))
-    return inputs
-
-
-def build_model(config: RetrievalConfig, data: RetrievalDataModule, content: ItemContent) -> TwoTower:
-    """The TwoTower for a config and a dataset (the same for single-process and sharded training)."""
-    spec = TwoTowerSpec(
-        n_users=data.n_users,
-        n_items=data.n_items,
-        dim=config.dim,
-        max_history=config.max_history,
-        encoder=config.encoder,
-        layers=config.layers,
-        heads=config.heads,
-        dropout=config.dropout,
-        use_ids=config.ids,
-        user_id_dropout=config.user_id_dropout,
-        item_id_dropout=config.item_id_dropout if content.embedding is not None else 0.0,
-        content_dim=0 if content.embedding is None else content.embedding.shape[1],
-        content_source=content.source,
-        taste_clusters=0 if content.embedding is None else config.taste_clusters,
-        fresh_views=len(data.fresh_items) if config.fresh_views else 0,
-    )
-    embedding = None if content.embedding is None else torch.from_numpy(content.embedding)
-    fresh = (torch.from_numpy(data.fresh_users), torch.from_numpy(data.fresh_items)) if config.fresh_views else None
-    return TwoTower(spec, content=embedding, known_items=torch.from_numpy(data.known_items), fresh_views=fresh)
-
-
-class MlflowEpochMetrics(Callback):
-    """Logs every epoch's train and validation metrics to the active MLflow run (step = epoch).
-
-    The history of logged epochs is part of the callback's checkpointed state, so a resumed run
-    reports every epoch of the run, those before the kill included.
-    """
-
-    def __init__(self) -> None:
-        self.history: list[dict[str, float]] = []
-
-    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        import mlflow
-
-        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-        metrics["epoch"] = trainer.current_epoch
-        self.history.append(metrics)
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=trainer.current_epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict["history"])
-
-
-@dataclass
-class RetrievalResult:
-    """What a training run produced."""
-
-    run_id: str
-    model_dir: Path
-    checkpoint: Path
-    best_val_ndcg: float
-    epochs: int
-    content_source: str
-    history: list[dict[str, float]]
 
 
 def checkpoint_root(processed_dir: Path, dataset: str) -> Path:
@@ -302,7 +174,7 @@ def _train(config: RetrievalConfig, paths: PreparedPaths) -> RetrievalResult:
         previous = mlflow.MlflowClient().get_run(plan.run_id).data.tags.get(RESUMES_TAG, "0")
         tags[RESUMES_TAG] = str(int(previous) + 1)
 
-    with start_run(config.dataset, "train_retrieval", to_dict(config), inputs, run_id=plan.run_id, tags=tags) as run:
+    with training_run(config, paths, inputs, run_id=plan.run_id, tags=tags) as run:
         import mlflow
 
         run_id = run.info.run_id

@@ -10,6 +10,9 @@ data/processed/<dataset>/models/
   <run_id>/item_embeddings.npy  float32 (n_items, D): the item tower over the whole catalogue
 ```
 
+The folder names and the item embeddings file are defined by `recsys.content.embedding_files`, which
+reads the item embeddings for content distillation: the two stages meet through these files.
+
 `TwoTowerScorer` is what the rest of recsys calls: `item_embeddings()`, `user_embeddings(...)`
 and `score(...)`, all numpy in and out. A user index of -1 means "a user the model has never
 seen": such a user is embedded from their history alone.
@@ -33,32 +36,25 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from recsys.data.paths import PreparedPaths
+from recsys.content.embedding_files import ITEM_EMBEDDINGS_FILE, LATEST_FILE, latest_run, models_dir
+from recsys.data.histories import UNKNOWN_USER
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.files import atomic_path, read_json, write_json
 from recsys.twotower.fresh_views import FreshViews
+from recsys.twotower.module import catalogue_embeddings
 from recsys.twotower.new_videos import NewVideoScoring, log_cluster_shares, own_view_taste_changes
-from recsys.twotower.sparse import HISTORY_FEATURE, collate, collate_histories
+from recsys.twotower.sparse import HISTORY_FEATURE, collate_histories
 from recsys.twotower.towers import TwoTower, TwoTowerSpec
 
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_FILE = "model.json"
-ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"
-LATEST_FILE = "latest.json"
 FORMAT_VERSION = 1
 LATER_BUFFERS = ("cluster_membership", "fresh_view_users", "fresh_view_items")
 """Buffers added to the model after format 1: a model saved before them keeps their empty default."""
-UNKNOWN_USER = -1
-"""User index meaning 'not in the model's user table': no ID embedding, history only."""
 NEW_VIDEO_SCORING = "new_video_scoring"
 """Key of the training summary (model.json "info") holding the fitted `NewVideoScoring`."""
 LEGACY_COLD_ITEM_BIAS = "cold_item_bias"
 """Where models trained before `NEW_VIDEO_SCORING` kept their one offset for new videos."""
-
-
-def models_dir(processed_dir: Path, dataset: str) -> Path:
-    """`<processed_dir>/<dataset>/models`: where trained two-tower models are kept."""
-    return PreparedPaths.of(processed_dir, dataset).root / "models"
 
 
 class TwoTowerScorer:
@@ -99,13 +95,7 @@ class TwoTowerScorer:
     def item_embeddings(self) -> np.ndarray:
         """float32 (n_items, D), row i = item_idx i (cold-start items included, from their content)."""
         if self._items is None:
-            chunks = []
-            for start in range(0, self.n_items, self.batch_size):
-                ids = np.arange(start, min(start + self.batch_size, self.n_items))
-                empty = np.zeros(len(ids), np.int64)
-                features = collate(None, ids, np.empty(0, np.int64), empty)
-                chunks.append(self.model.item_embeddings(features).numpy())  # (b, D)
-            self._items = np.concatenate(chunks).astype(np.float32)
+            self._items = catalogue_embeddings(self.model, chunk=self.batch_size).numpy().astype(np.float32)
         return self._items
 
     @torch.inference_mode()
@@ -242,16 +232,6 @@ def save_trained(
     write_json(folder / MODEL_FILE, document)
     write_json(models_dir(processed_dir, dataset) / LATEST_FILE, {"run_id": run_id, "folder": str(folder)})
     return folder
-
-
-def latest_run(processed_dir: Path, dataset: str) -> str:
-    """Run ID of the newest trained model of a dataset, or a MissingInputError saying how to train one."""
-    pointer = models_dir(processed_dir, dataset) / LATEST_FILE
-    if not pointer.exists():
-        raise MissingInputError(
-            f"no trained model for {dataset} under {pointer.parent}; run `recsys train retrieval {dataset}` first"
-        )
-    return str(read_json(pointer)["run_id"])
 
 
 def load_trained(processed_dir: Path, dataset: str, run_id: str | None = None) -> TwoTowerScorer:

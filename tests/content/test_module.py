@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +20,14 @@ from recsys.content.datamodule import ContentDataModule
 from recsys.content.encoder import MODALITIES, ContentEncoder, EncoderSpec
 from recsys.content.module import ContentModule, cross_modal_retrieval, info_nce
 from recsys.content.temporal import random_crop, reverse_time
-from recsys.content.train import extract_embeddings, topic_probe, train_content
+from recsys.content.train import ExtractedEmbeddings, _log_plots, extract_embeddings, topic_probe, train_content
 from recsys.errors import MissingInputError
 from recsys.media.feature_store import FeatureStore
 from recsys.threads import torch_threads
+from recsys.tracking.store import start_run
 from tests.content.content_store import write_store
+from tests.plot_artifacts import plot_artifacts
+from tests.tiny_model import TinyModel
 
 DATASET = "synth"
 
@@ -231,12 +235,10 @@ def synth_processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from recsys.synthetic.generator import synthesize
 
     root = tmp_path_factory.mktemp("synth_content")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        synthesize(SynthConfig(preset="default", raw_dir=root / "raw", n_videos=360, n_users=360,
-                               events_per_user=30, workers=2))
-        prepare(PrepareConfig(dataset=DATASET, raw_dir=root / "raw", processed_dir=root / "processed"))
-        ingest(IngestConfig(dataset=DATASET, processed_dir=root / "processed", workers=2))
+    synthesize(SynthConfig(preset="default", raw_dir=root / "raw", n_videos=360, n_users=360,
+                           events_per_user=30, workers=2))
+    prepare(PrepareConfig(dataset=DATASET, raw_dir=root / "raw", processed_dir=root / "processed"))
+    ingest(IngestConfig(dataset=DATASET, processed_dir=root / "processed", workers=2))
     return root / "processed"
 
 
@@ -263,17 +265,20 @@ def test_fused_embedding_beats_every_single_modality_on_the_synthetic_corpus(
 
 
 @pytest.mark.slow
-def test_distillation_aligns_fused_embeddings_with_a_trained_two_tower_model(tmp_path: Path) -> None:
+def test_distillation_aligns_fused_embeddings_with_a_trained_two_tower_model(
+    tmp_path: Path, trained_tiny_model: TinyModel
+) -> None:
     """With a trained two-tower model, the distillation loss is part of training and falls; the run
-    records which model it distilled from."""
+    records which model it distilled from (read from the item embeddings file the training wrote)."""
     import polars as pl
 
-    from tests import tiny_model
+    from tests.tiny_model import DATASET as TINY
 
-    processed, trained = tiny_model.build(tmp_path / "tiny", epochs=2)
-    n_items = pl.read_parquet(processed / tiny_model.DATASET / "items.parquet").height
-    write_store(processed / tiny_model.DATASET / "features", n_items=n_items, topics=4)
-    config = ContentConfig(dataset=tiny_model.DATASET, processed_dir=processed, checkpoint_dir=tmp_path / "ckpt",
+    processed, trained = tmp_path / "processed", trained_tiny_model.result
+    shutil.copytree(trained_tiny_model.processed_dir, processed)  # the session's dataset stays as it is
+    n_items = pl.read_parquet(processed / TINY / "items.parquet").height
+    write_store(processed / TINY / "features", n_items=n_items, topics=4)
+    config = ContentConfig(dataset=TINY, processed_dir=processed, checkpoint_dir=tmp_path / "ckpt",
                            embedding_dim=16, hidden_dim=32, batch_size=16, max_epochs=4, patience=4, threads=1,
                            distill_weight=1.0, progress_bar=False)
     result = train_content(config)
@@ -281,3 +286,18 @@ def test_distillation_aligns_fused_embeddings_with_a_trained_two_tower_model(tmp
     history = sorted(client.get_metric_history(result["run_id"], "train_distill_loss"), key=lambda m: m.step)
     assert len(history) == 4 and history[-1].value < history[0].value
     assert mlflow.get_run(result["run_id"]).data.tags["recsys.input.two_tower"] == trained.run_id
+
+
+def test_content_plots_include_a_topic_coloured_map_of_the_embedded_items() -> None:
+    rng = np.random.default_rng(0)
+    n, m = 20, len(MODALITIES)
+    fused = rng.normal(size=(n, 8)).astype(np.float32)  # (N, D)
+    fused[3] = 0  # an item without any usable modality stays off the map
+    embeddings = ExtractedEmbeddings(fused, np.zeros((n, m, 8), np.float32), np.ones((n, m), bool),
+                                     np.full((n, m), 1 / m, np.float32))
+    epochs = [{"train_loss": 2.0, "val_loss": 2.1, "val_r1": 0.2, "val_r5": 0.5, "temperature": 0.07},
+              {"train_loss": 1.5, "val_loss": 1.9, "val_r1": 0.3, "val_r5": 0.6, "temperature": 0.06}]
+    with start_run("plots-test", "content", {}, inputs={}) as run:
+        _log_plots(epochs, embeddings, topics=np.arange(n) % 4)
+    assert plot_artifacts(run.info.run_id) == [
+        "plots/content_training.png", "plots/fusion_weights.png", "plots/item_embeddings.png"]

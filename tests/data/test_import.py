@@ -211,12 +211,14 @@ def test_non_utf8_text_names_the_line(own: OwnData, tmp_path: Path) -> None:
 
 def test_duplicate_catalogue_ids_name_both_lines(own: OwnData, tmp_path: Path) -> None:
     items = tmp_path / "items.csv"
-    items.write_text("item_id,title\nv00,First\nv01,Second\nv00,First again\n")
-    with pytest.raises(DataFormatError, match=r"items.csv:4: duplicate video ID \(first on line 2\): 'v00'"):
+    items.write_text("item_id,title\nv00,First\nv01,Second\nv01,Second again\nv00,First again\n")
+    with pytest.raises(DataFormatError, match=r"items.csv:4: duplicate video ID \(first on line 3\): 'v01' \(1 more"):
         import_dataset(config(own, tmp_path / "raw", items=items, media_root=None))
     assert_nothing_written(tmp_path / "raw")
     report = import_dataset(config(own, tmp_path / "raw", items=items, media_root=None, on_bad_rows="skip"))
-    assert report.items == 2 and report.item_rows_skipped == {"duplicate video ID (first on line 2)": 1}
+    assert report.items == 2 and report.item_rows_skipped == {"duplicate video ID (the first row is kept)": 2}
+    titles = load_raw(NAME, tmp_path / "raw").items.collect().get_column("title").to_list()
+    assert titles == ["First", "Second"]
 
 
 @pytest.mark.parametrize(("video", "message"), [
@@ -392,3 +394,11 @@ def test_ingest_after_new_videos_are_imported_decodes_only_those(own: OwnData, t
         np.testing.assert_array_equal(after.frames[rows[item]], frames)
     assert after.frame_mask[rows["fresh"]].any()
     assert not (processed / NAME / "features.previous").exists()
+
+
+def test_a_row_with_more_fields_than_the_header_names_its_line(own: OwnData, tmp_path: Path) -> None:
+    log = tmp_path / "log.csv"
+    log.write_text("viewer,video,watched_at\na,v00,2024-05-01\nb,v01,2024-05-01,extra,fields\n")
+    with pytest.raises(DataFormatError, match=r"log.csv:3: 5 fields where the header names 3"):
+        import_dataset(config(own, tmp_path / "raw", interactions=log))
+    assert_nothing_written(tmp_path / "raw")

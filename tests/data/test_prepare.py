@@ -17,12 +17,10 @@ from tests.movielens_files import write_ml100k
 
 
 @pytest.fixture(scope="module")
-def ml100k(shared_data: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_store: str) -> PreparedPaths:
+def ml100k(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> PreparedPaths:
     root = tmp_path_factory.mktemp("ml100k")
     fetch(FetchConfig("movielens-100k", source=shared_data / "movielens/ml-100k", dest=root / "raw"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        prepare(PrepareConfig("movielens-100k", raw_dir=root / "raw", processed_dir=root / "processed"))
+    prepare(PrepareConfig("movielens-100k", raw_dir=root / "raw", processed_dir=root / "processed"))
     return PreparedPaths.of(root / "processed", "movielens-100k")
 
 

@@ -13,6 +13,7 @@ from recsys.data.paths import PreparedPaths
 from recsys.errors import MissingInputError
 from recsys.evaluation.evaluate import SkippedModelWarning, evaluate, metric_key
 from tests.evaluation.grouped_data import USERS, build_prepared
+from tests.tiny_model import TinyModel
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +94,8 @@ def test_oracle_on_the_synthetic_corpus_is_the_ceiling(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_trained_two_tower_run_is_evaluated_beside_the_baselines(tmp_path: Path) -> None:
-    from tests.tiny_model import build
-
-    processed_dir, result = build(tmp_path, epochs=4)
+def test_trained_two_tower_run_is_evaluated_beside_the_baselines(trained_tiny_model: TinyModel) -> None:
+    processed_dir, result = trained_tiny_model.processed_dir, trained_tiny_model.result
     table = evaluate(EvaluateConfig(processed_dir=processed_dir, run_ids=(result.run_id,), split="valid",
                                     baselines=("popularity",)))
     rows = {row["model"]: row for row in table.iter_rows(named=True)}
@@ -108,6 +107,16 @@ def test_trained_two_tower_run_is_evaluated_beside_the_baselines(tmp_path: Path)
     assert rows["two-tower no-content"]["ndcg@10"] > rows["popularity"]["ndcg@10"]
     run = mlflow.get_run(table["mlflow_run_id"][0])
     assert run.data.tags["recsys.input.model.two-tower-no-content"] == result.run_id
+    # One trained model: the evaluation and the training run carry its figures under the stable names
+    assert run.info.run_name == "evaluate valid gru none d16 s0"
+    trained = mlflow.get_run(result.run_id)
+    for name, column in (("valid_ndcg_10", "ndcg@10"), ("valid_hr_10", "hr@10"), ("valid_mrr_10", "mrr@10"),
+                         ("valid_coverage_10", "coverage@10")):
+        assert run.data.metrics[name] == pytest.approx(rows["two-tower no-content"][column])
+        assert trained.data.metrics[name] == pytest.approx(rows["two-tower no-content"][column])
+    assert "popularity/ndcg_at_10" in run.data.metrics and "valid_ndcg_10" not in trained.data.params
+    logged = {d.dataset.name for d in run.inputs.dataset_inputs}
+    assert logged == {"movielens-100k/train", "movielens-100k/valid", "movielens-100k/catalogue"}
 
 
 def test_two_tower_variants_are_compared_in_a_modality_ablation_plot(tmp_path: Path) -> None:
@@ -121,6 +130,12 @@ def test_two_tower_variants_are_compared_in_a_modality_ablation_plot(tmp_path: P
     assert table["model"].to_list() == ["two-tower (title)", "two-tower no-content", "popularity"]
     client = mlflow.MlflowClient()
     run_id = table["mlflow_run_id"][0]
+    # Two trained models: each one's test figures go to its own training run, none to the evaluation run
+    for run, model in zip(runs, ("two-tower (title)", "two-tower no-content"), strict=True):
+        ndcg = table.filter(table["model"] == model)["ndcg@10"][0]
+        assert client.get_run(run).data.metrics["test_ndcg_10"] == pytest.approx(ndcg)
+    assert "test_ndcg_10" not in client.get_run(run_id).data.metrics
+    assert client.get_run(run_id).info.run_name.startswith("evaluate test ")
     plots = sorted(a.path for a in client.list_artifacts(run_id, "plots"))
     assert plots == ["plots/metrics_at_k.png", "plots/modality_ablation.png"]
     for path in plots:

@@ -23,31 +23,21 @@ from recsys.serving.pyfunc_model import Ranker, RequestError, RequestTimeout, Re
 from recsys.serving.recommend import UnknownUserWarning, recommend
 from recsys.serving.registry import CHAMPION, DECISION_TAG, VAL_NDCG_TAG, champion_uri, decide, model_name
 from tests import tiny_model
+from tests.tiny_model import TinyModel
 
 DATASET = tiny_model.DATASET
 
 
 @pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """This module's own store (overrides the session's), so its registry starts empty."""
-    return f"sqlite:///{tmp_path_factory.mktemp('export-mlflow')}/mlflow.db"
+def exported(trained_tiny_model: TinyModel, exported_tiny_model: ExportResult) -> tuple[Path, ExportResult]:
+    """The session's tiny model and its first export (the registered model's champion): (processed_dir, result)."""
+    return trained_tiny_model.processed_dir, exported_tiny_model
 
 
 @pytest.fixture(scope="module")
-def exported(mlflow_store: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportResult]:
-    """A tiny trained model, exported once: (processed_dir, result)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        processed_dir, _ = tiny_model.build(tmp_path_factory.mktemp("tiny"))
-        return processed_dir, export(ExportConfig(dataset=DATASET, processed_dir=processed_dir))
-
-
-@pytest.fixture(scope="module")
-def ranker(exported: tuple[Path, ExportResult], mlflow_store: str) -> Ranker:
+def ranker(exported: tuple[Path, ExportResult]) -> Ranker:
     """The champion's ranker, read from the bundle inside the MLflow artifact store."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        local = mlflow.artifacts.download_artifacts(f"{champion_uri(DATASET)}")
+    local = mlflow.artifacts.download_artifacts(f"{champion_uri(DATASET)}")
     return Ranker(Path(local) / "artifacts" / "bundle")
 
 
@@ -64,6 +54,15 @@ def test_first_export_becomes_champion_with_lineage(exported: tuple[Path, Export
     assert run.data.tags["recsys.input.train_retrieval"] == version.tags["recsys.train_run"]
     assert run.data.metrics["val_ndcg_10"] == pytest.approx(result.val_metrics["val_ndcg_10"])
     assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/item_embeddings.png"]
+    # What the registry and the UI show: names, datasets, the version's description and metrics
+    assert run.info.run_name == f"export v{result.version} gru none d16 s0"
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {f"{DATASET}/{t}" for t in
+                                                                   ("train", "valid", "catalogue")}
+    assert f"val_ndcg_10 {result.val_metrics['val_ndcg_10']:.4f}" in version.description
+    assert version.tags["recsys.train_run"] in version.description and "first champion" in version.description
+    assert champion_uri(DATASET) in client.get_registered_model(model_name(DATASET)).description
+    logged_model = mlflow.get_logged_model(result.model_uri.removeprefix("models:/"))
+    assert {m.key for m in logged_model.metrics} >= {"val_ndcg_10", "val_hr_10"}
     # the trained model learnt the groups: well above a random ranking (about 0.1 here)
     assert result.val_metrics["val_ndcg_10"] > 0.25
 

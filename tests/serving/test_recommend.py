@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import polars as pl
 import pytest
 
@@ -13,6 +11,7 @@ from recsys.data.paths import PreparedPaths
 from recsys.evaluation.baselines import ALSSettings, ImplicitALS, train_matrix
 from recsys.serving.recommend import Recommender, UnknownUserWarning
 from tests.evaluation.grouped_data import COLD_ITEM, USERS, build_prepared, group_of_item, group_of_user
+from tests.tiny_model import TinyModel
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +138,13 @@ def test_cli_without_a_trained_model_says_how_to_train(
 
 
 @pytest.mark.slow
-def test_cli_recommend_and_similar_with_a_trained_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.tiny_model import DATASET, build
+def test_cli_recommend_and_similar_with_a_trained_model(
+    trained_tiny_model: TinyModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.tiny_model import DATASET
 
-    processed_dir, result = build(tmp_path, epochs=4)
-    capsys.readouterr()  # drop the training logs
+    processed_dir, result = trained_tiny_model.processed_dir, trained_tiny_model.result
+    capsys.readouterr()  # drop any earlier output
     code = main(["recommend", "--user-id", "6", "-k", "3", "--processed-dir", str(processed_dir),
                  "--run-id", result.run_id])
     out, err = capsys.readouterr()

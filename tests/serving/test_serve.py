@@ -19,21 +19,14 @@ import pandas as pd
 import polars as pl
 import pytest
 
-from recsys.config import ExportConfig
 from recsys.processes import descendants, is_running
-from recsys.serving.export import export
+from recsys.serving.export import ExportResult
 from recsys.serving.pyfunc_model import Ranker
 from recsys.serving.registry import champion_uri
 from recsys.serving.serve import ServerProcess, free_port, venv_env
 from tests import tiny_model
 
 DATASET = tiny_model.DATASET
-
-
-@pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """This module's own store (overrides the session's)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('serve-mlflow')}/mlflow.db"
 
 
 def _post(url: str, body: bytes) -> tuple[int, Any]:
@@ -49,14 +42,10 @@ def _records(rows: list[dict[str, Any]]) -> bytes:
     return json.dumps({"dataframe_records": rows}).encode()
 
 
-@pytest.fixture(scope="module")
-def champion(tmp_path_factory: pytest.TempPathFactory, mlflow_store: str) -> Path:
-    """A tiny model exported as the champion of DATASET in this module's store; its bundle folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        processed_dir, _ = tiny_model.build(tmp_path_factory.mktemp("served"))
-        export(ExportConfig(dataset=DATASET, processed_dir=processed_dir))
-        return Path(mlflow.artifacts.download_artifacts(champion_uri(DATASET))) / "artifacts" / "bundle"
+@pytest.fixture
+def champion(exported_tiny_model: ExportResult) -> Path:
+    """The bundle folder of the session's tiny model, exported as the champion of DATASET."""
+    return Path(mlflow.artifacts.download_artifacts(champion_uri(DATASET))) / "artifacts" / "bundle"
 
 
 def _serve_command(port: int, *options: str) -> list[str]:

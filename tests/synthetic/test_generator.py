@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -13,17 +12,16 @@ import pytest
 
 from recsys.config import PrepareConfig, SynthConfig
 from recsys.data.importers.synth import load_synth
+from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.synthetic.generator import make_items, make_topics, make_watch_log, resolve, synthesize
-from recsys.synthetic.truth import SynthTruth, oracle_scores
+from recsys.synthetic.truth import SynthTruth, corpus_folder, oracle_scores, truth_items
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory, mlflow_store: str) -> Iterator[Path]:
-    """The small preset, generated once for this module (logging into the session's MLflow store)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        yield synthesize(SynthConfig(preset="small", raw_dir=tmp_path_factory.mktemp("raw"), workers=2))
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small preset, generated once for this module."""
+    return synthesize(SynthConfig(preset="small", raw_dir=tmp_path_factory.mktemp("raw"), workers=2))
 
 
 def _decode_frames(path: Path) -> np.ndarray:
@@ -173,3 +171,15 @@ def test_oracle_ranks_test_events_far_above_popularity(tmp_path: Path) -> None:
     popular_hr = hit_rate(np.tile(popularity, (last.height, 1)))
     assert oracle_hr > 1.5 * popular_hr
     assert oracle_hr > 0.2
+
+
+def test_truth_items_is_found_beside_the_raw_corpus_that_prepare_read(tmp_path: Path) -> None:
+    paths = PreparedPaths(tmp_path / "processed" / "synth")
+    paths.root.mkdir(parents=True)
+    paths.meta.write_text(f'{{"config": {{"raw_dir": "{tmp_path / "raw"}"}}}}')
+    assert truth_items(paths) is None and corpus_folder(paths) is None  # no corpus there (MovieLens, or moved)
+    truth = tmp_path / "raw" / "synth" / "truth" / "items.parquet"
+    truth.parent.mkdir(parents=True)
+    pl.DataFrame({"item_id": ["a"], "topic": [0]}).write_parquet(truth)
+    assert truth_items(paths) == truth
+    assert corpus_folder(paths) == tmp_path / "raw" / "synth"

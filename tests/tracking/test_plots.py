@@ -10,9 +10,6 @@ import polars as pl
 import pytest
 from mlflow import MlflowClient
 
-from recsys.content.encoder import MODALITIES
-from recsys.content.train import ExtractedEmbeddings, _log_plots
-from recsys.data.paths import PreparedPaths
 from recsys.tracking.plots import (
     MAX_LABELS,
     at_k_table,
@@ -23,21 +20,9 @@ from recsys.tracking.plots import (
     modality_ablation,
     project_2d,
     training_curves,
-    truth_items,
 )
 from recsys.tracking.store import start_run
-from tests import tiny_model
-
-PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def plot_artifacts(run_id: str) -> list[str]:
-    """The PNG files under `plots/` of a run, after checking that each is a real PNG image."""
-    client = MlflowClient()
-    paths = sorted(a.path for a in client.list_artifacts(run_id, "plots"))
-    for path in paths:
-        assert open(client.download_artifacts(run_id, path), "rb").read(8) == PNG, path
-    return paths
+from tests.plot_artifacts import PNG
 
 
 def test_training_curves_put_losses_and_metrics_on_separate_panels() -> None:
@@ -121,34 +106,3 @@ def test_item_labels_prefer_the_synthetic_topic_then_the_first_genre(tmp_path: P
     pl.DataFrame({"item_id": ["a", "b"], "topic": [3, 1]}).write_parquet(truth)
     assert item_labels(items, truth) == ["topic 1", "topic 3", "unknown"]
     assert item_labels(items, tmp_path / "missing.parquet") == ["Drama", "none", "Comedy"]
-
-
-def test_truth_items_is_found_beside_the_raw_corpus_that_prepare_read(tmp_path: Path) -> None:
-    paths = PreparedPaths(tmp_path / "processed" / "synth")
-    paths.root.mkdir(parents=True)
-    paths.meta.write_text(f'{{"config": {{"raw_dir": "{tmp_path / "raw"}"}}}}')
-    assert truth_items(paths) is None  # no corpus there (MovieLens, or the raw files moved)
-    truth = tmp_path / "raw" / "synth" / "truth" / "items.parquet"
-    truth.parent.mkdir(parents=True)
-    pl.DataFrame({"item_id": ["a"], "topic": [0]}).write_parquet(truth)
-    assert truth_items(paths) == truth
-
-
-def test_a_two_tower_training_run_logs_its_curves_and_item_map(tmp_path: Path) -> None:
-    _, result = tiny_model.build(tmp_path, epochs=2)
-    assert plot_artifacts(result.run_id) == ["plots/item_embeddings.png", "plots/training_curves.png"]
-
-
-def test_content_plots_include_a_topic_coloured_map_of_the_embedded_items() -> None:
-    rng = np.random.default_rng(0)
-    n, m = 20, len(MODALITIES)
-    fused = rng.normal(size=(n, 8)).astype(np.float32)  # (N, D)
-    fused[3] = 0  # an item without any usable modality stays off the map
-    embeddings = ExtractedEmbeddings(fused, np.zeros((n, m, 8), np.float32), np.ones((n, m), bool),
-                                     np.full((n, m), 1 / m, np.float32))
-    epochs = [{"train_loss": 2.0, "val_loss": 2.1, "val_r1": 0.2, "val_r5": 0.5, "temperature": 0.07},
-              {"train_loss": 1.5, "val_loss": 1.9, "val_r1": 0.3, "val_r5": 0.6, "temperature": 0.06}]
-    with start_run("plots-test", "content", {}, inputs={}) as run:
-        _log_plots(epochs, embeddings, topics=np.arange(n) % 4)
-    assert plot_artifacts(run.info.run_id) == [
-        "plots/content_training.png", "plots/fusion_weights.png", "plots/item_embeddings.png"]

@@ -10,7 +10,6 @@ video is about equally popular. One extra video per topic is never watched (cold
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from recsys.config import PrepareConfig, RetrievalConfig
 from recsys.data.paths import PreparedPaths
 from recsys.data.prepare import prepare
 from recsys.errors import DataFormatError, MissingInputError
+from recsys.twotower.build import RetrievalResult, build_model, load_content
 from recsys.twotower.datamodule import RetrievalDataModule, TrainWindows
 from recsys.twotower.module import (
     VAL_METRIC,
@@ -36,7 +36,7 @@ from recsys.twotower.module import (
 )
 from recsys.twotower.new_videos import fit_new_video_scoring
 from recsys.twotower.sparse import HISTORY_FEATURE
-from recsys.twotower.train import RetrievalResult, build_model, load_content, train_retrieval
+from recsys.twotower.train import train_retrieval
 from recsys.twotower.trained_model import NEW_VIDEO_SCORING, load_trained
 from tests.movielens_files import write_ml100k
 
@@ -87,17 +87,13 @@ def quick_config(paths: PreparedPaths, **changes: object) -> RetrievalConfig:
 
 
 @pytest.fixture(scope="module")
-def topic_data(tmp_path_factory: pytest.TempPathFactory, mlflow_store: str) -> Iterator[PreparedPaths]:
-    with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse per-test store is not set yet
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        yield write_topic_dataset(tmp_path_factory.mktemp("topics"))
+def topic_data(tmp_path_factory: pytest.TempPathFactory) -> PreparedPaths:
+    return write_topic_dataset(tmp_path_factory.mktemp("topics"))
 
 
 @pytest.fixture(scope="module")
-def trained(topic_data: PreparedPaths, mlflow_store: str) -> Iterator[RetrievalResult]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        yield train_retrieval(quick_config(topic_data))
+def trained(topic_data: PreparedPaths) -> RetrievalResult:
+    return train_retrieval(quick_config(topic_data))
 
 
 def popularity_ndcg(paths: PreparedPaths) -> float:

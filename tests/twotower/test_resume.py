@@ -39,9 +39,10 @@ from tests.twotower.test_module import DATASET, quick_config, write_topic_datase
 pytestmark = pytest.mark.slow
 
 KILLER = """
-import os, signal, sys
+import json, os, signal, sys
+from pathlib import Path
 import torch
-from recsys.config import RetrievalConfig, load_config
+from recsys.config import RetrievalConfig
 from recsys.twotower.module import RetrievalModule
 from recsys.twotower.train import train_retrieval
 
@@ -68,7 +69,7 @@ else:  # SIGKILL half-way through writing checkpoint file `number`
             os.kill(os.getpid(), signal.SIGKILL)
         return save(obj, handle, *args, **kwargs)
     torch.save = torn_save
-train_retrieval(load_config(RetrievalConfig, sys.argv[1]))
+train_retrieval(RetrievalConfig(**json.loads(Path(sys.argv[1]).read_text())))
 """
 
 

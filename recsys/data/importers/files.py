@@ -95,6 +95,7 @@ class Table:
     """A user file scanned lazily: its columns as found, and `_at` giving each row's line (or row) number."""
 
     path: Path
+    fmt: TableFormat
     frame: pl.LazyFrame
     columns: list[str]
     unit: Literal["line", "row"]
@@ -140,12 +141,12 @@ def scan_table(path: Path, fmt: TableFormat) -> Table:
             frame, offset, unit = pl.scan_parquet(path), 1, "row"
         columns = frame.collect_schema().names()
     except pl.exceptions.PolarsError as err:
-        raise _read_error(path, err) from None
-    return Table(path, frame.with_row_index("_at", offset=offset).with_columns(pl.col("_at").cast(pl.Int64)),
+        raise _read_error(path, fmt, err) from None
+    return Table(path, fmt, frame.with_row_index("_at", offset=offset).with_columns(pl.col("_at").cast(pl.Int64)),
                  columns, unit)
 
 
-def _read_error(path: Path, err: Exception) -> DataFormatError:
+def _read_error(path: Path, fmt: TableFormat, err: Exception) -> DataFormatError:
     """A polars read error as one line naming the file, and the line of the first bad byte for bad UTF-8."""
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if "utf-8" in message.lower() or "utf8" in message.lower():
@@ -154,7 +155,26 @@ def _read_error(path: Path, err: Exception) -> DataFormatError:
             line, byte = at
             return DataFormatError(f"{path}:{line}: byte {byte:#04x} is not valid UTF-8 "
                                    "(the file must be UTF-8 encoded)")
+    if "more fields" in message:
+        at = first_long_row(path, "\t" if fmt == "tsv" else ",")
+        if at is not None:
+            line, expected, found = at
+            return DataFormatError(f"{path}:{line}: {found} fields where the header names {expected} "
+                                   "(a separator inside a value needs quotes)")
     return DataFormatError(f"{path}: cannot be read as a table: {message}")
+
+
+def first_long_row(path: Path, separator: str) -> tuple[int, int, int] | None:
+    """(line, header fields, fields) of the first CSV/TSV row with more fields than its header."""
+    import csv
+
+    with Path(path).open(newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle, delimiter=separator)
+        header = next(reader, [])
+        for row in reader:
+            if len(row) > len(header):
+                return reader.line_num, len(header), len(row)
+    return None
 
 
 def first_invalid_utf8(path: Path, block: int = 1 << 24) -> tuple[int, int] | None:
@@ -175,14 +195,15 @@ def _collect(table: Table, frame: pl.LazyFrame) -> pl.DataFrame:
     try:
         return frame.collect()
     except pl.exceptions.PolarsError as err:
-        raise _read_error(table.path, err) from None
+        raise _read_error(table.path, table.fmt, err) from None
 
 
-def _sink(table: Table, frame: pl.LazyFrame, out: Path) -> None:
+def _collect_all(table: Table, frames: list[pl.LazyFrame]) -> list[pl.DataFrame]:
+    """Run the queries (sinks among them) in one pass over the table."""
     try:
-        frame.sink_parquet(out)
+        return pl.collect_all(frames, engine="streaming")
     except pl.exceptions.PolarsError as err:
-        raise _read_error(table.path, err) from None
+        raise _read_error(table.path, table.fmt, err) from None
 
 
 def _text(name: str) -> pl.Expr:
@@ -195,32 +216,101 @@ def _text(name: str) -> pl.Expr:
 # Timestamps: unix seconds or milliseconds, or ISO-8601 text with or without a zone
 
 
-def parse_time(column: str, unit: str, dtype: pl.DataType) -> pl.Expr:
-    """Unix seconds (Int64), null where a value cannot be read as a time.
+def parse_time(frame: pl.LazyFrame, column: str, unit: str, sample: pl.Series | None = None,
+               name: str = "_seconds") -> pl.LazyFrame:
+    """`frame` with `name`: the column in unix seconds (Int64), null where a value cannot be read as a time.
 
     Datetime columns (Parquet, JSON) are taken as they are. Text is read per value under
     `unit` auto: whole or decimal numbers are unix seconds, or milliseconds from 1e11 on (as
     seconds that would be the year 5138); anything else is ISO-8601, converted to UTC when it
     has a zone (Z, +01:00, +0100) and read as UTC when it has none.
+
+    `sample` (some of the column's first values) only makes reading faster: the ISO layout most
+    of it has is parsed first, and only the values it does not read go through every layout.
+    Each step is its own column because polars evaluates a shared sub-expression inside
+    `when`/`coalesce` once per use (the ISO chain would run four times).
     """
-    if dtype.is_temporal():
-        return pl.col(column).cast(pl.Datetime("ms")).dt.epoch("s")
-    text = _text(column)
-    number = text.cast(pl.Float64, strict=False)
+    if frame.collect_schema()[column].is_temporal():
+        return frame.with_columns(pl.col(column).cast(pl.Datetime("ms")).dt.epoch("s").alias(name))
+    steps = [name + "_text", name + "_number", name + "_iso", name + "_first"]
+    text, number, iso, first = (pl.col(c) for c in steps)
+    frame = frame.with_columns(_text(column).alias(steps[0])).with_columns(
+        text.cast(pl.Float64, strict=False).alias(steps[1]))
     seconds = {"s": number, "ms": number / 1000,
                "auto": pl.when(number.abs() >= MS_THRESHOLD).then(number / 1000).otherwise(number)}
-    from_number = seconds.get(unit, pl.lit(None, pl.Float64)).floor().cast(pl.Int64)
+    frame = frame.with_columns(seconds.get(unit, pl.lit(None, pl.Float64)).floor().cast(pl.Int64).alias(steps[1]))
     if unit in ("s", "ms"):
-        return from_number
-    iso = text.str.replace(r"^(\d{4}-\d{2}-\d{2})[ T]", "${1}T").str.replace(r"(?i)z$", "+00:00")
-    from_text = pl.coalesce(
+        return frame.rename({steps[1]: name}).drop(steps[0])
+    # A number never reaches the ISO parsers; under auto it is what the value means.
+    frame = frame.with_columns((text if unit == "iso" else pl.when(number.is_null()).then(text)).alias(steps[2]))
+    layout = None if sample is None else _sample_layout(sample, unit)
+    if layout is not None:
+        frame = frame.with_columns(_layout_datetime(iso, layout).alias(steps[3])).with_columns(
+            pl.when(first.is_null()).then(iso).alias(steps[2]))
+    frame = frame.with_columns(_normal_iso(iso).alias(steps[2]))
+    from_text = pl.coalesce(*([first] if layout is not None else []), *_iso_layouts(iso)).dt.epoch("s")
+    return frame.with_columns(
+        (from_text if unit == "iso" else pl.coalesce(number, from_text)).alias(name)
+    ).drop(steps if layout is not None else steps[:3])
+
+
+def _normal_iso(text: pl.Expr) -> pl.Expr:
+    """`YYYY-MM-DD hh...` with a T, and a Z zone as +00:00: what `_iso_layouts` read."""
+    return text.str.replace(r"^(\d{4}-\d{2}-\d{2})[ T]", "${1}T").str.replace(r"(?i)z$", "+00:00")
+
+
+def _iso_layouts(iso: pl.Expr) -> list[pl.Expr]:
+    """Every accepted ISO-8601 layout of normalised text (naive Datetime("ms") in UTC), first match wins:
+    the definition of what is read."""
+    return [
         iso.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", strict=False, time_zone="UTC", time_unit="ms")
         .dt.replace_time_zone(None),
         iso.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="ms"),
         iso.str.to_datetime("%Y-%m-%dT%H:%M", strict=False, time_unit="ms"),
         iso.str.to_date("%Y-%m-%d", strict=False).cast(pl.Datetime("ms")),
-    ).dt.epoch("s")
-    return from_text if unit == "iso" else pl.coalesce(from_number, from_text)
+    ]
+
+
+ISO_LAYOUTS: tuple[tuple[str, bool], ...] = (
+    ("%Y-%m-%dT%H:%M:%SZ", False), ("%Y-%m-%dT%H:%M:%S", False),
+    ("%Y-%m-%d %H:%M:%SZ", True), ("%Y-%m-%d %H:%M:%S", True),
+    ("%Y-%m-%dT%H:%M:%S%.fZ", False), ("%Y-%m-%dT%H:%M:%S%.f", False), ("%Y-%m-%dT%H:%M:%S%.f%z", False),
+    ("%Y-%m-%d %H:%M:%S%.fZ", True), ("%Y-%m-%d %H:%M:%S%.f", True), ("%Y-%m-%d %H:%M:%S%.f%z", True),
+    ("%Y-%m-%dT%H:%M", False), ("%Y-%m-%d", False),
+)
+"""Single layouts tried on a sample, each (format, whether it has a space after the date).
+
+Whatever one of them reads, `_iso_layouts` reads the same way (Z is UTC, no zone is UTC), so a
+value read by the layout is never read differently. Layouts with a space are used only on
+values starting with ASCII `YYYY-MM-DD `, the shape `_normal_iso` turns into `YYYY-MM-DDT`: the
+parser alone would also take `2024-5-01 ...`, which `_iso_layouts` refuse. The first four are on
+polars' fast path (about 20x faster than `_iso_layouts`)."""
+SPACE_AFTER_DATE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2} "
+
+
+def _layout_datetime(text: pl.Expr, layout: tuple[str, bool]) -> pl.Expr:
+    fmt, spaced = layout
+    if spaced:
+        text = pl.when(text.str.contains(SPACE_AFTER_DATE)).then(text)
+    if fmt == "%Y-%m-%d":
+        return text.str.to_date(fmt, strict=False).cast(pl.Datetime("ms"))
+    if fmt.endswith("%z"):
+        return (text.str.to_datetime(fmt, strict=False, time_zone="UTC", time_unit="ms")
+                .dt.replace_time_zone(None))
+    return text.str.to_datetime(fmt, strict=False, time_unit="ms")
+
+
+def _sample_layout(sample: pl.Series, unit: str) -> tuple[str, bool] | None:
+    """The layout of ISO_LAYOUTS reading most of the sample's text values (None when none reads any)."""
+    frame = pl.DataFrame({"t": sample.cast(pl.String)}).select(_text("t").alias("t")).drop_nulls()
+    if unit == "auto":
+        frame = frame.filter(pl.col("t").cast(pl.Float64, strict=False).is_null())
+    if frame.is_empty():
+        return None
+    read = frame.select([_layout_datetime(pl.col("t"), layout).is_not_null().sum().alias(str(i))
+                         for i, layout in enumerate(ISO_LAYOUTS)]).row(0)
+    best = max(range(len(ISO_LAYOUTS)), key=lambda i: (read[i], -i))
+    return ISO_LAYOUTS[best] if read[best] else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,13 +328,14 @@ class Catalogue:
 
 
 def _bad(table: Table, reason: str, at: int, value: Any, on_bad_rows: str, skipped: dict[str, int],
-         count: int = 1) -> None:
-    """Raise the one-line error for a bad row, or count it as skipped."""
+         count: int = 1, counted_as: str | None = None) -> None:
+    """Raise the one-line error for a bad row, or count it as skipped (under `counted_as`, default the reason)."""
     if on_bad_rows == "error":
         more = f" ({count - 1} more such row(s))" if count > 1 else ""
         raise DataFormatError(f"{table.where(at)}: {reason}: {value!r}{more}; "
                               "fix the file or pass --on-bad-rows skip to skip and count such rows")
-    skipped[reason] = skipped.get(reason, 0) + count
+    key = counted_as or reason
+    skipped[key] = skipped.get(key, 0) + count
 
 
 def read_catalogue(config: ImportConfig) -> Catalogue:
@@ -261,8 +352,7 @@ def read_catalogue(config: ImportConfig) -> Catalogue:
                              "video ID", "the items file's item_id")
     title_column = table.column("title", "title", "the items file's title")
     video_column = next((c for c in ("video", "video_path") if c in table.columns), None)
-    optional = [c for c in ("description", "tags") if c in table.columns] + (["video"] if video_column else [])
-    if "tags" not in optional:
+    if "tags" not in table.columns:
         tag_list = pl.lit([], pl.List(pl.String))
     elif isinstance(table.frame.collect_schema()["tags"], pl.List):
         tag_list = pl.col("tags").cast(pl.List(pl.String))
@@ -272,7 +362,7 @@ def read_catalogue(config: ImportConfig) -> Catalogue:
         pl.col("_at"),
         _text(id_column).alias("item_id"),
         _text(title_column).fill_null("").alias("title"),
-        (_text("description") if "description" in optional else pl.lit(None, pl.String)).alias("description"),
+        (_text("description") if "description" in table.columns else pl.lit(None, pl.String)).alias("description"),
         tag_list.alias("genres"),
         (_text(video_column) if video_column else pl.lit(None, pl.String)).alias("video"),
     ))
@@ -287,16 +377,15 @@ def read_catalogue(config: ImportConfig) -> Catalogue:
     if missing.height:
         _bad(table, "missing video ID", missing.item(0, "_at"), None, config.on_bad_rows, skipped, missing.height)
         rows = rows.filter(pl.col("item_id").is_not_null())
-    repeated = rows.filter(pl.col("item_id").is_duplicated())
-    if repeated.height:
-        first = repeated.row(1, named=True) if repeated.height > 1 else repeated.row(0, named=True)
-        earlier = repeated.filter(pl.col("item_id") == first["item_id"]).item(0, "_at")
-        n_extra = repeated.height - repeated.get_column("item_id").n_unique()
+    repeats = rows.filter(~pl.col("item_id").is_first_distinct())
+    if repeats.height:
+        first = repeats.row(0, named=True)
+        earlier = rows.filter(pl.col("item_id") == first["item_id"]).item(0, "_at")
         _bad(table, f"duplicate video ID (first on {table.unit} {earlier})", first["_at"], first["item_id"],
-             config.on_bad_rows, skipped, n_extra)
+             config.on_bad_rows, skipped, repeats.height, counted_as="duplicate video ID (the first row is kept)")
         rows = rows.unique("item_id", keep="first", maintain_order=True)
 
-    if "video" in optional:
+    if video_column is not None:
         if media_root is None and rows.get_column("video").drop_nulls().len():
             raise DataFormatError(f"{table.path}: the {video_column} column names files; give the folder they are in "
                                   "with --media-root DIR")
@@ -395,10 +484,10 @@ def _watch_log(config: ImportConfig, table: Table, catalogue_ids: pl.Series) -> 
         config.weight_column, "weight", "--weight-column")
     weight = (pl.lit(None, pl.Float32) if weight_column is None
               else _text(weight_column).cast(pl.Float32, strict=False))
-    frame = table.frame.select(
+    frame = parse_time(table.frame, when, config.time_unit, _sample(table, when)).select(
         _text(user).alias("user_id"),
         _text(item).alias("item_id"),
-        parse_time(when, config.time_unit, table.frame.collect_schema()[when]).alias("timestamp"),
+        pl.col("_seconds").alias("timestamp"),
         weight.alias("weight"),
         pl.col("_at").alias("line"),
         pl.col(when).cast(pl.String).alias("_time"),
@@ -415,6 +504,14 @@ def _watch_log(config: ImportConfig, table: Table, catalogue_ids: pl.Series) -> 
         skip = skip.when(pl.col("weight") < config.min_weight).then(pl.lit(below))
     skip = skip.when(~pl.col("item_id").is_in(catalogue_ids.implode())).then(pl.lit(UNKNOWN_ITEM))
     return frame.with_columns(skip.otherwise(None).alias("_skip"))
+
+
+def _sample(table: Table, column: str, rows: int = 1000) -> pl.Series | None:
+    """The column's first values, to pick the time layout from (None when unreadable: the full read reports it)."""
+    try:
+        return table.frame.select(pl.col(column)).head(rows).collect().to_series()
+    except pl.exceptions.PolarsError:
+        return None
 
 
 def _check_skips(config: ImportConfig, table: Table, staged: pl.LazyFrame, counts: dict[str, int]) -> None:
@@ -453,23 +550,31 @@ def import_dataset(config: ImportConfig) -> ImportReport:
     log = scan_table(config.interactions, table_format(config.interactions, config.format))
     with target.replace_atomically(config.overwrite) as staging:
         catalogue = read_catalogue(config)
-        staged_file = staging / "_staged.parquet"
-        _sink(log, _watch_log(config, log, catalogue.items.get_column("item_id")), staged_file)
-        staged = pl.scan_parquet(staged_file)
-        by_reason = staged.group_by("_skip").len().collect()
-        counts = {reason: n for reason, n in by_reason.iter_rows()}
+        # One pass over the log: kept rows straight to their table, skipped ones (few) beside them
+        # with what their error needs, and the summary of the kept ones.
+        rows = _watch_log(config, log, catalogue.items.get_column("item_id"))
+        kept = rows.filter(pl.col("_skip").is_null())
+        skipped_file = staging / "_skipped.parquet"
+        summary = _collect_all(log, [
+            kept.select(list(INTERACTIONS_SCHEMA)).sink_parquet(staging / "interactions.parquet", lazy=True),
+            rows.filter(pl.col("_skip").is_not_null()).select("line", "item_id", "_time", "_weight", "_skip")
+            .sink_parquet(skipped_file, lazy=True),
+            kept.select(
+                pl.len().alias("kept"),
+                pl.col("user_id").n_unique().alias("users"), pl.col("item_id").n_unique().alias("items"),
+                pl.col("timestamp").min().alias("first"), pl.col("timestamp").max().alias("last"),
+            ),
+        ])[-1].row(0, named=True)
+        skipped = pl.scan_parquet(skipped_file)
+        counts = {reason: n for reason, n in skipped.group_by("_skip").len().collect().iter_rows()}
+        if summary["kept"]:
+            counts[None] = summary["kept"]
         rows_read = sum(counts.values())
         if rows_read == 0:
             raise DataFormatError(f"{log.path}: holds no views (only a header?)")
-        _check_skips(config, log, staged, counts)
+        _check_skips(config, log, skipped, counts)
         kept_count = counts.pop(None, 0)
-        kept = staged.filter(pl.col("_skip").is_null()).select(list(INTERACTIONS_SCHEMA))
-        kept.sink_parquet(staging / "interactions.parquet")
-        staged_file.unlink()
-        summary = pl.scan_parquet(staging / "interactions.parquet").select(
-            pl.col("user_id").n_unique().alias("users"), pl.col("item_id").n_unique().alias("items"),
-            pl.col("timestamp").min().alias("first"), pl.col("timestamp").max().alias("last"),
-        ).collect().row(0, named=True)
+        skipped_file.unlink()
         if kept_count == 0:
             reasons = ", ".join(f"{n:,} {r}" for r, n in counts.items())
             raise DataFormatError(f"{log.path}: no view is left to import ({reasons})")

@@ -1,0 +1,177 @@
+"""Text → video search on a tiny trained content model: topic queries, withheld titles, bad input, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from recsys.cli import main
+from recsys.config import ConfigError, ContentConfig
+from recsys.content.title_encoder import TitleEncoder as TitleProjection
+from recsys.content.train import train_content
+from recsys.data.paths import PreparedPaths
+from recsys.evaluation.search import Query, chance_metrics, search_metrics
+from recsys.media.feature_store import write_array
+from recsys.media.titles import TitleEncoder
+from recsys.serving.recommend import Recommender, UnknownUserWarning
+from recsys.serving.search import SearchWarning, VideoSearch, fit_lexical_weight, save_lexical_weight
+from recsys.threads import torch_threads
+from recsys.twotower.trained_model import TwoTowerScorer
+from tests.content.content_store import write_store
+from tests.evaluation.grouped_data import build_prepared
+from tests.serving.test_explain import explained_model
+
+DATASET = "synth"
+TOPIC_TITLES = ("guitar concert melody", "cat kitten purring", "rocket galaxy astronaut")
+"""Title of each topic's videos (the tiny store's topic k: its colour, motion and tone)."""
+N_ITEMS = 36
+WITHHELD = (0, 1, 2, 3, 4, 5)
+"""Videos without a title (two per topic): only their frames, motion and sound can find them."""
+
+
+def _topics() -> np.ndarray:
+    return np.arange(N_ITEMS) % 3
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared `synth` dataset holding a feature store with MiniLM titles and a trained content model."""
+    root = tmp_path_factory.mktemp("search")
+    dataset = root / "processed" / DATASET
+    dataset.mkdir(parents=True)
+    (dataset / "meta.json").write_text("{}\n")
+    topics = write_store(dataset / "features", n_items=N_ITEMS, topics=3, no_title=WITHHELD)
+    titles = [("" if i in WITHHELD else f"{TOPIC_TITLES[t]} #{i}") for i, t in enumerate(topics)]
+    write_array(dataset / "features", "title_embedding", TitleEncoder(None).encode(titles))
+    pl.DataFrame({"item_idx": np.arange(N_ITEMS), "item_id": [f"item{i}" for i in range(N_ITEMS)],
+                  "title": titles}).write_parquet(PreparedPaths(dataset).items)
+    config = ContentConfig(dataset=DATASET, processed_dir=root / "processed", checkpoint_dir=root / "ckpt",
+                           embedding_dim=16, hidden_dim=32, batch_size=12, max_epochs=15, patience=15, threads=1,
+                           progress_bar=False, seed=0)
+    with torch_threads(1):
+        train_content(config)
+    return root / "processed"
+
+
+@pytest.fixture(scope="module")
+def engine(processed: Path) -> VideoSearch:
+    return VideoSearch.load(DATASET, processed)
+
+
+@pytest.mark.slow
+def test_a_topic_query_ranks_that_topic_s_videos_first(engine: VideoSearch) -> None:
+    topics = _topics()
+    for topic, query in enumerate(("guitar", "kitten", "astronaut in space")):
+        ranking = engine.search(query, k=6)
+        found = [topics[int(i.removeprefix("item"))] for i in ranking["item_id"]]
+        assert found == [topic] * 6, (query, found)
+        assert ranking["score"].is_sorted(descending=True)
+
+
+@pytest.mark.slow
+def test_a_video_without_a_title_is_found_by_its_content(engine: VideoSearch) -> None:
+    topics = _topics()
+    relevant = np.stack([topics == t for t in range(3)])[:, list(WITHHELD)]  # (3, 6)
+    scores = np.stack([engine.rank_all(q).content[list(WITHHELD)] for q in ("guitar", "kitten", "rocket")])
+    content = search_metrics(scores, relevant, k=2)
+    assert content["ndcg_2"] > chance_metrics(relevant, k=2)["ndcg_2"] + 0.3
+    # Their titles are empty, so the title match cannot tell them apart.
+    assert not engine.rank_all("guitar").lexical[list(WITHHELD)].any()
+    ranking = engine.search("guitar", k=N_ITEMS // 3)
+    assert {"item0", "item3"} & set(ranking["item_id"])  # the untitled guitar videos among the guitar matches
+
+
+@pytest.mark.slow
+def test_lexical_weight_is_fitted_on_validation_queries_and_kept(engine: VideoSearch, processed: Path) -> None:
+    queries = [Query(q, t, "word") for t, q in enumerate(("concert", "purring", "galaxy"))]
+    weight, table = fit_lexical_weight(engine, queries, _topics())
+    assert table[weight] == max(table.values()) and 0.0 <= weight <= 1.0
+    folder = PreparedPaths.of(processed, DATASET).features
+    path = save_lexical_weight(folder, 0.35, "test")
+    try:
+        assert VideoSearch.load(DATASET, processed).lexical_weight == 0.35
+    finally:
+        path.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# Requests on a catalogue with an untrained projection and a two-tower model (no training: fast)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory: pytest.TempPathFactory) -> PreparedPaths:
+    return build_prepared(tmp_path_factory.mktemp("grouped"))
+
+
+@pytest.fixture(scope="module")
+def recommender(paths: PreparedPaths) -> Recommender:
+    model, info = explained_model(paths)
+    return Recommender(paths, model=TwoTowerScorer(model, info=info), index_kind="exact")
+
+
+def _untrained(recommender: Recommender, lexical_weight: float) -> VideoSearch:
+    """Search over the catalogue's titles with random content embeddings and an untrained projection."""
+    torch.manual_seed(0)
+    n = len(recommender.item_ids)
+    content = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
+    return VideoSearch(recommender.item_ids, recommender.titles, list(recommender.titles), content,
+                       TitleProjection(8, hidden_dim=16), lexical_weight)
+
+
+@pytest.fixture(scope="module")
+def quick_engine(recommender: Recommender) -> VideoSearch:
+    return _untrained(recommender, 0.3)
+
+
+def test_bad_queries_get_clear_messages(quick_engine: VideoSearch) -> None:
+    with pytest.raises(ConfigError, match="query is empty"):
+        quick_engine.search("   ")
+    with pytest.raises(ConfigError, match="k must be at least 1"):
+        quick_engine.search("group", k=0)
+    with pytest.warns(SearchWarning, match="only stop words.*content alone"):
+        ranking = quick_engine.search("the of and", k=3)
+    assert ranking.height == 3 and (ranking["lexical_score"] == 0).all()
+
+
+def test_title_words_rank_the_videos_that_hold_them(recommender: Recommender) -> None:
+    ranking = _untrained(recommender, 1.0).search("video 12", k=2)
+    assert ranking["item_id"][0] == "12"  # the only title with "12"; "video" is in every title
+    assert ranking["lexical_score"].to_list()[0] == 1.0 and ranking["lexical_score"][1] < 1.0
+
+
+def test_a_user_re_ranks_the_best_matches_by_the_two_tower_score(quick_engine: VideoSearch,
+                                                                 recommender: Recommender) -> None:
+    plain = quick_engine.search("group", k=12)
+    ranked = quick_engine.search("group", k=4, user_id="3", recommender=recommender, rerank_depth=12)
+    assert set(ranked["item_id"]) <= set(plain["item_id"])
+    assert ranked["taste_score"].is_sorted(descending=True) and ranked["rank"].to_list() == [1, 2, 3, 4]
+    user = recommender.user_lookup["3"]
+    scores = recommender.model.user_vectors(np.array([user]), [recommender.histories[user]]) @ \
+        recommender.model.item_vectors().T  # (1, N) the one score
+    expected = scores[0, [recommender.item_lookup[i] for i in plain["item_id"]]]
+    assert ranked["taste_score"].to_list() == pytest.approx(sorted(expected, reverse=True)[:4], abs=1e-5)
+    with pytest.warns(UnknownUserWarning, match="'nobody' is not known.*without their taste"):
+        fallback = quick_engine.search("group", k=4, user_id="nobody", recommender=recommender)
+    assert fallback["item_id"].to_list() == plain["item_id"].head(4).to_list()
+
+
+@pytest.mark.slow
+def test_cli_search_table_json_and_errors(processed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--processed-dir", str(processed)]
+    assert main(["search", DATASET, "kitten", *base, "-k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:3] == ["rank", "video", "score"] and len(lines) == 4
+    assert all("cat kitten purring" in line or line.split()[1] in {"item1", "item4"} for line in lines[1:])
+    assert main(["search", DATASET, "kitten", *base, "--output", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 10 and {"content_score", "lexical_score"} <= set(rows[0])
+    assert main(["search", DATASET, "", *base]) == 1
+    err = capsys.readouterr().err
+    assert "recsys: error: the search query is empty" in err and "Traceback" not in err
+    assert main(["search", "movielens-100k", "cat", *base]) == 1
+    assert "recsys data prepare movielens-100k" in capsys.readouterr().err
