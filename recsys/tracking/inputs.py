@@ -54,7 +54,16 @@ def log_tables(dataset: str, tables: Mapping[str, Path]) -> dict[str, str]:
 
     Returns each role's digest.
     """
-    return {role: log_frame(pl.read_parquet(path), dataset, role, path).digest for role, path in tables.items()}
+    digests = {}
+    for role, path in tables.items():
+        try:
+            frame = pl.read_parquet(path)
+        except pl.exceptions.ComputeError as err:
+            # e.g. titles that are not valid UTF-8: the step itself reports them, the run just lacks this dataset
+            warnings.warn(f"{path}: not logged as the run's {role} dataset ({str(err).splitlines()[0]})", stacklevel=2)
+            continue
+        digests[role] = log_frame(frame, dataset, role, path).digest
+    return digests
 
 
 def input_digests(run: Any) -> dict[str, str]:
