@@ -33,6 +33,10 @@ Dataset = str
 """A dataset name: built-in or imported (lower-case letters, digits, '.', '_' and '-')."""
 FetchableDataset = Literal["movielens-100k", "movielens-1m", "microlens-50k"]
 DATASET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+"""An MLflow run ID."""
+RESUME_LATEST = "latest"
+"""`--resume` alone: the newest unfinished training run of the same dataset and config."""
 
 C = TypeVar("C")
 
@@ -349,8 +353,10 @@ class RetrievalConfig:
     """Users whose validation target is ranked each epoch (a fixed seeded sample; 0: every user)"""
     seed: int = 0
     """Random seed of initialisation, shuffling and dropout"""
-    resume: bool = False
-    """Continue the newest interrupted training of this dataset from its last checkpoint"""
+    resume: str | None = field(default=None, metadata={"const": RESUME_LATEST})
+    """Continue a killed training run from its last checkpoint: its run ID, or alone the newest unfinished one"""
+    resume_or_start: bool = False
+    """Like --resume, but train the run again from the start when it has no checkpoint, or a new one if none"""
     threads: int = 1
     """CPU threads for torch (0: torch's default); the towers' operations are small: more threads mostly wait"""
     progress_bar: bool = True
@@ -380,7 +386,10 @@ class RetrievalConfig:
         _require(self.validation_users >= 0, "validation_users must be 0 (every user) or more")
         _require(self.threads >= 0, "threads must be 0 (torch's default) or more")
         _require(self.world_size >= 1, "world_size must be at least 1")
-        _require(self.world_size == 1 or not self.resume, "--resume continues single-process (Lightning) runs only")
+        _require(self.resume is None or self.resume == RESUME_LATEST or bool(RUN_ID.match(self.resume)),
+                 f"resume: {self.resume!r} is neither a run ID (32 hex digits) nor {RESUME_LATEST!r}")
+        _require(self.world_size == 1 or (self.resume is None and not self.resume_or_start),
+                 "--resume continues single-process (Lightning) runs only")
 
 
 @dataclass
@@ -420,11 +429,20 @@ class ServeConfig:
     """TCP port to listen on"""
     workers: int = 1
     """Server worker processes (each loads the model)"""
+    max_request_rows: int = 1000
+    """Most rows (users) one request may hold; more are answered 413"""
+    max_request_bytes: int = 1 << 20
+    """Largest request body in bytes; a larger one is answered 413 before it is read"""
+    request_timeout: int = 60
+    """Seconds a request may take; later it is answered 504 and its work stops"""
 
     def __post_init__(self) -> None:
         check_dataset_name(self.dataset)
         _require(1 <= self.port <= 65535, f"port must be between 1 and 65535, got {self.port}")
         _require(self.workers >= 1, "workers must be at least 1")
+        _require(self.max_request_rows >= 1, "max_request_rows must be at least 1")
+        _require(self.max_request_bytes >= 1, "max_request_bytes must be at least 1")
+        _require(self.request_timeout >= 1, "request_timeout must be at least 1 second")
 
 
 @dataclass
@@ -700,8 +718,9 @@ def config_parser(cls: type, positional: Sequence[str] = (), **parser_args: Any)
     natively is adapted here, per field: `--kebab-case` names (or metadata `flag`, plus
     `aliases`), booleans as a pair of switches (`--x` / `--no-x`, or metadata `negative_flag`)
     instead of `--x true`, tuples as several values (`--ks 10 20`) instead of `--ks [10,20]`,
-    and the fields named in `positional` as positional arguments too (one without a default
-    only as a positional, jsonargparse's own way).
+    the fields named in `positional` as positional arguments too (one without a default only as a
+    positional, jsonargparse's own way), and a field with metadata `const` as an option whose value
+    may be left out (then it is the const).
     """
     parser = ArgumentParser(**parser_args)
     parser.add_argument("--config", action=ActionConfigFile, help="Read options from a JSON/YAML file; "
@@ -729,7 +748,10 @@ def config_parser(cls: type, positional: Sequence[str] = (), **parser_args: Any)
                 default["default"] = list(default["default"])
             parser.add_argument(flag, dest=f.name, type=item, nargs="+", help=doc, **default)
         else:
-            parser.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, type=hint, help=doc, **default)
+            # metadata `const`: the option alone means that value (`--resume`), with a value that value
+            alone = {"nargs": "?", "const": f.metadata["const"]} if "const" in f.metadata else {}
+            parser.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, type=hint, help=doc, **default,
+                                **alone)
         if f.name in positional:
             # Also a positional (`recsys data prepare NAME`) without a default of its own: left out, it
             # would put the default over a --config file's value (argparse sets it when none is given).

@@ -176,11 +176,15 @@ def _describe_error(file: Path, err: Exception, row: MediaRow) -> str:
     return f"truncated or corrupt media data: {message}"
 
 
-def start_worker(layout: dict[str, Any]) -> None:
-    """Process-pool initializer: load librosa and build the filterbank before the first item.
+def start_worker(layout: dict[str, Any], parent_pid: int) -> None:
+    """Process-pool initializer: end with the ingesting process, load librosa and build the filterbank.
 
+    A worker would otherwise outlive an ingestion killed with SIGKILL, idle, holding its memory.
     Seconds of imports belong to starting the worker, not to whichever video comes first.
     """
+    from recsys.processes import exit_with_parent
+
+    exit_with_parent(parent_pid)  # first: the imports below take seconds, the parent may die meanwhile
     from recsys.media.audio import log_mel
 
     store_layout = StoreLayout(**layout)
@@ -413,7 +417,7 @@ def _ingest_videos(config: IngestConfig, builder: StoreBuilder, layout: StoreLay
         while pending:
             # spawn: fresh workers, whatever threads the parent (torch, the title model) has started.
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                     initializer=start_worker, initargs=(asdict(layout),)) as pool:
+                                     initializer=start_worker, initargs=(asdict(layout), os.getpid())) as pool:
                 futures = {pool.submit(ingest_rows, *args, batch): batch for batch in pending}
                 pending.clear()
                 for future in as_completed(futures):

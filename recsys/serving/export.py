@@ -50,15 +50,20 @@ class ExportResult:
 
 
 def signature() -> object:
-    """Input: user_id (str), optional k (int) and history (list of item IDs); output: one row per video."""
+    """Input: user_id (str), optional k (int) and history (list of item IDs); output: one row per video.
+
+    k and history are declared of any type, and `parse_requests` checks them: MLflow would cast a
+    declared long, turning 2.5 into 2, true into 1 and "5" into 5, where the model must refuse
+    them, and a declared array refuses a request where some rows have a history and others none.
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import DataType
-    from mlflow.types.schema import Array, ColSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, Schema
 
     inputs = Schema([
         ColSpec(DataType.string, "user_id"),
-        ColSpec(DataType.long, "k", required=False),
-        ColSpec(Array(DataType.string), "history", required=False),
+        ColSpec(AnyType(), "k", required=False),
+        ColSpec(AnyType(), "history", required=False),
     ])
     outputs = Schema([
         ColSpec(DataType.string, "user_id"),

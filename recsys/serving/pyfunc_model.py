@@ -18,8 +18,8 @@ bundle/
 `Ranker` answers request tables from a bundle; `RankingModel` wraps it as an MLflow
 `PythonModel` (logged as code by `recsys/serving/pyfunc_entry.py`, so loading never unpickles anything).
 Requests are a DataFrame with `user_id` (str) and optional `k` (int) and `history` (list of item
-IDs, oldest first); the answer has one row per recommended video: user_id, rank, item_id, score,
-title. A known user is ranked from their whole watch log (plus `history`), watched videos
+IDs, oldest first), at most `MAX_ROWS` rows; the answer has one row per recommended video: user_id,
+rank, item_id, score, title. A known user is ranked from their whole watch log (plus `history`), watched videos
 excluded; an unknown user is ranked from `history`, or gets the most popular videos
 (score = number of training views) when there is none.
 """
@@ -27,7 +27,9 @@ excluded; an unknown user is ranked from `history`, or gets the most popular vid
 from __future__ import annotations
 
 import shutil
+import time
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, REQUEST_LIMIT_EXCEEDED
 
 from recsys.config import ConfigError
 from recsys.data.paths import PreparedPaths
@@ -48,10 +51,22 @@ RANKER_FILE = "ranker.json"
 DEFAULT_K = 10
 MAX_K = 1000
 """Largest k a request may ask for (larger lists are not recommendations, they are the catalogue)."""
+MAX_ROWS = 1000
+"""Most rows (users) one request may hold, unless the server sets another limit (`recsys serve --max-request-rows`)."""
+REQUEST_DEADLINE: ContextVar[float | None] = ContextVar("recsys_request_deadline", default=None)
+"""`time.monotonic()` by which the request being answered must be done (set by the serving app)."""
 
 
 class RequestError(RecsysError, ValueError):
     """A ranking request is malformed: the message says which row and what to send instead."""
+
+
+class RequestTooLarge(RequestError):
+    """A ranking request holds more rows than the limit (the message says it); HTTP 413."""
+
+
+class RequestTimeout(RecsysError):
+    """A request's deadline passed before it was answered: its work is abandoned (HTTP 504)."""
 
 
 @dataclass
@@ -71,12 +86,37 @@ def _is_missing(value: Any) -> bool:
     return False
 
 
-def parse_requests(frame: Any, max_k: int) -> list[Request]:
-    """Validate a request DataFrame (pandas or polars) row by row into `Request`s."""
+def _whole_k(value: Any, floats_allowed: bool) -> int | None:
+    """`value` as a k if it is an integer (bool, str and, unless allowed, float are not); else None."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if floats_allowed and isinstance(value, float | np.floating) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+def parse_requests(frame: Any, max_k: int, max_rows: int = MAX_ROWS) -> list[Request]:
+    """Validate a request DataFrame (pandas or polars) row by row into `Request`s.
+
+    More than `max_rows` rows is a `RequestTooLarge`. `k` must be an integer: a bool, a string or a
+    fraction is an error, never rounded or converted. JSON integers of a request where some rows
+    have no k reach pandas as floats (the missing ones are NaN), so in such a column a whole float
+    counts as an integer; a column of floats without missing values was sent as floats and is
+    refused.
+    """
+    if not hasattr(frame, "columns") or not hasattr(frame, "__len__"):
+        raise RequestError("send a table with a user_id column (and optional k and history columns)")
+    if len(frame) > max_rows:
+        raise RequestTooLarge(f"the request has {len(frame)} rows; at most {max_rows} rows (users) per request: "
+                              f"split it into several requests")
     if isinstance(frame, pl.DataFrame):
         records = frame.to_dicts()
+        k_floats_allowed = False
     elif hasattr(frame, "to_dict"):  # pandas, as MLflow passes it
         records = frame.to_dict("records")
+        k_floats_allowed = "k" in frame.columns and bool(frame["k"].isna().any())
     else:
         raise RequestError("send a table with a user_id column (and optional k and history columns)")
     if not records:
@@ -91,8 +131,8 @@ def parse_requests(frame: Any, max_k: int) -> list[Request]:
         k = row.get("k")
         if _is_missing(k):
             k = DEFAULT_K
-        whole = isinstance(k, int | np.integer) or (isinstance(k, float | np.floating) and float(k).is_integer())
-        if isinstance(k, bool) or not whole or not 1 <= int(k) <= max_k:
+        whole = _whole_k(k, k_floats_allowed)
+        if whole is None or not 1 <= whole <= max_k:
             raise RequestError(f"row {row_number}: k must be a whole number from 1 to {max_k}, got {k!r}")
         history = row.get("history")
         if _is_missing(history):
@@ -103,14 +143,20 @@ def parse_requests(frame: Any, max_k: int) -> list[Request]:
             if not isinstance(history, list) or not all(isinstance(v, str) for v in history):
                 raise RequestError(f"row {row_number}: history must be a list of item IDs (strings), got {history!r}")
             history = history or None
-        requests.append(Request(user_id.strip(), int(k), history))
+        requests.append(Request(user_id.strip(), whole, history))
     return requests
+
+
+def check_deadline(deadline: float | None) -> None:
+    """RequestTimeout when `deadline` (`time.monotonic()` seconds) has passed."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise RequestTimeout("the request's time ran out before it was answered; its work was stopped")
 
 
 class Ranker:
     """Top-k recommendations for request tables, from a bundle (see the module docstring)."""
 
-    def __init__(self, bundle: Path) -> None:
+    def __init__(self, bundle: Path, max_rows: int = MAX_ROWS) -> None:
         from recsys.serving.recommend import Recommender
         from recsys.twotower.trained_model import load_trained
 
@@ -125,25 +171,32 @@ class Ranker:
             PreparedPaths.of(bundle, self.dataset), model=self.scorer, index_kind=self.info["index"]
         )
         self.max_k = min(int(self.info["max_k"]), len(self.recommender.item_ids))
+        self.max_rows = max_rows
 
-    def rank(self, frame: Any) -> pl.DataFrame:
-        """Answer a request table: rows user_id, rank (1-based), item_id, score, title per user, best first."""
+    def rank(self, frame: Any, deadline: float | None = None) -> pl.DataFrame:
+        """Answer a request table: rows user_id, rank (1-based), item_id, score, title per user, best first.
+
+        The rows are ranked together, as one batch of users. Past `deadline` (`time.monotonic()`
+        seconds) the work stops with a RequestTimeout at the next step.
+        """
         from recsys.serving.recommend import UnknownUserWarning
 
-        parts = []
-        for row_number, request in enumerate(parse_requests(frame, self.max_k)):
-            try:
-                with warnings.catch_warnings():
-                    # An unknown user is an ordinary request here: the fallback is the documented answer.
-                    warnings.simplefilter("ignore", UnknownUserWarning)
-                    ranking = self.recommender.recommend(request.user_id, request.k, True, request.history or ())
-            except ConfigError as err:
-                raise RequestError(f"row {row_number}: {err}") from None
-            parts.append(ranking.select(
-                pl.lit(request.user_id).alias("user_id"), "rank", "item_id",
-                pl.col("score").cast(pl.Float64), "title",
-            ))
-        return pl.concat(parts)
+        check_deadline(deadline)
+        requests = parse_requests(frame, self.max_k, self.max_rows)
+        check_deadline(deadline)
+        try:
+            with warnings.catch_warnings():
+                # An unknown user is an ordinary request here: the fallback is the documented answer.
+                warnings.simplefilter("ignore", UnknownUserWarning)
+                rankings = self.recommender.recommend_many(
+                    [r.user_id for r in requests], [r.k for r in requests], [r.history or () for r in requests])
+        except ConfigError as err:
+            raise RequestError(str(err)) from None
+        check_deadline(deadline)
+        users = pl.Series("user_id", [r.user_id for r in requests]).gather(
+            np.repeat(np.arange(len(requests)), [len(ranking) for ranking in rankings]))
+        ranked = pl.concat(rankings).with_columns(pl.col("score").cast(pl.Float64))
+        return ranked.insert_column(0, users).select("user_id", "rank", "item_id", "score", "title")
 
 
 BUNDLED_FILES = ("meta", "items", "user_map", "popularity", "train", "valid", "test")
@@ -186,7 +239,10 @@ class RankingModel(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc model serving a `Ranker` from the model's `bundle` artifact.
 
     Request errors become MLflow INVALID_PARAMETER_VALUE errors, which the model server answers
-    with HTTP 400 and the message (and keeps serving).
+    with HTTP 400 and the message (and keeps serving). Too many rows is REQUEST_LIMIT_EXCEEDED:
+    MLflow's table of codes has no 413, so its scoring server answers 429, and the app of `recsys
+    serve` (`recsys.serving.app`) 413. A request past its deadline (`REQUEST_DEADLINE`, set by that
+    app) is DEADLINE_EXCEEDED, 504.
     """
 
     def load_context(self, context: Any) -> None:
@@ -196,6 +252,10 @@ class RankingModel(mlflow.pyfunc.PythonModel):
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         try:
-            return self.ranker.rank(model_input).to_pandas()
+            return self.ranker.rank(model_input, REQUEST_DEADLINE.get()).to_pandas()
+        except RequestTooLarge as err:
+            raise MlflowException(str(err), error_code=REQUEST_LIMIT_EXCEEDED) from None
         except RequestError as err:
             raise MlflowException.invalid_parameter_value(str(err)) from None
+        except RequestTimeout as err:
+            raise MlflowException(str(err), error_code=DEADLINE_EXCEEDED) from None

@@ -151,34 +151,78 @@ class Recommender:
         """
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
+        query = self._query(user_id, history)
+        ranking = self._rank([query], [k], exclude_seen)[0]
+        if not explain:
+            return ranking
+        if query is None:
+            return explain_popular(ranking)
+        user_idx, watched = query
+        vector = self.model.user_vectors(np.array([user_idx]), [watched])  # (1, D') as `_rank` scored it
+        found = self.item_indices(ranking["item_id"].to_list())
+        return explain_ranking(ranking, self.model, vector, found, watched, self.unit_items, self.item_ids, self.titles)
+
+    def recommend_many(
+        self,
+        user_ids: Sequence[str | None],
+        ks: Sequence[int],
+        histories: Sequence[Sequence[str]],
+        exclude_seen: bool = True,
+    ) -> list[pl.DataFrame]:
+        """`recommend` for many users at once (one ranking each): the model embeds them in one batch.
+
+        Errors name the row (0-based) of the query they are about.
+        """
+        if not len(user_ids) == len(ks) == len(histories):
+            raise ValueError(f"{len(user_ids)} user IDs, {len(ks)} k values and {len(histories)} histories")
+        queries = []
+        for row, (user_id, k, history) in enumerate(zip(user_ids, ks, histories, strict=True)):
+            try:
+                if k < 1:
+                    raise ConfigError(f"k must be at least 1, got {k}")
+                queries.append(self._query(user_id, history))
+            except ConfigError as err:
+                raise ConfigError(f"row {row}: {err}") from None
+        return self._rank(queries, ks, exclude_seen)
+
+    def _query(self, user_id: str | None, history: Sequence[str]) -> tuple[int, np.ndarray] | None:
+        """(user_idx, watched item_idx) the model ranks for; None: the popularity fallback.
+
+        user_idx is UNKNOWN_USER for a user the dataset does not know (warned about).
+        """
         extra = self.item_indices(list(history), "history video")
         if user_id is None and not len(extra):
             raise ConfigError("give a user ID, a history of watched video IDs, or both")
-        known = user_id is not None and user_id in self.user_lookup
-        if known:
+        if user_id is not None and user_id in self.user_lookup:
             user_idx = int(self.user_lookup[user_id])
-            watched = np.concatenate([self.histories[user_idx], extra])
-        else:
-            user_idx, watched = UNKNOWN_USER, extra
-            if user_id is not None:
-                fallback = "ranking from the given history" if len(extra) else "most popular videos"
-                warnings.warn(
-                    f"user {user_id!r} is not known to the {self.paths.root.name} model "
-                    f"({len(self.user_lookup)} users); showing the {fallback} instead",
-                    UnknownUserWarning,
-                    stacklevel=2,
-                )
-        if not known and not len(extra):
-            popular = self._popular(k)  # nothing watched, so nothing to exclude
-            return explain_popular(popular) if explain else popular
-        exclude = [np.unique(watched)] if exclude_seen else None
-        query = self.model.user_vectors(np.array([user_idx]), [watched])  # (1, D')
-        scores, ids = self.user_index.search(query, k, exclude)
-        ranking = self._frame(ids[0], scores[0])
-        if not explain:
-            return ranking
-        found = ids[0][ids[0] >= 0]
-        return explain_ranking(ranking, self.model, query, found, watched, self.unit_items, self.item_ids, self.titles)
+            return user_idx, np.concatenate([self.histories[user_idx], extra])
+        if user_id is not None:
+            fallback = "ranking from the given history" if len(extra) else "most popular videos"
+            warnings.warn(
+                f"user {user_id!r} is not known to the {self.paths.root.name} model "
+                f"({len(self.user_lookup)} users); showing the {fallback} instead",
+                UnknownUserWarning,
+                stacklevel=3,
+            )
+        return (UNKNOWN_USER, extra) if len(extra) else None  # nothing watched, so nothing to exclude
+
+    def _rank(self, queries: list[tuple[int, np.ndarray] | None], ks: Sequence[int], exclude_seen: bool
+              ) -> list[pl.DataFrame]:
+        """The ranking of each query: one `user_vectors` call for all of them, one index search per k."""
+        rankings = {row: self._popular(ks[row]) for row, query in enumerate(queries) if query is None}
+        modelled = [(row, query) for row, query in enumerate(queries) if query is not None]
+        if modelled:
+            users = np.array([user for _, (user, _) in modelled], dtype=np.int64)  # (B,)
+            watched = [items for _, (_, items) in modelled]
+            vectors = self.model.user_vectors(users, watched)  # (B, D')
+            wanted = np.array([ks[row] for row, _ in modelled])  # (B,)
+            for k in np.unique(wanted):
+                rows = np.flatnonzero(wanted == k)
+                exclude = [np.unique(watched[r]) for r in rows] if exclude_seen else None
+                scores, ids = self.user_index.search(vectors[rows], int(k), exclude)  # (b, k) each
+                for i, r in enumerate(rows):
+                    rankings[modelled[r][0]] = self._frame(ids[i], scores[i])
+        return [rankings[row] for row in range(len(queries))]
 
     def similar(self, item_id: str, k: int = 10) -> pl.DataFrame:
         """The k videos nearest to `item_id` by cosine similarity: rank, item_id, title, score."""

@@ -1,27 +1,35 @@
-"""Serving the exported ranking model over REST with MLflow's model server, on loopback by default.
+"""Serving the exported ranking model over REST with MLflow's scoring server, on loopback by default.
 
-`recsys serve` runs `mlflow models serve --env-manager local` on the registered model (the
-`champion` of `recsys-<dataset>` unless a model URI is given). The server runs `uvicorn` from
-PATH, so the interpreter's own bin folder is put first on PATH: the venv that runs recsys also
-runs the server. `ServerProcess` starts such a server (or MLflow's tracking server) in its own
-process group, waits for it to answer and always stops it; tests and notebooks use it.
+`recsys serve` downloads the registered model (the `champion` of `recsys-<dataset>` unless a model
+URI is given) once, then runs uvicorn on `recsys.serving.app`: MLflow's scoring app, as `mlflow
+models serve --env-manager local` would run it, behind limits on request size and time. uvicorn
+runs from this interpreter (`python -m uvicorn`), so the venv that runs recsys also runs the server.
+
+The server runs in its own process group, and `recsys serve` owns it: SIGTERM, SIGINT (Ctrl+C) or
+SIGHUP to `recsys serve` stops the whole group (SIGTERM, SIGKILL for what outlives
+`STOP_GRACE_S`) and then exits, so no worker is left answering on the port. `ServerProcess` starts
+such a server (or MLflow's tracking server) in its own process group, waits for it to answer and
+always stops it; tests and notebooks use it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
-from recsys.config import ServeConfig
+from recsys.config import ServeConfig, to_dict
 from recsys.errors import MissingInputError, RecsysError
 
 
@@ -52,11 +60,21 @@ def mlflow_bin() -> str:
     return str(path)
 
 
-def model_serve_command(model_uri: str, host: str, port: int, workers: int = 1) -> list[str]:
-    """`mlflow models serve` for a model URI in the local environment (no conda/virtualenv build)."""
+APP_FACTORY = "recsys.serving.app:create_app"
+"""What uvicorn runs (with --factory) in each worker."""
+CONFIG_ENV = "RECSYS_SERVE_CONFIG"
+"""Environment variable passing the `ServeConfig` to the workers as JSON, `model` being the downloaded folder."""
+STOP_GRACE_S = 3.0
+"""Seconds the server may take to stop after SIGTERM before it is killed (uvicorn gets 2 to finish requests)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals that make `recsys serve` stop its server."""
+
+
+def scoring_server_command(host: str, port: int, workers: int = 1) -> list[str]:
+    """uvicorn on MLflow's scoring app with recsys' request limits (`recsys.serving.app`)."""
     return [
-        mlflow_bin(), "models", "serve", "--model-uri", model_uri, "--env-manager", "local",
-        "--host", host, "--port", str(port), "--workers", str(workers),
+        sys.executable, "-m", "uvicorn", "--factory", APP_FACTORY, "--host", host, "--port", str(port),
+        "--workers", str(workers), "--timeout-graceful-shutdown", str(int(STOP_GRACE_S) - 1),
     ]
 
 
@@ -151,29 +169,65 @@ def resolve_model_uri(model: str | None, dataset: str) -> str:
     return champion_uri(dataset)
 
 
-def example_request(model_uri: str) -> str:
+def example_request(model_folder: Path) -> str:
     """A JSON request body for the model's /invocations: the first row of its logged input example."""
-    import json
-
-    import mlflow
-
     # input_example.json is a pandas "split" table: {"columns": [...], "data": [[...], ...]}
-    example = json.loads(Path(mlflow.artifacts.download_artifacts(f"{model_uri}/input_example.json")).read_text())
+    example = json.loads((Path(model_folder) / "input_example.json").read_text())
     return json.dumps({"dataframe_records": [dict(zip(example["columns"], example["data"][0], strict=True))]})
 
 
+def run_owned(command: Sequence[str], env: dict[str, str], grace: float = STOP_GRACE_S) -> int:
+    """Run `command` in its own process group until it exits or this process is told to stop; its exit code.
+
+    SIGTERM, SIGINT or SIGHUP to this process is passed to the whole group as SIGTERM; what still
+    runs `grace` seconds later is killed. Whatever the group's leader leaves behind when it exits
+    is killed too. A stop by signal returns 128 + the signal's number, as a shell reports it.
+    """
+    stop: list[int] = []
+    started: list[subprocess.Popen[bytes]] = []
+
+    def on_signal(number: int, frame: FrameType | None) -> None:
+        if not stop:
+            stop.append(number)
+            if started:
+                _signal_group(started[0].pid, signal.SIGTERM)
+
+    # Handlers first: a signal that comes while the server starts must still stop it.
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    try:
+        process = subprocess.Popen(list(command), env=env, start_new_session=True)
+        started.append(process)
+        if stop:
+            _signal_group(process.pid, signal.SIGTERM)
+        deadline = None
+        while process.poll() is None:
+            if stop and deadline is None:
+                deadline = time.monotonic() + grace
+            if deadline is not None and time.monotonic() > deadline:
+                _signal_group(process.pid, signal.SIGKILL)
+            time.sleep(0.05)
+        _signal_group(process.pid, signal.SIGKILL)  # e.g. a uvicorn worker that outlived its supervisor
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + stop[0] if stop else process.returncode
+
+
 def serve(config: ServeConfig) -> int:
-    """Run MLflow's model server on the ranking model in the foreground until Ctrl+C; its exit code."""
+    """Run the scoring server on the ranking model in the foreground until stopped; its exit code."""
+    import mlflow
+
     from recsys.tracking.store import configure
 
     uri = resolve_model_uri(config.model, config.dataset)
-    # The server resolves models:/ URIs itself, so it must see the same tracking store.
+    # The model is fetched once here, not by every worker (models:/ URIs resolve in this store).
     env = venv_env({"MLFLOW_TRACKING_URI": configure()})
-    command = model_serve_command(uri, config.host, config.port, config.workers)
     url = f"http://{config.host}:{config.port}"
-    print(f"serving {uri} at {url}/invocations (Ctrl+C stops it); try:\n"
-          f"  curl -s {url}/invocations -H 'Content-Type: application/json' -d '{example_request(uri)}'", flush=True)
-    try:
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        return 130
+    with tempfile.TemporaryDirectory(prefix="recsys-serve-") as tmp:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        env[CONFIG_ENV] = json.dumps(to_dict(replace(config, model=str(folder))))
+        print(f"serving {uri} at {url}/invocations (Ctrl+C or SIGTERM stops it; at most "
+              f"{config.max_request_rows} rows and {config.max_request_bytes} bytes per request); try:\n"
+              f"  curl -s {url}/invocations -H 'Content-Type: application/json' -d '{example_request(folder)}'",
+              flush=True)
+        return run_owned(scoring_server_command(config.host, config.port, config.workers), env)

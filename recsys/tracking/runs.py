@@ -15,7 +15,7 @@ import polars as pl
 from recsys.config import ConfigError
 from recsys.errors import MissingInputError
 from recsys.tracking.inputs import input_digests
-from recsys.tracking.store import PIPELINE_TAG, configure
+from recsys.tracking.store import PIPELINE_TAG, configure, mark_dead_runs
 
 MAX_KEY_PARAMS = 6
 """Params shown in a printed run table at most: those that vary most across the listed runs come first."""
@@ -29,6 +29,7 @@ def _search(experiment: str | None, step: str | None, limit: int) -> list[Any]:
     import mlflow
 
     uri = configure()
+    mark_dead_runs()  # a run whose process was killed is listed as KILLED, not RUNNING
     if experiment is not None:
         found = mlflow.get_experiment_by_name(experiment)
         if found is None:

@@ -6,6 +6,12 @@ produces files opens a run through `start_run`, which records the step's config,
 of its inputs (file hashes or upstream run IDs) and system info, so lineage can be traced in
 the MLflow UI. A command that runs several steps (`recsys demo`) opens its own run with
 `pipeline_run`; the steps' runs open nested under it.
+
+A process killed by SIGKILL (or the machine going down) cannot end its run, which would stay
+RUNNING forever. So every run names the process that owns it (tag `recsys.owner`: host, PID and
+the process's start time, which tells a reused PID apart), and the first command that touches a
+store marks KILLED every RUNNING run whose owner on this host is gone (`mark_dead_runs`). Runs owned
+by another host are left as they are: their process cannot be checked from here.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import socket
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +38,13 @@ EXPERIMENT_KIND = "custom_model_development"
 """The UI's "Machine learning" kind (`ExperimentKind.CUSTOM_MODEL_DEVELOPMENT` in the 3.17 UI): runs, not traces."""
 DESCRIPTION_TAG = "mlflow.note.content"
 """The description the UI shows under an experiment's name (`mlflow.utils.mlflow_tags.MLFLOW_RUN_NOTE`)."""
+OWNER_TAG = "recsys.owner"
+"""Tag naming the process that runs a run: `host:pid:start`, see `process_owner`."""
+KILLED_TAG = "recsys.killed"
+"""Tag set on a run marked KILLED because its process was gone: why, and when it was found."""
+
+_checked_stores: set[str] = set()
+"""Stores this process has already swept for runs of dead processes."""
 
 
 def tracking_uri() -> str:
@@ -58,7 +73,63 @@ def configure() -> str:
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    if uri not in _checked_stores:
+        _checked_stores.add(uri)
+        mark_dead_runs()
     return uri
+
+
+def _process_start(pid: int) -> str:
+    """When a process started, in clock ticks since boot (Linux `/proc/<pid>/stat` field 22); "" elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # fields after the command name, which may hold spaces
+
+
+def process_owner(pid: int | None = None) -> str:
+    """`host:pid:start` of a process (this one by default): what `OWNER_TAG` holds."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def owner_is_alive(owner: str) -> bool | None:
+    """Whether the process an `OWNER_TAG` names still runs; None when it is on another host."""
+    host, pid_text, start = owner.rsplit(":", 2)
+    if host != socket.gethostname():
+        return None
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    return _process_start(pid) == start  # a different start time: the PID was reused
+
+
+def mark_dead_runs() -> list[str]:
+    """Mark KILLED every RUNNING run whose owning process on this host has exited; their run IDs.
+
+    Called once per process and store by `configure`, so the next command after a kill finds and
+    ends the killed run. The end time is when the death was found (a killed process logs no end).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'RUNNING'",
+                              output_format="list")
+    client = MlflowClient()
+    marked = []
+    for run in runs:
+        owner = run.data.tags.get(OWNER_TAG)
+        if owner is None or owner_is_alive(owner) is not False:
+            continue
+        client.set_tag(run.info.run_id, KILLED_TAG, f"process {owner} was gone at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        marked.append(run.info.run_id)
+    return marked
 
 
 def experiment_tags(dataset: str) -> dict[str, str]:
@@ -125,27 +196,39 @@ def start_run(
     config: dict[str, Any],
     inputs: dict[str, str],
     run_name: str | None = None,
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> Iterator[Any]:
     """Open a run in the dataset's experiment that records config, inputs and system info.
 
     `inputs` maps an input's name to its fingerprint or upstream run ID; each becomes a tag
-    `recsys.input.<name>` so the UI can trace where a run's data came from. Inside `pipeline_run`
-    (RECSYS_PARENT_RUN set, inherited by worker processes) the run opens nested under that run.
+    `recsys.input.<name>` so the UI can trace where a run's data came from. `run_id` continues an
+    existing run of the experiment (a resumed training) instead of opening a new one: it is RUNNING
+    again, owned by this process. `tags` are set as well. Inside `pipeline_run` (RECSYS_PARENT_RUN
+    set, inherited by worker processes) the run opens nested under that run.
     """
     import mlflow
 
-    tags = {
+    all_tags = {
         "recsys.step": step,
         "recsys.dataset": dataset,
         **{f"recsys.input.{name}": value for name, value in inputs.items()},
+        **(tags or {}),
+        OWNER_TAG: process_owner(),
     }
     if os.environ.get("RECSYS_PIPELINE"):
-        tags[PIPELINE_TAG] = os.environ["RECSYS_PIPELINE"]
+        all_tags[PIPELINE_TAG] = os.environ["RECSYS_PIPELINE"]
+    experiment = experiment_id(dataset)
+    if run_id is not None:
+        # Owner first: the run must not look RUNNING under its dead owner, which the next sweep would kill.
+        mlflow.MlflowClient().set_tag(run_id, OWNER_TAG, all_tags[OWNER_TAG])
     parent = os.environ.get(PARENT_RUN_ENV) or None
-    with mlflow.start_run(experiment_id=experiment_id(dataset), run_name=run_name or step, tags=tags,
-                          nested=parent is not None, parent_run_id=parent) as run:
-        mlflow.log_params(flatten_params(config))
-        mlflow.log_dict(config, "config.json")
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=None if run_id else run_name or step,
+                          tags=all_tags, nested=parent is not None,
+                          parent_run_id=parent if run_id is None else None) as run:
+        if run_id is None:  # a continued run keeps the params and config it was started with
+            mlflow.log_params(flatten_params(config))
+            mlflow.log_dict(config, "config.json")
         mlflow.log_dict(system_info(), "system.json")
         yield run
 

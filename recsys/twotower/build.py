@@ -103,11 +103,13 @@ def run_name(config: RetrievalConfig, content_source: str) -> str:
 
 
 @contextmanager
-def training_run(config: RetrievalConfig, paths: PreparedPaths, inputs: dict[str, str]) -> Iterator[Any]:
+def training_run(config: RetrievalConfig, paths: PreparedPaths, inputs: dict[str, str], run_id: str | None = None,
+                 tags: dict[str, str] | None = None) -> Iterator[Any]:
     """The MLflow run of one training (single-process or sharded), named by `run_name`, with the
-    splits and the catalogue it reads logged as its datasets."""
+    splits and the catalogue it reads logged as its datasets; `run_id` continues a killed one."""
     source, _ = content_file(paths, config.content)
-    with start_run(config.dataset, "train_retrieval", to_dict(config), inputs, run_name(config, source)) as run:
+    with start_run(config.dataset, "train_retrieval", to_dict(config), inputs, run_name(config, source),
+                   run_id=run_id, tags=tags) as run:
         log_tables(config.dataset, {"train": paths.train, "valid": paths.valid, "catalogue": paths.items})
         yield run
 

@@ -155,6 +155,10 @@ class RetrievalDataModule(L.LightningDataModule):
         self.validation_users = validation_users
         self.train_log: InteractionLog | None = None
         self.windows: TrainWindows | None = None
+        self.shuffle: torch.Generator | None = None
+        """The generator of the training loader's shuffling (each epoch draws its order from it)"""
+        self.shuffle_state: torch.Tensor | None = None
+        """Its state restored from a checkpoint, for the next `train_dataloader`"""
 
     # ------------------------------------------------------------------ data read once
     def setup(self, stage: str | None = None) -> None:
@@ -234,12 +238,25 @@ class RetrievalDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
+        """Seeded shuffling; after `load_state_dict` it goes on from where the checkpointed training was."""
         assert self.windows is not None
-        generator = torch.Generator().manual_seed(self.seed)
+        self.shuffle = torch.Generator()
+        if self.shuffle_state is not None:
+            self.shuffle.set_state(self.shuffle_state)
+        else:
+            self.shuffle.manual_seed(self.seed)
         return DataLoader(
-            np.arange(len(self.windows)), batch_size=self.windows_per_batch, shuffle=True, generator=generator,
+            np.arange(len(self.windows)), batch_size=self.windows_per_batch, shuffle=True, generator=self.shuffle,
             collate_fn=lambda windows: self.train_batch(np.asarray(windows, dtype=np.int64)),
         )
+
+    # ------------------------------------------------------------------ checkpointed state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The shuffling generator's state (saved in Lightning checkpoints): which order the next epoch takes."""
+        return {} if self.shuffle is None else {"shuffle": self.shuffle.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.shuffle_state = state_dict.get("shuffle")
 
     def val_dataloader(self) -> DataLoader:
         order = np.arange(len(self.valid_users))

@@ -24,6 +24,7 @@ from recsys.errors import MissingInputError
 from recsys.media.feature_store import FeatureStore, RowWriter, StoreLayout
 from recsys.media.ingest import ingest
 from recsys.media.titles import TitleEncoder
+from recsys.processes import descendants, is_running
 from recsys.synthetic.render import write_mp4
 
 DATASET = "synth"
@@ -305,3 +306,33 @@ def test_synth_prepare_ingest_from_the_command_line(tmp_path: Path, capsys: pyte
     truth = SynthTruth.load(raw / "synth")
     cold = manifest.filter(pl.col("item_id").is_in(truth.item_ids[truth.cold].tolist()))
     assert cold.height == truth.cold.sum() and cold.get_column("has_video").all()
+
+
+@pytest.mark.slow
+def test_the_decode_workers_of_a_killed_ingestion_exit_with_it(shared_data: Path, tmp_path: Path) -> None:
+    paths = _clips(tmp_path / "clips", 4) + [
+        str(shared_data / "microlens/MicroLens-50k/videos/10040.mp4"),
+        str(shared_data / "microlens/MicroLens-50k/videos/1002.mp4"),
+    ]
+    make_prepared(tmp_path / "p", paths)
+    journal = tmp_path / "p" / DATASET / "features" / "progress.jsonl"
+    command = [str(Path(sys.executable).parent / "recsys"), "ingest", DATASET, "--processed-dir", str(tmp_path / "p"),
+               "--no-titles", "--workers", "2"]
+    process = subprocess.Popen(command, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        workers: set[int] = set()
+        while time.monotonic() < deadline and not (journal.exists() and len(workers) >= 2):
+            workers = descendants(process.pid)
+            time.sleep(0.05)
+        assert len(workers) >= 2 and process.poll() is None, "the kill must land while the workers run"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        killed = time.monotonic()
+        while any(is_running(w) for w in workers) and time.monotonic() - killed < 10:
+            time.sleep(0.05)
+        assert not [w for w in workers if is_running(w)], "a decode worker outlived the killed ingestion"
+    finally:
+        for pid in [process.pid, *descendants(process.pid)]:
+            if is_running(pid):
+                os.kill(pid, signal.SIGKILL)

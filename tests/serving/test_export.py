@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from mlflow import MlflowClient
 
 from recsys.config import ExportConfig
 from recsys.serving.export import ExportResult, export
-from recsys.serving.pyfunc_model import Ranker, RequestError, parse_requests
+from recsys.serving.pyfunc_model import Ranker, RequestError, RequestTimeout, RequestTooLarge, parse_requests
 from recsys.serving.recommend import UnknownUserWarning, recommend
 from recsys.serving.registry import CHAMPION, DECISION_TAG, VAL_NDCG_TAG, champion_uri, decide, model_name
 from tests import tiny_model
@@ -185,5 +186,57 @@ def test_champion_in_a_fresh_process_equals_recommend(exported: tuple[Path, Expo
             expected = recommend(DATASET, user, k=10, processed_dir=processed_dir)
         served = fresh.filter(pl.col("user_id") == user)
         assert served.select("rank", "item_id", "title").rows() == expected.select("rank", "item_id", "title").rows()
+        # the served rows are embedded as one batch: float32 rounding differs from one user alone
         np.testing.assert_allclose(served.get_column("score").to_numpy(), expected.get_column("score").to_numpy(),
-                                   rtol=1e-5)
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("k", "shown"),
+    [([2.5], "2.5"), ([3.0], "3.0"), ([True], "True"), (["5"], "'5'"), ([1, True], "True"), ([1, "5"], "'5'")],
+)
+def test_k_must_be_an_integer_never_a_bool_float_or_string(ranker: Ranker, k: list[object], shown: str) -> None:
+    frame = pd.DataFrame({"user_id": [str(u + 1) for u in range(len(k))], "k": k})
+    with pytest.raises(RequestError, match=f"row {len(k) - 1}: k must be a whole number from 1 to 48, got {shown}"):
+        ranker.rank(frame)
+    # JSON integers beside rows without k reach pandas as floats (NaN for the missing ones): still integers
+    answer = ranker.rank(pd.DataFrame({"user_id": ["1", "2"], "k": [5, None]}))
+    assert answer.group_by("user_id").len().sort("user_id").rows() == [("1", 5), ("2", 10)]
+
+
+def test_too_many_rows_are_refused_with_the_limit(ranker: Ranker) -> None:
+    frame = pd.DataFrame({"user_id": [str(u) for u in range(1, 8)]})
+    with pytest.raises(RequestTooLarge, match="the request has 7 rows; at most 6 rows"):
+        parse_requests(frame, max_k=10, max_rows=6)
+    assert len(parse_requests(frame, max_k=10, max_rows=7)) == 7
+
+
+def test_the_rows_of_a_request_are_scored_as_one_batch(ranker: Ranker, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = pd.DataFrame({"user_id": ["1", "2", "3", "someone-new", "4"], "k": [5, 3, 5, 4, 5],
+                         "history": [None, None, None, ["1", "2"], ["20"]]})
+    scorer = ranker.recommender.model
+    batches: list[int] = []
+    user_vectors = scorer.user_vectors
+
+    def counted(users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        batches.append(len(users))
+        return user_vectors(users, histories)
+
+    monkeypatch.setattr(scorer, "user_vectors", counted)
+    answer = ranker.rank(rows)
+    assert batches == [5]  # every row in one call of the one scorer
+    for row in rows.itertuples():
+        one = ranker.recommender.recommend(row.user_id, row.k, True, row.history or ())
+        served = answer.filter(pl.col("user_id") == row.user_id)
+        assert served.get_column("item_id").to_list() == one.get_column("item_id").to_list()
+        np.testing.assert_allclose(served.get_column("score").to_numpy(), one.get_column("score").to_numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_a_request_past_its_deadline_stops_before_scoring(ranker: Ranker, monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(*args: object) -> np.ndarray:
+        raise AssertionError("scored after the deadline")
+
+    monkeypatch.setattr(ranker.recommender.model, "user_vectors", never)
+    with pytest.raises(RequestTimeout, match="time ran out"):
+        ranker.rank(pd.DataFrame({"user_id": ["1"]}), deadline=time.monotonic() - 1)

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import uuid
 
 import mlflow
+import polars as pl
 import pytest
+from mlflow import MlflowClient
 
 from recsys.cli import main
 from recsys.config import ConfigError, RunsConfig
 from recsys.errors import MissingInputError
 from recsys.tracking.runs import compare_runs, key_metrics, key_params, lineage, runs_table, summary
-from recsys.tracking.store import start_run
+from recsys.tracking.store import KILLED_TAG, OWNER_TAG, mark_dead_runs, owner_is_alive, process_owner, start_run
 
 
 def _log(experiment: str, lr: float, dim: int, ndcg: float, loss: list[float], step: str = "train") -> str:
@@ -129,3 +136,36 @@ def test_lineage_follows_input_run_ids() -> None:
     assert table.get_column("run_id").to_list()[2] == prepare_run.info.run_id
     with pytest.raises(MissingInputError, match="no run 'nope'"):
         lineage("nope")
+
+
+def test_a_run_whose_process_was_killed_is_listed_as_killed(capsys: pytest.CaptureFixture[str]) -> None:
+    name = f"killed-{uuid.uuid4().hex[:8]}"
+    # A real process opens a run and is SIGKILLed inside it: nothing of it can end the run.
+    script = (f"import os, signal; from recsys.tracking.store import start_run\n"
+              f"with start_run({name!r}, 'train_retrieval', {{}}, inputs={{}}):\n"
+              f"    os.kill(os.getpid(), signal.SIGKILL)\n")
+    process = subprocess.run([sys.executable, "-c", script], env=os.environ.copy(), timeout=120)
+    assert process.returncode == -signal.SIGKILL
+    with start_run(name, "evaluate", {}, inputs={}) as alive:  # this process is alive: its run stays RUNNING
+        assert main(["runs", "--experiment", name]) == 0
+        out = capsys.readouterr().out
+        table = runs_table(name)
+    status = dict(zip(table.get_column("step").to_list(), table.get_column("status").to_list(), strict=True))
+    assert status == {"train_retrieval": "KILLED", "evaluate": "RUNNING"}
+    assert "KILLED" in out and "RUNNING" in out
+    killed = table.filter(pl.col("step") == "train_retrieval").get_column("run_id").item()
+    assert "was gone" in MlflowClient().get_run(killed).data.tags[KILLED_TAG]
+    assert MlflowClient().get_run(alive.info.run_id).info.status == "FINISHED"
+
+
+def test_dead_owners_are_told_from_live_ones_and_reused_pids() -> None:
+    host = socket.gethostname()
+    assert owner_is_alive(process_owner()) is True
+    _, pid, start = process_owner().rsplit(":", 2)
+    assert owner_is_alive(f"{host}:{pid}:{int(start) + 1}") is False  # the same PID, started later: reused
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert owner_is_alive(f"{host}:{finished.stdout.strip()}:1") is False
+    assert owner_is_alive(f"elsewhere.example:{pid}:{start}") is None  # cannot tell: left RUNNING
+    with start_run(f"owner-{uuid.uuid4().hex[:8]}", "train", {}, inputs={}) as run:
+        assert run.data.tags[OWNER_TAG] == process_owner()
+        assert run.info.run_id not in mark_dead_runs()

@@ -369,25 +369,14 @@ def test_an_unseen_user_with_a_history_gets_the_next_video(trained: RetrievalRes
     assert index_of[topic * PER_TOPIC + 6] in top.tolist()
 
 
-def test_resume_continues_from_the_last_checkpoint(topic_data: PreparedPaths) -> None:
-    first = train_retrieval(quick_config(topic_data, max_epochs=1))
-    assert first.epochs == 1
-    resumed = train_retrieval(quick_config(topic_data, max_epochs=3, patience=10, resume=True))
-    assert [epoch["epoch"] for epoch in resumed.history] == [1, 2]  # epoch 0 is not trained again
-    assert resumed.epochs == 3
-    tags = mlflow.get_run(resumed.run_id).data.tags
-    assert tags["recsys.input.resumed_from"] == first.run_id
-    assert load_trained(topic_data.root.parent, DATASET).run_id == resumed.run_id
-
-
 def test_missing_inputs_are_reported_clearly(tmp_path: Path) -> None:
     with pytest.raises(MissingInputError, match="holds no prepared dataset"):
         train_retrieval(RetrievalConfig(dataset=DATASET, processed_dir=tmp_path))
     paths = write_topic_dataset(tmp_path)
     with pytest.raises(MissingInputError, match="content_embedding.npy does not exist"):
         train_retrieval(quick_config(paths, content="fused"))
-    with pytest.raises(MissingInputError, match="--resume: no checkpoint"):
-        train_retrieval(quick_config(paths, content="none", resume=True))
+    with pytest.raises(MissingInputError, match="--resume: no unfinished train_retrieval run of movielens-100k"):
+        train_retrieval(quick_config(paths, content="none", resume="latest"))
     np.save(paths.features / "title_embedding.npy", np.zeros((3, 16), np.float32))
     with pytest.raises(DataFormatError, match=r"expected \(66, D\) rows"):
         train_retrieval(quick_config(paths, content="title"))
