@@ -293,7 +293,8 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
 
         # The indexed watch log with its split column (unknown videos, repeats and k-core removed): what the
         # splits are cut from.
-        log_frame(split_df, config.dataset, "interactions", config.raw_dir / config.dataset)
+        indexed_log = pl.concat([table.with_columns(pl.lit(name).alias("split")) for name, table in tables.items()])
+        log_frame(indexed_log, config.dataset, "interactions", config.raw_dir / config.dataset)
         mlflow.log_metrics({f"count.{k}": v for k, v in meta["counts"].items()})
         mlflow.log_metrics({"rejected.total": sum(rejected.values())})
         mlflow.log_artifact(str(paths.meta))
