@@ -15,12 +15,17 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jsonargparse import SUPPRESS, ArgumentError, ArgumentParser
 
 from recsys import config as cfg
 from recsys.errors import RecsysError
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from recsys.serving.recommend import Recommender
 
 
 @dataclass(frozen=True)
@@ -189,21 +194,49 @@ def _evaluate(config: cfg.EvaluateConfig) -> None:
     print(format_results(table, config.ks))
 
 
-def _recommend(config: cfg.RecommendConfig) -> None:
-    from recsys.serving.recommend import Recommender, UnknownUserWarning, format_ranking
+def _model_recommender(config: cfg.RecommendConfig | cfg.SimilarConfig) -> Recommender:
+    """The recommender of the registered version the config names (as `recsys serve` loads it), or of a
+    trained model folder with --run-id; says on stderr which model ranks."""
+    from recsys.serving.recommend import Recommender
+    from recsys.serving.served_model import load_ranker
 
-    recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id, config.index)
+    if config.run_id is not None:
+        print(f"recsys: model: trained run {config.run_id} (not from the registry)", file=sys.stderr)
+        return Recommender.load(config.dataset, config.processed_dir, config.run_id, config.index or "auto")
+    ranker = load_ranker(config.dataset, config.processed_dir, config.version, config.alias, config.index)
+    chosen = f"version {config.version}" if config.version is not None else f"alias {config.alias}"
+    print(f"recsys: model: models:/recsys-{config.dataset}/{ranker.version} ({chosen})", file=sys.stderr)
+    return ranker.recommender
+
+
+def _print_ranking(ranking: pl.DataFrame, style: str) -> None:
+    from recsys.serving.recommend import format_ranking
+
+    if style == "json":
+        print(ranking.write_json())
+    elif style == "csv":
+        print(ranking.write_csv(), end="")
+    else:
+        print(format_ranking(ranking))
+
+
+def _recommend(config: cfg.RecommendConfig) -> None:
+    from recsys.serving.recommend import UnknownUserWarning, write_all_users
+
+    recommender = _model_recommender(config)
+    if config.all_users:
+        assert config.out is not None  # checked by RecommendConfig
+        rows = write_all_users(recommender, config.out, config.k, config.exclude_seen, config.batch_size)
+        print(f"{config.dataset}: top-{config.k} of {len(recommender.user_lookup)} users ({rows} rows) -> {config.out}")
+        return
     with _notes_to_stderr(UnknownUserWarning):  # the fallback ranking still goes to stdout
         ranking = recommender.recommend(config.user_id, config.k, config.exclude_seen, config.history, config.explain)
-    print(ranking.write_json() if config.output == "json" else format_ranking(ranking))
+    _print_ranking(ranking, config.format)
 
 
 def _similar(config: cfg.SimilarConfig) -> None:
-    from recsys.serving.recommend import Recommender, format_ranking
-
     assert config.item_id is not None  # checked by SimilarConfig
-    recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id, config.index)
-    print(format_ranking(recommender.similar(config.item_id, config.k)))
+    _print_ranking(_model_recommender(config).similar(config.item_id, config.k), config.format)
 
 
 def _search(config: cfg.SearchConfig) -> None:

@@ -498,7 +498,7 @@ class EvaluateConfig:
 
 @dataclass
 class RecommendConfig:
-    """For whom `recsys recommend` ranks videos, from which model, and how many."""
+    """For whom `recsys recommend` ranks videos, from which model, how many, and in which format."""
 
     user_id: str | None = None
     """External user ID; an ID unknown to the model falls back to the popularity (or --history) ranking"""
@@ -509,17 +509,27 @@ class RecommendConfig:
     history: tuple[str, ...] = ()
     """Video IDs just watched, oldest first, comma-separated (v1,v2,...): recommend from them too"""
     dataset: Dataset = "movielens-100k"
-    """Prepared dataset whose catalogue and model are used"""
+    """Dataset whose registered model (recsys-<dataset>) ranks the videos"""
     processed_dir: Path = Path("data/processed")
-    """Folder holding the prepared datasets and their trained models"""
+    """Folder holding the prepared datasets (registered models are downloaded into <dataset>/served/)"""
+    alias: str = "champion"
+    """Registry alias of the model version to use (what `recsys serve` serves)"""
+    version: str | None = None
+    """Registry version number to use instead of the alias"""
     run_id: str | None = None
-    """Training run of the model to use; unset: the newest trained model of the dataset"""
-    index: Literal["auto", "exact", "pq", "hnsw", "ivf"] = "auto"
-    """Item index: exact matrix product, or FAISS pq (re-ranked 4-bit PQ), HNSW or IVF; auto: pq for large catalogues"""
+    """Use a trained model folder (a training run ID) instead of the registry, e.g. one never exported"""
+    index: Literal["auto", "exact", "pq", "hnsw", "ivf"] | None = None
+    """Item index; unset: the one the model was exported with (with --run-id: auto, pq for large catalogues)"""
     explain: bool = False
     """Say why each video is recommended: nearest watched video, shares of its score, ranked from content"""
-    output: Literal["table", "json"] = "table"
-    """Print an aligned table, or one JSON list of rows"""
+    format: Literal["table", "json", "csv"] = field(default="table", metadata={"aliases": ("--output",)})
+    """Print an aligned table, one JSON list of rows, or CSV"""
+    all_users: bool = False
+    """Rank for every known user and write the top-k of each into --out (Parquet), in user batches"""
+    out: Path | None = None
+    """Parquet file that --all-users writes (user_id, rank, item_id, title, score)"""
+    batch_size: int = 4096
+    """Users ranked together by --all-users"""
 
     def __post_init__(self) -> None:
         check_dataset_name(self.dataset)
@@ -527,7 +537,16 @@ class RecommendConfig:
         # "--history a,b c" and ("a", "b", "c") mean the same: split every entry on commas.
         self.history = tuple(v.strip() for entry in self.history for v in str(entry).split(",") if v.strip())
         _require(self.k >= 1, f"k must be at least 1, got {self.k}")
-        _require(self.user_id is not None or bool(self.history), "give a --user-id, a --history, or both")
+        _require(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+        if self.all_users:
+            _require(self.out is not None, "--all-users writes a Parquet file: give it with --out FILE")
+            _require(self.user_id is None and not self.history,
+                     "--all-users ranks every user: no --user-id or --history")
+            _require(not self.explain, "--explain is for one user's ranking, not --all-users")
+            self.out = Path(self.out)
+        else:
+            _require(self.out is None, "--out is where --all-users writes; for one user, the ranking goes to stdout")
+            _require(self.user_id is not None or bool(self.history), "give a --user-id, a --history, or both")
 
 
 @dataclass
@@ -571,13 +590,19 @@ class SimilarConfig:
     k: int = field(default=10, metadata={"aliases": ("-k",)})
     """Number of similar videos to list"""
     dataset: Dataset = "movielens-100k"
-    """Prepared dataset whose catalogue and model are used"""
+    """Dataset whose registered model (recsys-<dataset>) embeds the videos"""
     processed_dir: Path = Path("data/processed")
-    """Folder holding the prepared datasets and their trained models"""
+    """Folder holding the prepared datasets (registered models are downloaded into <dataset>/served/)"""
+    alias: str = "champion"
+    """Registry alias of the model version to use (what `recsys serve` serves)"""
+    version: str | None = None
+    """Registry version number to use instead of the alias"""
     run_id: str | None = None
-    """Training run of the model to use; unset: the newest trained model of the dataset"""
-    index: Literal["auto", "exact", "pq", "hnsw", "ivf"] = "auto"
-    """Item index: exact matrix product, or FAISS pq (re-ranked 4-bit PQ), HNSW or IVF; auto: pq for large catalogues"""
+    """Use a trained model folder (a training run ID) instead of the registry, e.g. one never exported"""
+    index: Literal["auto", "exact", "pq", "hnsw", "ivf"] | None = None
+    """Item index; unset: the one the model was exported with (with --run-id: auto, pq for large catalogues)"""
+    format: Literal["table", "json", "csv"] = field(default="table", metadata={"aliases": ("--output",)})
+    """Print an aligned table, one JSON list of rows, or CSV"""
 
     def __post_init__(self) -> None:
         check_dataset_name(self.dataset)

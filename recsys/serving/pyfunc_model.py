@@ -156,7 +156,8 @@ def check_deadline(deadline: float | None) -> None:
 class Ranker:
     """Top-k recommendations for request tables, from a bundle (see the module docstring)."""
 
-    def __init__(self, bundle: Path, max_rows: int = MAX_ROWS) -> None:
+    def __init__(self, bundle: Path, max_rows: int = MAX_ROWS, index_kind: str | None = None) -> None:
+        """`index_kind` overrides the item index the bundle was exported with."""
         from recsys.serving.recommend import Recommender
         from recsys.twotower.trained_model import load_trained
 
@@ -168,10 +169,12 @@ class Ranker:
         self.dataset = str(self.info["dataset"])
         self.scorer = load_trained(bundle, self.dataset, self.info["train_run_id"])
         self.recommender = Recommender(
-            PreparedPaths.of(bundle, self.dataset), model=self.scorer, index_kind=self.info["index"]
+            PreparedPaths.of(bundle, self.dataset), model=self.scorer, index_kind=index_kind or self.info["index"]
         )
         self.max_k = min(int(self.info["max_k"]), len(self.recommender.item_ids))
         self.max_rows = max_rows
+        self.version: str | None = None
+        """The registered version this bundle is, when it was loaded from the registry"""
 
     def rank(self, frame: Any, deadline: float | None = None) -> pl.DataFrame:
         """Answer a request table: rows user_id, rank (1-based), item_id, score, title per user, best first.
@@ -188,15 +191,13 @@ class Ranker:
             with warnings.catch_warnings():
                 # An unknown user is an ordinary request here: the fallback is the documented answer.
                 warnings.simplefilter("ignore", UnknownUserWarning)
-                rankings = self.recommender.recommend_many(
+                ranked = self.recommender.recommend_many(
                     [r.user_id for r in requests], [r.k for r in requests], [r.history or () for r in requests])
         except ConfigError as err:
             raise RequestError(str(err)) from None
         check_deadline(deadline)
-        users = pl.Series("user_id", [r.user_id for r in requests]).gather(
-            np.repeat(np.arange(len(requests)), [len(ranking) for ranking in rankings]))
-        ranked = pl.concat(rankings).with_columns(pl.col("score").cast(pl.Float64))
-        return ranked.insert_column(0, users).select("user_id", "rank", "item_id", "score", "title")
+        users = pl.Series("user_id", [r.user_id for r in requests], dtype=pl.String)
+        return ranked.select(users.gather(ranked["row"]), "rank", "item_id", pl.col("score").cast(pl.Float64), "title")
 
 
 BUNDLED_FILES = ("meta", "items", "user_map", "popularity", "train", "valid", "test")

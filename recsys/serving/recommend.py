@@ -15,7 +15,7 @@ Internal indices never leave this module: inputs and outputs are external IDs.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +30,13 @@ from recsys.data.paths import PreparedPaths
 from recsys.metrics import top_k
 from recsys.serving.explain import explain_popular, explain_ranking
 from recsys.serving.index import IndexKind, ItemIndex, make_index
+
+RANKED_SCHEMA = {"row": pl.Int64, "rank": pl.Int64, "item_id": pl.String, "title": pl.String, "score": pl.Float32}
+"""Columns of `Recommender.recommend_many`: the query's row, then its ranking."""
+
+
+ALL_USERS_SCHEMA = {"user_id": pl.String, **{name: kind for name, kind in RANKED_SCHEMA.items() if name != "row"}}
+"""Columns of the file `write_all_users` writes."""
 
 
 class UnknownUserWarning(UserWarning):
@@ -168,8 +175,10 @@ class Recommender:
         ks: Sequence[int],
         histories: Sequence[Sequence[str]],
         exclude_seen: bool = True,
-    ) -> list[pl.DataFrame]:
-        """`recommend` for many users at once (one ranking each): the model embeds them in one batch.
+    ) -> pl.DataFrame:
+        """`recommend` for many users at once: one table with a `row` column (0-based query), then
+        rank, item_id, title, score; the model embeds the users in one batch and one index search
+        ranks them all.
 
         Errors name the row (0-based) of the query they are about.
         """
@@ -183,7 +192,24 @@ class Recommender:
                 queries.append(self._query(user_id, history))
             except ConfigError as err:
                 raise ConfigError(f"row {row}: {err}") from None
-        return self._rank(queries, ks, exclude_seen)
+        return self._rank_table(queries, np.asarray(ks, dtype=np.int64), exclude_seen)
+
+    def recommend_all(self, k: int = 10, exclude_seen: bool = True, batch_size: int = 4096
+                      ) -> Iterator[pl.DataFrame]:
+        """Top-k of every known user, in batches of `batch_size` users: user_id, rank, item_id, title, score."""
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}")
+        user_ids = np.array(sorted(self.user_lookup, key=self.user_lookup.__getitem__), dtype=object)
+        for start in range(0, len(user_ids), batch_size):
+            users = np.arange(start, min(start + batch_size, len(user_ids)))
+            queries = [(int(u), self._watched(int(u))) for u in users]
+            table = self._rank_table(queries, np.full(len(users), k), exclude_seen)
+            names = pl.Series("user_id", user_ids[users].tolist(), dtype=pl.String)
+            yield table.select(names.gather(table["row"]), pl.exclude("row"))
+
+    def _watched(self, user_idx: int) -> np.ndarray:
+        """A known user's whole watch history (item_idx, oldest first)."""
+        return self.histories[user_idx]
 
     def _query(self, user_id: str | None, history: Sequence[str]) -> tuple[int, np.ndarray] | None:
         """(user_idx, watched item_idx) the model ranks for; None: the popularity fallback.
@@ -195,7 +221,7 @@ class Recommender:
             raise ConfigError("give a user ID, a history of watched video IDs, or both")
         if user_id is not None and user_id in self.user_lookup:
             user_idx = int(self.user_lookup[user_id])
-            return user_idx, np.concatenate([self.histories[user_idx], extra])
+            return user_idx, np.concatenate([self._watched(user_idx), extra])
         if user_id is not None:
             fallback = "ranking from the given history" if len(extra) else "most popular videos"
             warnings.warn(
@@ -208,21 +234,48 @@ class Recommender:
 
     def _rank(self, queries: list[tuple[int, np.ndarray] | None], ks: Sequence[int], exclude_seen: bool
               ) -> list[pl.DataFrame]:
-        """The ranking of each query: one `user_vectors` call for all of them, one index search per k."""
-        rankings = {row: self._popular(ks[row]) for row, query in enumerate(queries) if query is None}
-        modelled = [(row, query) for row, query in enumerate(queries) if query is not None]
-        if modelled:
-            users = np.array([user for _, (user, _) in modelled], dtype=np.int64)  # (B,)
-            watched = [items for _, (_, items) in modelled]
-            vectors = self.model.user_vectors(users, watched)  # (B, D')
-            wanted = np.array([ks[row] for row, _ in modelled])  # (B,)
-            for k in np.unique(wanted):
-                rows = np.flatnonzero(wanted == k)
-                exclude = [np.unique(watched[r]) for r in rows] if exclude_seen else None
-                scores, ids = self.user_index.search(vectors[rows], int(k), exclude)  # (b, k) each
-                for i, r in enumerate(rows):
-                    rankings[modelled[r][0]] = self._frame(ids[i], scores[i])
-        return [rankings[row] for row in range(len(queries))]
+        """The ranking of each query, one frame each (see `_rank_table`)."""
+        table = self._rank_table(queries, np.asarray(ks, dtype=np.int64), exclude_seen)
+        parts = table.partition_by("row", as_dict=True, include_key=False)
+        empty = table.clear().drop("row")
+        return [parts.get((row,), empty) for row in range(len(queries))]
+
+    def _rank_table(self, queries: list[tuple[int, np.ndarray] | None], ks: np.ndarray, exclude_seen: bool
+                    ) -> pl.DataFrame:
+        """Every query's top-k in one table: row (0-based query), rank, item_id, title, score.
+
+        One `user_vectors` call embeds every modelled query and one index search ranks them; the
+        queries without a model ranking (None) get the popularity ranking. No Python loop over users
+        builds the answer: it is cut from the (B, max k) result arrays at once.
+        """
+        width = int(ks.max()) if len(ks) else 1
+        ids = np.full((len(queries), width), -1, dtype=np.int64)  # (B, K)
+        scores = np.full((len(queries), width), -np.inf, dtype=np.float32)  # (B, K)
+        modelled = np.array([query is not None for query in queries], dtype=bool)  # (B,)
+        if modelled.any():
+            rows = np.flatnonzero(modelled)
+            users = np.array([queries[r][0] for r in rows], dtype=np.int64)  # (b,)
+            watched = [queries[r][1] for r in rows]
+            vectors = self.model.user_vectors(users, watched)  # (b, D')
+            exclude = [np.unique(items) for items in watched] if exclude_seen else None
+            found_scores, found_ids = self.user_index.search(vectors, width, exclude)  # (b, K) each
+            scores[rows], ids[rows] = found_scores, found_ids
+        if not modelled.all():
+            popular_ids, popular_scores = self._popular(width)
+            ids[~modelled], scores[~modelled] = popular_ids, popular_scores
+        keep = (ids >= 0) & (np.arange(width)[None, :] < ks[:, None])  # (B, K)
+        row, place = np.nonzero(keep)
+        found = ids[row, place]
+        return pl.DataFrame(
+            {
+                "row": row.astype(np.int64),
+                "rank": place.astype(np.int64) + 1,
+                "item_id": self.item_ids[found],
+                "title": self.titles[found],
+                "score": scores[row, place],
+            },
+            schema=RANKED_SCHEMA,
+        )
 
     def similar(self, item_id: str, k: int = 10) -> pl.DataFrame:
         """The k videos nearest to `item_id` by cosine similarity: rank, item_id, title, score."""
@@ -232,10 +285,13 @@ class Recommender:
         scores, ids = self.item_index.search(self.unit_items[item : item + 1], k, exclude=[np.array([item])])
         return self._frame(ids[0], scores[0])
 
-    def _popular(self, k: int) -> pl.DataFrame:
+    def _popular(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (k,), scores (k,)): the most watched videos first, ties to the lower index."""
         counts = torch.from_numpy(self.popularity.astype(np.float32))[None, :]  # (1, N)
-        ids = top_k(counts, k)[0].numpy()  # (k,) most watched first, ties to the lower index
-        return self._frame(ids, counts[0, ids].numpy())
+        ids = top_k(counts, k)[0].numpy()  # (k',) with k' = min(k, N)
+        padded = np.full(k, -1, dtype=np.int64)
+        padded[: len(ids)] = ids
+        return padded, np.where(padded >= 0, counts[0].numpy()[padded.clip(min=0)], -np.inf).astype(np.float32)
 
     def _frame(self, ids: np.ndarray, scores: np.ndarray) -> pl.DataFrame:
         found = ids >= 0  # an index pads with -1 when fewer than k videos are left
@@ -243,13 +299,12 @@ class Recommender:
         return pl.DataFrame(
             {
                 "rank": np.arange(1, len(ids) + 1, dtype=np.int64),
-                "item_id": self.item_ids[ids].tolist(),
-                "title": self.titles[ids].tolist(),
+                "item_id": self.item_ids[ids],
+                "title": self.titles[ids],
                 "score": scores.astype(np.float32),
             },
-            schema={"rank": pl.Int64, "item_id": pl.String, "title": pl.String, "score": pl.Float32},
+            schema={name: kind for name, kind in RANKED_SCHEMA.items() if name != "row"},
         )
-
 
 def recommend(
     dataset: str,
@@ -277,6 +332,36 @@ def similar(
 ) -> pl.DataFrame:
     """The k videos nearest to a video (see `Recommender.similar`); loads everything each call."""
     return Recommender.load(dataset, processed_dir, run_id, index_kind).similar(item_id, k)
+
+
+def write_all_users(recommender: Recommender, out: Path, k: int = 10, exclude_seen: bool = True,
+                    batch_size: int = 4096, progress: bool = True) -> int:
+    """Every known user's top-k into the Parquet file `out` (user_id, rank, item_id, title, score).
+
+    Users are ranked `batch_size` at a time and each batch is appended as it comes, so memory
+    holds one batch; the file appears whole or not at all. Returns the number of rows written.
+    """
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from recsys.files import atomic_path
+
+    rows = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp, tqdm(total=len(recommender.user_lookup), unit="user", disable=not progress,
+                                       desc=f"top-{k} of every user") as bar:
+        writer = None
+        for batch in recommender.recommend_all(k, exclude_seen, batch_size):
+            table = batch.to_arrow()
+            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            rows += batch.height
+            bar.update(batch["user_id"].n_unique())
+        if writer is None:  # no users: still a valid, empty file
+            pq.write_table(pl.DataFrame(schema=ALL_USERS_SCHEMA).to_arrow(), tmp)
+        else:
+            writer.close()
+    return rows
 
 
 def format_ranking(ranking: pl.DataFrame) -> str:

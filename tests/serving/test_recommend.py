@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
+
+import numpy as np
 import polars as pl
 import pytest
 
@@ -9,6 +14,7 @@ from recsys.cli import main
 from recsys.config import ConfigError
 from recsys.data.paths import PreparedPaths
 from recsys.evaluation.baselines import ALSSettings, ImplicitALS, train_matrix
+from recsys.serving.export import ExportResult
 from recsys.serving.recommend import Recommender, UnknownUserWarning
 from tests.evaluation.grouped_data import COLD_ITEM, USERS, build_prepared, group_of_item, group_of_user
 from tests.tiny_model import TinyModel
@@ -101,17 +107,21 @@ def test_k_larger_than_the_catalogue_lists_every_unseen_video(recommender: Recom
 # CLI
 
 
+@pytest.mark.slow
 def test_cli_unknown_user_message_and_popularity_fallback(
-    paths: PreparedPaths, capsys: pytest.CaptureFixture[str]
+    trained_tiny_model: TinyModel, exported_tiny_model: ExportResult, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # No trained model exists here: the popularity fallback does not need one.
-    code = main(["recommend", "--user-id", "nobody", "-k", "3", "--processed-dir", str(paths.root.parent)])
+    processed_dir = trained_tiny_model.processed_dir
+    code = main(["recommend", "--user-id", "nobody", "-k", "3", "--processed-dir", str(processed_dir),
+                 "--version", exported_tiny_model.version])
     out, err = capsys.readouterr()
     assert code == 0
     assert "user 'nobody' is not known" in err and "most popular videos" in err
+    assert f"models:/recsys-movielens-100k/{exported_tiny_model.version}" in err
     lines = out.strip().splitlines()
     assert lines[0].split() == ["rank", "video", "score", "title"] and len(lines) == 4
-    top = pl.read_parquet(paths.items).sort(["train_count", "item_idx"], descending=[True, False]).row(0, named=True)
+    items = pl.read_parquet(PreparedPaths.of(processed_dir, "movielens-100k").items)
+    top = items.sort(["train_count", "item_idx"], descending=[True, False]).row(0, named=True)
     assert lines[1].split()[:2] == ["1", top["item_id"]] and top["title"] in lines[1]
 
 
@@ -122,24 +132,28 @@ def test_cli_invalid_k_is_a_clear_error(paths: PreparedPaths, capsys: pytest.Cap
     assert "k must be at least 1, got 0" in capsys.readouterr().err
 
 
-def test_cli_unknown_item_is_a_clear_error(paths: PreparedPaths, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["similar", "--item-id", "nope", "--processed-dir", str(paths.root.parent)])
+def test_cli_without_a_registered_model_says_how_to_make_one(
+    paths: PreparedPaths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["recommend", "--dataset", "never-exported", "--user-id", "3", "--processed-dir",
+                 str(paths.root.parent)])
     assert code == 1
     err = capsys.readouterr().err
-    assert err.startswith("recsys: error: unknown video ID(s) 'nope'") and "Traceback" not in err
+    assert "no registered model recsys-never-exported with alias 'champion'" in err
+    assert "recsys export never-exported" in err and "--run-id" in err and "Traceback" not in err
 
 
 def test_cli_without_a_trained_model_says_how_to_train(
     paths: PreparedPaths, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["recommend", "--user-id", "3", "--processed-dir", str(paths.root.parent)])
+    code = main(["recommend", "--user-id", "3", "--processed-dir", str(paths.root.parent), "--run-id", "r0"])
     assert code == 1
-    assert "recsys train retrieval movielens-100k" in capsys.readouterr().err
+    assert "no trained model 'r0'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_cli_recommend_and_similar_with_a_trained_model(
-    trained_tiny_model: TinyModel, capsys: pytest.CaptureFixture[str]
+    trained_tiny_model: TinyModel, exported_tiny_model: ExportResult, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from tests.tiny_model import DATASET
 
@@ -148,7 +162,7 @@ def test_cli_recommend_and_similar_with_a_trained_model(
     code = main(["recommend", "--user-id", "6", "-k", "3", "--processed-dir", str(processed_dir),
                  "--run-id", result.run_id])
     out, err = capsys.readouterr()
-    assert code == 0 and "not known" not in err
+    assert code == 0 and "not known" not in err and f"trained run {result.run_id}" in err
     lines = out.strip().splitlines()[1:]
     expected = Recommender.load(DATASET, processed_dir, result.run_id).recommend("6", k=3)
     watched = _watched(PreparedPaths.of(processed_dir, DATASET), "6")
@@ -159,8 +173,54 @@ def test_cli_recommend_and_similar_with_a_trained_model(
         assert line.endswith(f"Video {video} of group {(int(video) - 1) // 12} (1995)")
         assert float(score) == pytest.approx(row["score"], abs=1e-4)
         assert video not in watched
-    code = main(["similar", "--item-id", "1", "-k", "3", "--processed-dir", str(processed_dir)])
+    code = main(["similar", "--item-id", "1", "-k", "3", "--processed-dir", str(processed_dir),
+                 "--version", exported_tiny_model.version])
     out, _ = capsys.readouterr()
     assert code == 0
     similar = [line.split()[1] for line in out.strip().splitlines()[1:]]
     assert len(similar) == 3 and "1" not in similar
+    code = main(["similar", "--item-id", "nope", "--processed-dir", str(processed_dir),
+                 "--version", exported_tiny_model.version])
+    err = capsys.readouterr().err
+    assert code == 1 and "recsys: error: unknown video ID(s) 'nope'" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_cli_and_rest_model_rank_alike_in_every_format(
+    trained_tiny_model: TinyModel, exported_tiny_model: ExportResult, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """`recommend` without --run-id ranks with the registered version `serve` serves: the same rows."""
+    import mlflow
+    import pandas as pd
+
+    processed_dir, version = trained_tiny_model.processed_dir, exported_tiny_model.version
+    served = mlflow.pyfunc.load_model(f"models:/recsys-movielens-100k/{version}")
+    users = ["6", "41", "nobody"]
+    rest = pl.from_pandas(served.predict(pd.DataFrame({"user_id": users, "k": [4, 4, 4]})))
+    base = ["recommend", "-k", "4", "--processed-dir", str(processed_dir), "--version", version]
+    for user in users:
+        assert main([*base, "--user-id", user, "--format", "csv"]) == 0
+        cli = pl.read_csv(io.StringIO(capsys.readouterr().out), schema_overrides={"item_id": pl.String})
+        expected = rest.filter(pl.col("user_id") == user)
+        assert cli["item_id"].to_list() == expected["item_id"].to_list()
+        np.testing.assert_allclose(cli["score"].to_numpy(), expected["score"].to_numpy(), rtol=1e-5, atol=1e-6)
+    assert main([*base, "--user-id", "6", "--format", "json"]) == 0
+    assert [row["item_id"] for row in json.loads(capsys.readouterr().out)] == rest.filter(
+        pl.col("user_id") == "6")["item_id"].to_list()
+    # Every user at once, streamed in batches of 7 users: the same rankings as one request each.
+    out = tmp_path / "top.parquet"
+    assert main([*base, "--all-users", "--out", str(out), "--batch-size", "7"]) == 0
+    every = pl.read_parquet(out)
+    n_users = pl.read_parquet(PreparedPaths.of(processed_dir, "movielens-100k").user_map).height
+    assert every["user_id"].n_unique() == n_users and every.height == 4 * n_users
+    assert every.columns == ["user_id", "rank", "item_id", "title", "score"]
+    for user in ("6", "41"):
+        assert every.filter(pl.col("user_id") == user)["item_id"].to_list() == rest.filter(
+            pl.col("user_id") == user)["item_id"].to_list()
+
+
+def test_all_users_needs_an_output_file(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["recommend", "--all-users"])
+    assert "--all-users writes a Parquet file: give it with --out FILE" in capsys.readouterr().err
