@@ -147,6 +147,18 @@ def _export(config: cfg.ExportConfig) -> None:
     print(("champion moved: " if result.decision.promoted else "champion kept: ") + result.decision.reason)
 
 
+def _catalogue_add(config: cfg.CatalogueAddConfig) -> None:
+    from recsys.serving.live_catalogue import add_videos
+
+    print(add_videos(config).summary())
+
+
+def _views_add(config: cfg.ViewsAddConfig) -> None:
+    from recsys.serving.live_catalogue import add_views
+
+    print(add_views(config).summary())
+
+
 def _serve(config: cfg.ServeConfig) -> None:
     from recsys.serving.serve import serve
 
@@ -283,6 +295,12 @@ COMMANDS: list[Command] = [
             "Train the two-tower retrieval model (TorchRec) on a prepared dataset", ("dataset",)),
     Command(("export",), cfg.ExportConfig, _export,
             "Register a trained model as an MLflow pyfunc ranking model; `champion` moves only if it wins",
+            ("dataset",)),
+    Command(("catalogue", "add"), cfg.CatalogueAddConfig, _catalogue_add,
+            "Add (or update) videos in the served model without retraining: decoded, embedded, a new version",
+            ("dataset",)),
+    Command(("views", "add"), cfg.ViewsAddConfig, _views_add,
+            "Add watch events after training to the served model: histories and fresh popularity, a new version",
             ("dataset",)),
     Command(("serve",), cfg.ServeConfig, _serve,
             "Serve the champion ranking model (or --model URI) over REST with MLflow's model server"),

@@ -129,6 +129,82 @@ class ImportConfig:
 
 
 @dataclass
+class CatalogueAddConfig:
+    """Which videos `recsys catalogue add` adds to (or updates in) the served model, without retraining."""
+
+    dataset: Dataset = ""
+    """Dataset whose registered model gets the videos (a new version of recsys-<dataset>)"""
+    items: Path | None = None
+    """The new videos: item_id, title, optional video (path under --media-root), description, tags (as `data import`)"""
+    media_root: Path | None = None
+    """Folder the items' video paths are relative to; nothing outside it is read"""
+    items_format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = "auto"
+    """Format of the items file; auto: from its extension"""
+    item_column: str = "item_id"
+    """Column of the items file holding the video ID (when it has no item_id column)"""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """A bad row (missing ID, path outside the media root): stop and change nothing, or skip and count it"""
+    processed_dir: Path = Path("data/processed")
+    """Folder holding the prepared datasets; the new videos are decoded under <dataset>/additions/"""
+    alias: str = "champion"
+    """Registry alias of the version to update (the new version takes the alias when it held it)"""
+    version: str | None = None
+    """Registry version number to update instead of the alias"""
+    workers: int = 0
+    """Processes decoding the new videos; 0 uses every core"""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.dataset), "name the dataset: `recsys catalogue add NAME --items FILE`")
+        check_dataset_name(self.dataset)
+        _require(self.items is not None, "give the new videos with --items FILE (the format of `data import`)")
+        self.items = Path(self.items)  # type: ignore[arg-type]
+        self.media_root = None if self.media_root is None else Path(self.media_root)
+        self.processed_dir = Path(self.processed_dir)
+
+
+@dataclass
+class ViewsAddConfig:
+    """Which watch events `recsys views add` gives the served model, without retraining."""
+
+    dataset: Dataset = ""
+    """Dataset whose registered model gets the views (a new version of recsys-<dataset>)"""
+    interactions: Path | None = None
+    """Views after the training cut-off: CSV, TSV, Parquet or JSON Lines, one row per view (as `data import`)"""
+    format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = "auto"
+    """Format of the interactions file; auto: from its extension"""
+    user_column: str = "user_id"
+    """Column holding the user ID"""
+    item_column: str = "item_id"
+    """Column holding the video ID"""
+    time_column: str = "timestamp"
+    """Column holding the time of the view"""
+    time_unit: Literal["auto", "s", "ms", "iso"] = "auto"
+    """Timestamps: unix seconds, milliseconds, or ISO-8601 text; auto: ISO for text, s or ms by magnitude"""
+    weight_column: str | None = None
+    """Column with a watch weight; unset: every view weighs 1"""
+    min_weight: float | None = None
+    """Keep only views whose weight is at least this (needs --weight-column)"""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """A row with a missing ID or an unparseable time or weight: stop and change nothing, or skip and count it"""
+    strict: bool = False
+    """Stop with an error when a view names a video the served catalogue lacks (default: skip and count it)"""
+    processed_dir: Path = Path("data/processed")
+    """Folder holding the prepared datasets (registered models are downloaded into <dataset>/served/)"""
+    alias: str = "champion"
+    """Registry alias of the version to update (the new version takes the alias when it held it)"""
+    version: str | None = None
+    """Registry version number to update instead of the alias"""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.dataset), "name the dataset: `recsys views add NAME --interactions FILE`")
+        check_dataset_name(self.dataset)
+        _require(self.interactions is not None, "give the views with --interactions FILE (the format of `data import`)")
+        self.interactions = Path(self.interactions)  # type: ignore[arg-type]
+        self.processed_dir = Path(self.processed_dir)
+        _require(self.min_weight is None or self.weight_column is not None, "--min-weight needs a --weight-column")
+
+
+@dataclass
 class ListConfig:
     """Where `recsys data list` looks for built-in and imported datasets."""
 

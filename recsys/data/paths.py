@@ -63,6 +63,11 @@ class PreparedPaths:
         return self.root / "meta.json"
 
     @property
+    def added_views(self) -> Path:
+        """Views added after training (`recsys views add`): user_id, item_idx, timestamp, in time order."""
+        return self.root / "added_views.parquet"
+
+    @property
     def features(self) -> Path:
         """Folder of the feature store written by `recsys ingest`."""
         return self.root / "features"

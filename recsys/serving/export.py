@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -79,6 +80,28 @@ def _requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in REQUIREMENTS]
 
 
+def input_example(paths: PreparedPaths) -> Any:
+    """Two users of the dataset, 5 videos each: the request logged beside the model."""
+    import pandas as pd
+
+    users = pl.read_parquet(paths.user_map).sort("user_idx").get_column("user_id").head(2).to_list()
+    return pd.DataFrame({"user_id": users, "k": np.full(len(users), 5, dtype=np.int64)})
+
+
+def log_ranker(bundle: Path, example: Any) -> Any:
+    """Log a bundle as the pyfunc ranking model `ranker` of the active run (as code, no pickle); the ModelInfo."""
+    import mlflow
+
+    return mlflow.pyfunc.log_model(
+        name="ranker",
+        python_model=str(ENTRY_POINT),
+        artifacts={"bundle": str(bundle)},
+        signature=signature(),
+        input_example=example,
+        pip_requirements=_requirements(),
+    )
+
+
 def validation_metrics(ranker: Ranker, paths: PreparedPaths) -> dict[str, float]:
     """The bundled model's HR/NDCG/MRR@K on the validation split (`val_ndcg_10`, ...), by the eval protocol."""
     from recsys.evaluation.protocol import evaluate_scorer, load_cases
@@ -122,7 +145,6 @@ def version_description(train_run_id: str, variant: str, metrics: dict[str, floa
 def export(config: ExportConfig) -> ExportResult:
     """Bundle, log, register and (maybe) promote a trained model; see the module docstring."""
     import mlflow
-    import pandas as pd
 
     from recsys.twotower.trained_model import latest_run
 
@@ -137,20 +159,12 @@ def export(config: ExportConfig) -> ExportResult:
                               config.max_k, config.index)
         ranker = Ranker(bundle)
         val = validation_metrics(ranker, paths)
-        users = pl.read_parquet(paths.user_map).sort("user_idx").get_column("user_id").head(2).to_list()
-        example = pd.DataFrame({"user_id": users, "k": np.full(len(users), 5, dtype=np.int64)})
+        example = input_example(paths)
         variant, test = training_run_facts(train_run_id)
         with start_run(config.dataset, "export", to_dict(config), inputs, f"export {variant}".strip()) as run:
             log_tables(config.dataset, {"train": paths.train, "valid": paths.valid, "catalogue": paths.items})
             mlflow.log_metrics({**val, **test})
-            logged = mlflow.pyfunc.log_model(
-                name="ranker",
-                python_model=str(ENTRY_POINT),
-                artifacts={"bundle": str(bundle)},
-                signature=signature(),
-                input_example=example,
-                pip_requirements=_requirements(),
-            )
+            logged = log_ranker(bundle, example)
             mlflow.log_metrics({**val, **test}, model_id=logged.model_id)  # shown with the logged model
             log_embedding_map(ranker, paths, config)
             headline = {k: v for k, v in {**val, **test}.items() if k in HEADLINE}

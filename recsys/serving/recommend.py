@@ -35,8 +35,14 @@ RANKED_SCHEMA = {"row": pl.Int64, "rank": pl.Int64, "item_id": pl.String, "title
 """Columns of `Recommender.recommend_many`: the query's row, then its ranking."""
 
 
+ADDED_VIEWS_SCHEMA = {"user_id": pl.String, "item_idx": pl.Int64, "timestamp": pl.Int64}
+"""Columns of `PreparedPaths.added_views`, the views `recsys views add` gave the model after training."""
 ALL_USERS_SCHEMA = {"user_id": pl.String, **{name: kind for name, kind in RANKED_SCHEMA.items() if name != "row"}}
 """Columns of the file `write_all_users` writes."""
+
+
+LATER = 1 << 40
+"""Added to an added view's time when it joins a history: it sorts after every split's views."""
 
 
 class UnknownUserWarning(UserWarning):
@@ -106,10 +112,36 @@ class Recommender:
         return train_counts(self.paths)
 
     @cached_property
+    def added_views(self) -> pl.DataFrame:
+        """Views added after training (`recsys views add`), in time order; empty when there are none."""
+        if not self.paths.added_views.exists():
+            return pl.DataFrame(schema=ADDED_VIEWS_SCHEMA)
+        return pl.read_parquet(self.paths.added_views).cast(ADDED_VIEWS_SCHEMA)
+
+    @cached_property
     def histories(self) -> list[np.ndarray]:
-        """Every known user's watch history (train, valid and test), oldest first, indexed by user_idx."""
+        """Every known user's watch history (train, valid, test, then added views), oldest first, by user_idx."""
         frames = [pl.scan_parquet(p) for p in (self.paths.train, self.paths.valid, self.paths.test) if p.exists()]
+        known = self.added_views.filter(pl.col("user_id").is_in(list(self.user_lookup)))
+        if known.height:
+            # After every split: an added view happened after training's cut-off.
+            later = known.select(pl.col("user_id").replace_strict(self.user_lookup, return_dtype=pl.Int64)
+                                 .alias("user_idx"), "item_idx", pl.col("timestamp") + LATER)
+            frames.append(later.lazy())
         return histories_by_user(frames, len(self.user_lookup))
+
+    @cached_property
+    def new_user_histories(self) -> dict[str, np.ndarray]:
+        """Histories of users the model never trained on who have added views (item_idx, oldest first)."""
+        new = self.added_views.filter(~pl.col("user_id").is_in(list(self.user_lookup)))
+        grouped = new.group_by("user_id", maintain_order=True).agg("item_idx")
+        return {str(user): np.asarray(items, dtype=np.int64) for user, items in grouped.iter_rows()}
+
+    def watched_by(self, user_id: str) -> np.ndarray:
+        """Everything a user has watched (known or added-views user), oldest first; empty for anyone else."""
+        if user_id in self.user_lookup:
+            return self._watched(int(self.user_lookup[user_id]))
+        return self.new_user_histories.get(user_id, np.zeros(0, dtype=np.int64))
 
     @cached_property
     def user_index(self) -> ItemIndex:
@@ -196,13 +228,15 @@ class Recommender:
 
     def recommend_all(self, k: int = 10, exclude_seen: bool = True, batch_size: int = 4096
                       ) -> Iterator[pl.DataFrame]:
-        """Top-k of every known user, in batches of `batch_size` users: user_id, rank, item_id, title, score."""
+        """Top-k of every user (known, then new users with added views), `batch_size` users at a time:
+        user_id, rank, item_id, title, score."""
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
-        user_ids = np.array(sorted(self.user_lookup, key=self.user_lookup.__getitem__), dtype=object)
+        known = sorted(self.user_lookup, key=self.user_lookup.__getitem__)
+        user_ids = np.array(known + list(self.new_user_histories), dtype=object)
         for start in range(0, len(user_ids), batch_size):
             users = np.arange(start, min(start + batch_size, len(user_ids)))
-            queries = [(int(u), self._watched(int(u))) for u in users]
+            queries = [(int(u) if u < len(known) else UNKNOWN_USER, self.watched_by(user_ids[u])) for u in users]
             table = self._rank_table(queries, np.full(len(users), k), exclude_seen)
             names = pl.Series("user_id", user_ids[users].tolist(), dtype=pl.String)
             yield table.select(names.gather(table["row"]), pl.exclude("row"))
@@ -222,6 +256,8 @@ class Recommender:
         if user_id is not None and user_id in self.user_lookup:
             user_idx = int(self.user_lookup[user_id])
             return user_idx, np.concatenate([self._watched(user_idx), extra])
+        if user_id is not None and user_id in self.new_user_histories:  # a new user with added views
+            return UNKNOWN_USER, np.concatenate([self.new_user_histories[user_id], extra])
         if user_id is not None:
             fallback = "ranking from the given history" if len(extra) else "most popular videos"
             warnings.warn(

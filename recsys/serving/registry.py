@@ -8,6 +8,7 @@ decision and its reason are recorded on the version and in the export run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,6 +22,8 @@ VAL_NDCG_TAG = "recsys.val_ndcg_10"
 TRAIN_RUN_TAG = "recsys.train_run"
 EXPORT_RUN_TAG = "recsys.export_run"
 DECISION_TAG = "recsys.champion_decision"
+UPDATE_OF_TAG = "recsys.update_of"
+"""Model version tag: the version this one adds videos or views to (`recsys catalogue add`, `recsys views add`)."""
 
 
 def model_name(dataset: str) -> str:
@@ -114,11 +117,15 @@ def model_description(dataset: str) -> str:
 
 
 def register(
-    model_uri: str, dataset: str, val_ndcg_10: float, train_run_id: str, export_run_id: str, description: str = ""
+    model_uri: str, dataset: str, val_ndcg_10: float, train_run_id: str, export_run_id: str, description: str = "",
+    update_of: str | None = None,
 ) -> ChampionDecision:
     """Register a logged model as a new version of `recsys-<dataset>` and move `champion` if it wins.
 
-    `description` goes on the version, followed by the champion decision.
+    `description` goes on the version, followed by the champion decision. `update_of`: the version
+    this one updates with new videos or views (`recsys.serving.live_catalogue`): it takes the
+    champion alias when that version held it, whatever its validation score, because it is the
+    champion with a fresher catalogue, not a rival model.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -129,9 +136,16 @@ def register(
     current = champion_version(dataset)
     previous_score = version_score(current) if current is not None else None
     tags = {VAL_NDCG_TAG: repr(float(val_ndcg_10)), TRAIN_RUN_TAG: train_run_id, EXPORT_RUN_TAG: export_run_id}
+    if update_of is not None:
+        tags[UPDATE_OF_TAG] = str(update_of)
     version = mlflow.register_model(model_uri, name, tags=tags)
     decision = decide(name, str(version.version), float(val_ndcg_10),
                       None if current is None else str(current.version), previous_score)
+    if update_of is not None:
+        holds = current is not None and str(current.version) == str(update_of)
+        decision = dataclasses.replace(decision, promoted=holds, reason=(
+            f"v{version.version} updates champion v{update_of} (same model, fresher catalogue)" if holds else
+            f"v{version.version} updates v{update_of}, which is not the champion; the champion stays"))
     if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     client.set_model_version_tag(name, version.version, DECISION_TAG, decision.reason)

@@ -47,6 +47,8 @@ class FreshViews:
         """
         starts = torch.searchsorted(self.users, users)  # (B,)
         lengths = torch.searchsorted(self.users, users, right=True) - starts  # (B,)
+        # Fresh views of users the model does not know are all stored as -1: they are nobody's own.
+        lengths = torch.where(users < 0, 0, lengths)
         rows = torch.repeat_interleave(torch.arange(len(users)), lengths)  # (V,)
         offsets = torch.arange(len(rows)) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
         items = self.items[starts[rows] + offsets]  # (V,)

@@ -1,0 +1,293 @@
+"""A live catalogue: new videos and new views reach the served model without retraining.
+
+`recsys catalogue add NAME --items FILE` and `recsys views add NAME --interactions FILE` each take
+the registered version (alias `champion` unless told), change a copy of its bundle and register
+that as the next version, which takes the alias when the version it updates held it. The previous
+version stays in the registry, loadable by its number. No gradient step is taken:
+
+- **videos** (`add_videos`): the items file is read as `recsys data import` reads a catalogue
+  (same columns, same checks; a bad row changes nothing). Only these videos are decoded, into a
+  feature store of their own under `<processed_dir>/<dataset>/additions/<batch>/` with the
+  dataset's decoding settings (a rerun of the same batch resumes it), embedded by the trained
+  content encoder and the champion's item tower (`recsys.twotower.catalogue_update.with_videos`)
+  and appended to the catalogue; an ID already in it gets its new title and video.
+- **views** (`add_views`): the file is read as `data import` reads a watch log. Views of videos
+  the served catalogue lacks are counted and skipped (`--strict`: an error). The views extend
+  their users' histories, which the user tower reads, and become fresh views
+  (`recsys.twotower.catalogue_update.with_views`); a user the model never trained on is ranked
+  from their added views instead of by popularity.
+
+The updated bundle carries the added views (`PreparedPaths.added_views`: user_id, item_idx,
+timestamp), so `recommend`, `similar`, the notebooks and `recsys serve` answer from the same state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recsys.config import CatalogueAddConfig, IngestConfig, ViewsAddConfig, to_dict
+from recsys.data.histories import UNKNOWN_USER
+from recsys.data.paths import PreparedPaths
+from recsys.errors import DataFormatError, MissingInputError
+from recsys.files import read_json, write_json
+from recsys.serving.pyfunc_model import RANKER_FILE, Ranker
+from recsys.serving.served_model import ServedModel, served_model
+
+ADDITIONS_DIR = "additions"
+"""Folder of a prepared dataset where `catalogue add` decodes each batch of new videos."""
+
+
+@dataclass
+class UpdateResult:
+    """What an update registered, and what it read."""
+
+    dataset: str
+    kind: str
+    """"videos" (catalogue add) or "views" (views add)"""
+    base_version: str
+    rows_read: int
+    added: int
+    """Videos added (catalogue add) or views added (views add)"""
+    updated: int = 0
+    """Videos already in the catalogue whose title or video changed (catalogue add)"""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Rows not used, by reason"""
+    version: str = ""
+    """The registered version holding the update"""
+    promoted: bool = False
+    """Whether the version took the alias (it does when the version it updates held it)"""
+    reason: str = ""
+    seconds: float = 0.0
+    run_id: str = ""
+
+    def summary(self) -> str:
+        what = "video(s)" if self.kind == "videos" else "view(s)"
+        skipped = ", ".join(f"{n:,} {reason}" for reason, n in self.skipped.items() if n) or "none"
+        alias = "champion moved to it" if self.promoted else "champion unchanged"
+        return (f"{self.dataset}: {self.rows_read:,} rows read, {self.added:,} {what} added"
+                + (f", {self.updated:,} updated" if self.updated else "") + f", skipped: {skipped}; "
+                f"registered version {self.version} (update of v{self.base_version}; {alias}) in {self.seconds:.1f} s")
+
+
+# --------------------------------------------------------------------------------------------
+# The bundle being updated
+
+
+class EditableBundle:
+    """A copy of a served version's bundle in a temporary folder, to change and register."""
+
+    def __init__(self, served: ServedModel, folder: Path) -> None:
+        shutil.copytree(served.bundle, folder)
+        self.served = served
+        self.folder = folder
+        self.info = read_json(folder / RANKER_FILE)
+        self.dataset = str(self.info["dataset"])
+        self.paths = PreparedPaths.of(folder, self.dataset)
+        self.run_id = str(self.info["train_run_id"])
+
+    def scorer(self) -> Any:
+        from recsys.twotower.trained_model import load_trained
+
+        return load_trained(self.folder, self.dataset, self.run_id)
+
+    def save_model(self, model: Any, scorer_info: dict[str, Any]) -> None:
+        from recsys.twotower.trained_model import save_trained
+
+        save_trained(model, self.folder, self.dataset, self.run_id, scorer_info)
+
+    def note(self, update: dict[str, Any]) -> None:
+        """Record the update in ranker.json (what the version is: its base and every change since training)."""
+        self.info.setdefault("updates", []).append(update)
+        write_json(self.folder / RANKER_FILE, self.info)
+
+
+def _publish(bundle: EditableBundle, step: str, config: Any, result: UpdateResult, description: str) -> None:
+    """Log the changed bundle as a pyfunc model in an MLflow run of `step`, register it as the next version."""
+    import mlflow
+
+    from recsys.serving.export import input_example, log_ranker, validation_metrics
+    from recsys.serving.registry import register
+    from recsys.tracking.store import start_run
+
+    ranker = Ranker(bundle.folder)
+    val = validation_metrics(ranker, bundle.paths)
+    inputs = {"base_version": bundle.served.version, "train_retrieval": bundle.run_id}
+    with start_run(bundle.dataset, step, to_dict(config), inputs, f"{step} v{bundle.served.version}") as run:
+        mlflow.log_metrics({**val, "count.rows_read": result.rows_read, "count.added": result.added,
+                            "count.updated": result.updated, "count.skipped": sum(result.skipped.values())})
+        logged = log_ranker(bundle.folder, input_example(bundle.paths))
+        decision = register(logged.model_uri, bundle.dataset, val["val_ndcg_10"], bundle.run_id, run.info.run_id,
+                            description, update_of=bundle.served.version)
+        mlflow.set_tags({"recsys.model_version": decision.version, "recsys.champion.reason": decision.reason})
+    result.version, result.promoted, result.reason, result.run_id = (decision.version, decision.promoted,
+                                                                     decision.reason, run.info.run_id)
+
+
+# --------------------------------------------------------------------------------------------
+# catalogue add
+
+
+def add_videos(config: CatalogueAddConfig) -> UpdateResult:
+    """Decode, embed and add the videos of `config.items` to the served model; see the module docstring."""
+    from recsys.data.importers.files import read_catalogue
+
+    started = time.perf_counter()
+    served = served_model(config.dataset, config.processed_dir, config.version, config.alias)
+    catalogue = read_catalogue(config)  # type: ignore[arg-type]  # the catalogue options of `data import`
+    if catalogue.items.is_empty():
+        raise DataFormatError(f"{config.items}: no video is left to add ({catalogue.skipped})")
+    with tempfile.TemporaryDirectory(prefix="recsys-catalogue-") as tmp:
+        bundle = EditableBundle(served, Path(tmp) / "bundle")
+        items = pl.read_parquet(bundle.paths.items).sort("item_idx")
+        lookup = dict(zip(items["item_id"].to_list(), items["item_idx"].to_list(), strict=True))
+        new = catalogue.items.with_columns(
+            pl.col("item_id").replace_strict(lookup, default=None, return_dtype=pl.Int64).alias("item_idx"))
+        fresh = new["item_idx"].is_null()
+        new = new.with_columns(pl.when(fresh).then(len(items) + fresh.cum_sum() - 1).otherwise(pl.col("item_idx"))
+                               .alias("item_idx"))
+        media_root = None if config.media_root is None else config.media_root.resolve()
+        new = new.with_columns(pl.col("video_path").map_elements(
+            lambda p: str(media_root / p) if media_root is not None else p, return_dtype=pl.String))
+        scorer = bundle.scorer()
+        content = _new_content(config, new, scorer.spec.content_source)  # (M, C)
+        from recsys.twotower.catalogue_update import with_videos
+
+        try:
+            grown = with_videos(scorer.model, content, new["item_idx"].to_numpy())
+        except ValueError as err:
+            raise DataFormatError(f"{config.dataset} v{served.version}: {err}") from None
+        _write_items(bundle, items, new)
+        bundle.save_model(grown, scorer.info)
+        added, updated = int(fresh.sum()), int((~fresh).sum())
+        bundle.note({"kind": "videos", "added": added, "updated": updated, "source": str(config.items)})
+        result = UpdateResult(config.dataset, "videos", served.version, catalogue.rows_read, added, updated,
+                              dict(catalogue.skipped))
+        assert result.rows_read == added + updated + sum(result.skipped.values())
+        _publish(bundle, "catalogue_add", config, result,
+                 f"Update of v{served.version}: {added} video(s) added and {updated} updated from {config.items}, "
+                 "embedded from their content without retraining.")
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _write_items(bundle: EditableBundle, items: pl.DataFrame, new: pl.DataFrame) -> None:
+    """The bundle's catalogue with the new rows appended and the updated ones replaced (training counts kept)."""
+    columns = [c for c in items.columns if c in new.columns]
+    counts = items.select("item_idx", *(c for c in items.columns if c not in new.columns))
+    merged = (pl.concat([items.filter(~pl.col("item_idx").is_in(new["item_idx"].implode())).select(columns),
+                         new.select(columns).cast(items.select(columns).schema)])
+              .join(counts, on="item_idx", how="left").sort("item_idx"))
+    fill = {c: pl.col(c).fill_null(0) for c in counts.columns if c != "item_idx" and items.schema[c].is_integer()}
+    merged = merged.with_columns(**fill).select(items.columns)
+    merged.write_parquet(bundle.paths.items)
+    popularity = pl.read_parquet(bundle.paths.popularity)
+    extra = pl.DataFrame({"item_idx": np.arange(len(popularity), merged.height)}).with_columns(
+        pl.lit(0).cast(popularity.schema["count"]).alias("count")).cast(popularity.schema)
+    pl.concat([popularity, extra]).write_parquet(bundle.paths.popularity)
+    meta = read_json(bundle.paths.meta)
+    meta["n_items"] = merged.height
+    write_json(bundle.paths.meta, meta)
+
+
+def _new_content(config: CatalogueAddConfig, new: pl.DataFrame, source: str) -> np.ndarray:
+    """(M, C) content embeddings of the new rows: decoded in a store of their own, embedded like training's."""
+    from recsys.content.embed_items import embed_store
+    from recsys.media.feature_store import FeatureStore
+    from recsys.media.ingest import ingest
+
+    if source not in ("title", "fused"):
+        raise DataFormatError(f"{config.dataset}: the served model reads no content (content {source!r}), so it "
+                              "cannot embed videos it never trained on; retrain with `--content auto` to add videos")
+    dataset_paths = PreparedPaths.of(config.processed_dir, config.dataset)
+    features = dataset_paths.features
+    if not (features / "store.json").exists():
+        raise MissingInputError(f"{features} holds no feature store: `recsys catalogue add` decodes new videos "
+                                f"with the dataset's settings; run `recsys ingest {config.dataset}` first")
+    store_info = read_json(features / "store.json")
+    batch = hashlib.sha256(new.select("item_id", "title", "text", "video_path").write_csv().encode()).hexdigest()[:16]
+    delta_dir = dataset_paths.root / ADDITIONS_DIR / batch
+    delta = PreparedPaths.of(delta_dir, config.dataset)
+    delta.root.mkdir(parents=True, exist_ok=True)
+    rows = new.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("item_idx"))
+    rows.select("item_idx", "item_id", "title", "text", "video_path").write_parquet(delta.items)
+    write_json(delta.meta, {"dataset": config.dataset, "n_items": rows.height, "kind": "catalogue addition"})
+    layout = store_info["identity"]["layout"]
+    ingest(IngestConfig(
+        dataset=config.dataset, processed_dir=delta_dir, frames=layout["frames"], fps=layout["fps"],
+        frame_size=layout["frame_size"], max_pixels=store_info["identity"].get("max_pixels", 7680 * 4320),
+        sample_rate=layout["sample_rate"], n_mels=layout["n_mels"], n_fft=layout["n_fft"],
+        hop_length=layout["hop_length"], audio_seconds=layout["audio_seconds"],
+        titles=store_info.get("title_model", "MiniLM") is not None,  # as the dataset's store: with titles or not
+        title_cache=config.processed_dir / ".cache" / "titles", workers=config.workers,
+    ))
+    return embed_store(FeatureStore.open(delta.features), source, features)
+
+
+# --------------------------------------------------------------------------------------------
+# views add
+
+
+def add_views(config: ViewsAddConfig) -> UpdateResult:
+    """Append the watch events of `config.interactions` to the served model; see the module docstring."""
+    from recsys.data.importers.files import _check_skips, _watch_log, scan_table, table_format
+
+    started = time.perf_counter()
+    served = served_model(config.dataset, config.processed_dir, config.version, config.alias)
+    assert config.interactions is not None  # checked by ViewsAddConfig
+    with tempfile.TemporaryDirectory(prefix="recsys-views-") as tmp:
+        bundle = EditableBundle(served, Path(tmp) / "bundle")
+        items = pl.read_parquet(bundle.paths.items, columns=["item_idx", "item_id"]).sort("item_idx")
+        log = scan_table(config.interactions, table_format(config.interactions, config.format))
+        rows = _watch_log(config, log, items["item_id"]).collect()  # type: ignore[arg-type]  # `data import` options
+        if rows.is_empty():
+            raise DataFormatError(f"{config.interactions}: holds no views (only a header?)")
+        counts = {reason: n for reason, n in rows.group_by("_skip").len().iter_rows()}
+        _check_skips(config, log, rows.lazy().filter(pl.col("_skip").is_not_null()), counts)  # type: ignore[arg-type]
+        kept = rows.filter(pl.col("_skip").is_null())
+        if kept.is_empty():
+            raise DataFormatError(f"{config.interactions}: no view is left to add "
+                                  f"({', '.join(f'{n:,} {r}' for r, n in counts.items())})")
+        views = kept.join(items, on="item_id").select("user_id", "item_idx", "timestamp").sort("timestamp")
+        _apply_views(bundle, views)
+        skipped = {str(reason): n for reason, n in counts.items() if reason is not None}
+        bundle.note({"kind": "views", "added": views.height, "source": str(config.interactions)})
+        result = UpdateResult(config.dataset, "views", served.version, rows.height, views.height, 0, skipped)
+        assert result.rows_read == result.added + sum(skipped.values())
+        _publish(bundle, "views_add", config, result,
+                 f"Update of v{served.version}: {views.height} views added from {config.interactions} "
+                 "(histories and fresh popularity, no retraining).")
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _apply_views(bundle: EditableBundle, views: pl.DataFrame) -> None:
+    """Append `views` (user_id, item_idx, timestamp; time order) to the bundle's added views and its model."""
+    from recsys.serving.recommend import ADDED_VIEWS_SCHEMA, Recommender
+    from recsys.twotower.catalogue_update import with_views
+
+    scorer = bundle.scorer()
+    recommender = Recommender(bundle.paths, model=scorer)
+    users = np.array([recommender.user_lookup.get(u, UNKNOWN_USER) for u in views["user_id"].to_list()], np.int64)
+    # Each viewer's history before each view: what they had watched, then their earlier added views.
+    histories, so_far = [], {}
+    for user_id, item in zip(views["user_id"].to_list(), views["item_idx"].to_list(), strict=True):
+        before = so_far.get(user_id)
+        if before is None:
+            before = recommender.watched_by(user_id)
+        histories.append(before)
+        so_far[user_id] = np.append(before, item)
+    grown = with_views(scorer.model, users, views["item_idx"].to_numpy(), histories)
+    bundle.save_model(grown, scorer.info)
+    file = bundle.paths.added_views
+    earlier = pl.read_parquet(file) if file.exists() else pl.DataFrame(schema=ADDED_VIEWS_SCHEMA)
+    pl.concat([earlier, views.cast(ADDED_VIEWS_SCHEMA)]).write_parquet(file)
+
