@@ -22,7 +22,9 @@ from recsys.config import ConfigError, EvaluateConfig, PrepareConfig, RecommendC
 CONFIGS = [c for c in vars(recsys.config).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
 REQUIRED = {"ExportConfig": {"dataset": "synth"}, "RecommendConfig": {"user_id": "7"},
             "SimilarConfig": {"item_id": "v1"},
-            "ImportConfig": {"dataset": "mine", "interactions": Path("views.csv"), "items": Path("items.csv")}}
+            "ImportConfig": {"dataset": "mine", "interactions": Path("views.csv"), "items": Path("items.csv")},
+            "CatalogueAddConfig": {"dataset": "mine", "items": Path("new.csv")},
+            "ViewsAddConfig": {"dataset": "mine", "interactions": Path("views.csv")}}
 """What a config cannot do without: no default, or checked in __post_init__."""
 README = Path(__file__).resolve().parents[1] / "README.md"
 

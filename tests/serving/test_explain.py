@@ -97,7 +97,8 @@ def test_unknown_user_explanation_is_popularity(recommender: Recommender) -> Non
 def test_cli_explain_table_and_json(paths: PreparedPaths, capsys: pytest.CaptureFixture[str]) -> None:
     model, info = explained_model(paths)
     save_trained(model, paths.root.parent, paths.root.name, "run-explain", info)
-    base = ["recommend", "--user-id", "3", "-k", "3", "--processed-dir", str(paths.root.parent), "--explain"]
+    base = ["recommend", "--user-id", "3", "-k", "3", "--processed-dir", str(paths.root.parent), "--explain",
+            "--run-id", "run-explain"]
     assert main(base) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 7 and all(line.strip().startswith("why: ") for line in lines[2::2])
