@@ -60,6 +60,10 @@ class ItemIndex(ABC):
         """Index item vectors (N, D); row i is item_idx i. Returns self."""
 
     @abstractmethod
+    def add(self, item_embeddings: np.ndarray) -> ItemIndex:
+        """Append item vectors (M, D) as items n_items .. n_items + M - 1, without rebuilding. Returns self."""
+
+    @abstractmethod
     def _search(self, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None) -> tuple[
         np.ndarray, np.ndarray
     ]: ...
@@ -101,6 +105,12 @@ class ExactIndex(ItemIndex):
 
     def build(self, item_embeddings: np.ndarray) -> ExactIndex:
         self.items = torch.from_numpy(np.ascontiguousarray(item_embeddings, dtype=np.float32))  # (N, D)
+        self.n_items = self.items.shape[0]
+        return self
+
+    def add(self, item_embeddings: np.ndarray) -> ExactIndex:
+        more = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(item_embeddings), dtype=np.float32))  # (M, D)
+        self.items = torch.cat([self.items, more]) if self.n_items else more
         self.n_items = self.items.shape[0]
         return self
 
@@ -193,6 +203,16 @@ class FaissIndex(ItemIndex):
             faiss.omp_set_num_threads(threads)
         index.add(items)
         return index
+
+    def add(self, item_embeddings: np.ndarray) -> FaissIndex:
+        """Append items to the trained index: PQ codes (and the float copy re-ranking reads), graph nodes or list
+        entries; the quantizer, graph and lists already there are kept as they are."""
+        if self.index is None:
+            return self.build(item_embeddings)
+        more = np.ascontiguousarray(np.atleast_2d(item_embeddings), dtype=np.float32)  # (M, D)
+        self.index.add(self._padded(more) if self.kind == "pq" else more)
+        self.n_items += len(more)
+        return self
 
     def _padded(self, vectors: np.ndarray) -> np.ndarray:
         """(B, D) vectors with a zero column appended when the index pads an odd dimension."""

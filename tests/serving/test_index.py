@@ -109,3 +109,19 @@ def test_make_index_picks_faiss_pq_for_large_catalogues(items: np.ndarray) -> No
     assert isinstance(auto, FaissIndex) and auto.kind == "pq"
     assert isinstance(make_index(items, kind="ivf"), FaissIndex)
     assert isinstance(make_index(items, kind="exact", faiss_min_items=10), ExactIndex)
+
+
+@pytest.mark.parametrize("index", [ExactIndex(), FaissIndex("pq"), FaissIndex("hnsw"), FaissIndex("ivf")],
+                         ids=["exact", "pq", "hnsw", "ivf"])
+def test_added_items_are_found_without_a_rebuild(items: np.ndarray, queries: np.ndarray, index) -> None:
+    index.build(items)
+    before = index.search(queries, 5)
+    added = queries[:2]  # unit vectors: each is its own query's best match
+    index.add(added)
+    assert index.n_items == len(items) + 2
+    scores, ids = index.search(queries[:2], 5)
+    assert ids[:, 0].tolist() == [len(items), len(items) + 1]
+    # The other queries still find what they found before, besides the new items (nothing rebuilt, nothing lost).
+    after = index.search(queries[2:], 7)[1]
+    kept = [[i for i in row if i < len(items)][:5] for row in after]
+    assert _recall(np.array(kept), before[1][2:]) > 0.95
