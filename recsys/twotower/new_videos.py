@@ -177,12 +177,15 @@ def log_cluster_shares(membership: torch.Tensor, values: torch.Tensor, lengths: 
     values: the histories concatenated, each oldest first; lengths (B,): their lengths.
     """
     rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)  # (V,)
-    ends = torch.cumsum(lengths, 0)[rows]  # (V,) one past each value's history
-    age = ends - 1 - torch.arange(len(values))  # (V,) 0 for the newest view
-    recency = 0.5 ** (age.float() / HALF_LIFE)  # (V,)
-    shares = torch.zeros(len(lengths), membership.shape[1]).index_add_(0, rows, recency[:, None] * membership[values])
-    total = torch.zeros(len(lengths)).index_add_(0, rows, recency).clamp(min=1e-9)  # (B,)
-    return torch.log(shares / total[:, None] + EPSILON)  # (B, K)
+    bounds = torch.cumsum(lengths, 0)  # (B,) one past each history
+    age = bounds[rows] - 1 - torch.arange(len(values))  # (V,) 0 for the newest view
+    recency = 0.5 ** (age.double() / HALF_LIFE)  # (V,)
+    weighted = torch.cat([recency[:, None] * membership[values].double(), recency[:, None]], 1)  # (V, K + 1)
+    # Per-history sums as differences of one running sum (float64: exact enough, and no scatter over V rows).
+    running = torch.cat([torch.zeros(1, weighted.shape[1], dtype=torch.float64), torch.cumsum(weighted, 0)])
+    sums = running[bounds] - running[bounds - lengths]  # (B, K + 1)
+    shares, total = sums[:, :-1], sums[:, -1].clamp(min=1e-9)
+    return torch.log(shares / total[:, None] + EPSILON).float()  # (B, K)
 
 
 def new_video_scores(cosines: torch.Tensor, taste: torch.Tensor, fresh: torch.Tensor, scoring: NewVideoScoring

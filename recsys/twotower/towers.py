@@ -139,7 +139,7 @@ class ItemTower(nn.Module):
             # Histories repeat items: project each distinct item once.
             unique, inverse = torch.unique(ids, return_inverse=True)  # (U,), (...,)
             parts.append(self.content_proj(self.content[unique])[inverse])  # (..., D)
-        return self.norm(torch.stack(parts).sum(0))  # (..., D)
+        return self.norm(parts[0] if len(parts) == 1 else parts[0] + parts[1])  # (..., D)
 
     def forward(self, ids: torch.Tensor, id_embedding: torch.Tensor | None) -> torch.Tensor:
         """L2-normalised item embeddings (B, D)."""
