@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from recsys.twotower.new_videos import MIN_PROBABILITY, log_cluster_shares
+from recsys.twotower.new_videos import MIN_PROBABILITY, content_clusters, log_cluster_shares
 from recsys.twotower.towers import TwoTower
 
 ITEM_ROWS = ("sparse.item_embeddings.embeddings.item.weight", "item_tower.content", "item_tower.known_items",
@@ -48,25 +48,14 @@ def _grown(model: TwoTower, n_items: int, fresh: tuple[torch.Tensor, torch.Tenso
 def membership_of_content(model: TwoTower, content: np.ndarray) -> np.ndarray:
     """(M, K) cluster probabilities of videos with content `content` (M, C), read as training read new videos'.
 
-    The watched videos keep the one-hot k-means clusters training gave them; the logistic
-    regression from content to cluster is fitted on them again (deterministic, and nothing an
-    update does changes its inputs).
+    The watched videos keep the one-hot k-means clusters training gave them; the logistic read-out
+    from content to cluster is fitted on them again (`content_clusters`: deterministic, and nothing
+    an update does changes its inputs).
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     membership = model.cluster_membership.numpy()  # (N, K)
-    known = model.item_tower.known_items.numpy()
-    watched = np.flatnonzero(known & (membership.sum(1) > 0))
-    out = np.zeros((len(content), membership.shape[1]), np.float32)
-    labels = membership[watched].argmax(1)
-    if len(np.unique(labels)) < 2 or not len(content):
-        return out
-    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    classifier.fit(model.item_tower.content.numpy()[watched], labels)
-    out[:, classifier.classes_] = classifier.predict_proba(content)
-    return out
+    watched = np.flatnonzero(model.item_tower.known_items.numpy() & (membership.sum(1) > 0))
+    return content_clusters(model.item_tower.content.numpy()[watched], membership[watched].argmax(1), content,
+                            membership.shape[1])
 
 
 @torch.no_grad()

@@ -28,40 +28,13 @@ from torch.utils.data import DataLoader
 from recsys.data.histories import in_watch_order, train_counts
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError
-from recsys.twotower.sparse import SparseFeatures, collate
+from recsys.twotower.batch import RetrievalBatch
+from recsys.twotower.sparse import collate
 
 MIN_BATCHES_PER_EPOCH = 20
 """Fewer windows per batch (down to MIN_WINDOWS_PER_BATCH) on small datasets, so an epoch has this many steps."""
 MIN_WINDOWS_PER_BATCH = 8
 """Fewest windows in a training batch: a target's negatives are the targets of the other windows."""
-
-
-@dataclass
-class RetrievalBatch:
-    """One batch: sparse features plus what the loss and the validation ranking need."""
-
-    features: SparseFeatures
-    """KeyedJaggedTensors: user_id (per row), item_id (the row's targets), history (the row's input)"""
-    targets: torch.Tensor
-    """(P,) target item_idx, rows' targets concatenated"""
-    target_rows: torch.Tensor
-    """(P,) batch row of each target"""
-    target_steps: torch.Tensor
-    """(P,) items of its row's history input that each target follows (the user state that scores it)"""
-    exclude_rows: torch.Tensor
-    """(E,) row of each (row, item) pair excluded from the ranking (validation only; empty in training)"""
-    exclude_items: torch.Tensor
-    """(E,) item of each excluded pair"""
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> RetrievalBatch:
-        return RetrievalBatch(
-            self.features.to(device, non_blocking),
-            *(t.to(device, non_blocking=non_blocking)
-              for t in (self.targets, self.target_rows, self.target_steps, self.exclude_rows, self.exclude_items)),
-        )
-
-    def __len__(self) -> int:
-        return len(self.targets)
 
 
 def gather_ranges(data: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

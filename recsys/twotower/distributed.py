@@ -46,13 +46,15 @@ from recsys.config import RetrievalConfig, config_from, config_parser, save_conf
 from recsys.data.paths import PreparedPaths
 from recsys.errors import RecsysError
 from recsys.files import read_json
+from recsys.twotower.batch import RetrievalBatch
 from recsys.twotower.build import RetrievalResult, build_model, load_content, training_run, upstream_inputs
-from recsys.twotower.datamodule import RetrievalBatch, RetrievalDataModule
-from recsys.twotower.module import VAL_METRIC, RetrievalObjective, optimizer_groups
+from recsys.twotower.datamodule import RetrievalDataModule
+from recsys.twotower.module import RetrievalObjective, optimizer_groups
 from recsys.twotower.new_videos import fit_new_videos, new_video_metrics
 from recsys.twotower.plots import log_retrieval_plots
 from recsys.twotower.sparse import ITEM_TABLE, USER_TABLE
 from recsys.twotower.trained_model import MODEL_FILE, NEW_VIDEO_SCORING, WEIGHTS_FILE, models_dir, save_trained
+from recsys.twotower.validation import VAL_METRIC
 
 
 def sharders() -> list[ModuleSharder[nn.Module]]:

@@ -44,10 +44,10 @@ import numpy as np
 import torch
 
 from recsys.metrics import mask_pairs, metrics_from_ranks
-from recsys.twotower.datamodule import RetrievalBatch
-from recsys.twotower.module import VAL_METRIC, K, catalogue_embeddings, ndcg_and_hits
+from recsys.twotower.batch import RetrievalBatch
 from recsys.twotower.sparse import HISTORY_FEATURE
 from recsys.twotower.towers import TwoTower
+from recsys.twotower.validation import VAL_METRIC, K, catalogue_embeddings, ndcg_and_hits
 
 HALF_LIFE = 20.0
 """Views after which a history item counts half as much towards the user's cluster shares."""
@@ -104,9 +104,6 @@ def fit_membership(item_embeddings: np.ndarray, known: np.ndarray, content: np.n
     each watched video is its own cluster and the remaining columns stay 0.
     """
     from sklearn.cluster import KMeans
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     membership = np.zeros((len(known), clusters), np.float32)
     watched = np.flatnonzero(known)
@@ -117,10 +114,28 @@ def fit_membership(item_embeddings: np.ndarray, known: np.ndarray, content: np.n
     membership[watched, labels] = 1.0
     new = np.flatnonzero(~known)
     if len(new):
-        classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-        classifier.fit(content[watched], labels)
-        membership[np.ix_(new, classifier.classes_)] = classifier.predict_proba(content[new])
+        membership[new] = content_clusters(content[watched], labels, content[new], clusters)
     return membership
+
+
+def content_clusters(watched_content: np.ndarray, labels: np.ndarray, content: np.ndarray, clusters: int
+                     ) -> np.ndarray:
+    """(M, clusters) float32 cluster probabilities of M videos from their content (M, C): the logistic
+    read-out fitted on the watched videos' content (W, C) and clusters (W,)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    out = np.zeros((len(content), clusters), np.float32)
+    if len(np.unique(labels)) < 2 or not len(content):
+        return out
+    # One BLAS thread: a problem this small only loses to thread hand-offs (10x slower on a busy machine).
+    with threadpool_limits(1):
+        classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        classifier.fit(watched_content, labels)
+        out[:, classifier.classes_] = classifier.predict_proba(content)
+    return out
 
 
 def add_fresh_viewers(membership: torch.Tensor, new: torch.Tensor, fresh_batches: Iterable[RetrievalBatch]

@@ -7,8 +7,8 @@ import polars as pl
 from recsys.data.paths import PreparedPaths
 from recsys.synthetic.truth import truth_items
 from recsys.tracking.plots import embedding_map, item_labels, log_figure, log_training_curves
-from recsys.twotower.module import catalogue_embeddings
 from recsys.twotower.towers import TwoTower
+from recsys.twotower.validation import catalogue_embeddings
 
 
 def log_retrieval_plots(run_id: str, model: TwoTower, paths: PreparedPaths) -> None:

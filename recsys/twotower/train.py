@@ -32,10 +32,11 @@ from recsys.threads import torch_threads
 from recsys.tracking.callbacks import MlflowEpochMetrics
 from recsys.twotower.build import RetrievalResult, build_model, load_content, training_run, upstream_inputs
 from recsys.twotower.datamodule import RetrievalDataModule
-from recsys.twotower.module import VAL_METRIC, RetrievalModule
+from recsys.twotower.module import RetrievalModule
 from recsys.twotower.new_videos import fit_new_videos, new_video_metrics
 from recsys.twotower.plots import log_retrieval_plots
 from recsys.twotower.trained_model import NEW_VIDEO_SCORING, models_dir, save_trained
+from recsys.twotower.validation import VAL_METRIC
 
 
 def checkpoint_root(processed_dir: Path, dataset: str) -> Path:

@@ -41,10 +41,10 @@ from recsys.data.histories import UNKNOWN_USER
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.files import atomic_path, read_json, write_json
 from recsys.twotower.fresh_views import FreshViews
-from recsys.twotower.module import catalogue_embeddings
 from recsys.twotower.new_videos import NewVideoScoring, log_cluster_shares, own_view_taste_changes
 from recsys.twotower.sparse import HISTORY_FEATURE, collate_histories
 from recsys.twotower.towers import TwoTower, TwoTowerSpec
+from recsys.twotower.validation import catalogue_embeddings
 
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_FILE = "model.json"

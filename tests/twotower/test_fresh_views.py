@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from recsys.twotower.datamodule import RetrievalBatch
+from recsys.twotower.batch import RetrievalBatch
 from recsys.twotower.fresh_views import FreshViews
-from recsys.twotower.module import rank_of_targets
 from recsys.twotower.new_videos import TargetRanks
+from recsys.twotower.validation import rank_of_targets
 
 
 def test_fresh_popularity_is_the_log_share_of_fresh_views_against_an_even_share() -> None:

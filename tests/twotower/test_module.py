@@ -26,18 +26,12 @@ from recsys.data.prepare import prepare
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.twotower.build import RetrievalResult, build_model, load_content
 from recsys.twotower.datamodule import RetrievalDataModule, TrainWindows
-from recsys.twotower.module import (
-    VAL_METRIC,
-    RetrievalObjective,
-    ndcg_and_hits,
-    rank_of_targets,
-    sampled_softmax_loss,
-    validate,
-)
+from recsys.twotower.module import RetrievalObjective, sampled_softmax_loss
 from recsys.twotower.new_videos import fit_new_video_scoring
 from recsys.twotower.sparse import HISTORY_FEATURE
 from recsys.twotower.train import train_retrieval
 from recsys.twotower.trained_model import NEW_VIDEO_SCORING, load_trained
+from recsys.twotower.validation import VAL_METRIC, ndcg_and_hits, rank_of_targets, validate
 from tests.movielens_files import write_ml100k
 
 TOPICS, PER_TOPIC, USERS_PER_TOPIC, EVENTS = 6, 10, 20, 8

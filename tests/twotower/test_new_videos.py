@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from recsys.twotower.datamodule import RetrievalBatch
+from recsys.twotower.batch import RetrievalBatch
 from recsys.twotower.new_videos import (
     EPSILON,
     add_fresh_viewers,
