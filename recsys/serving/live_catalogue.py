@@ -33,15 +33,18 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import torch
 
 from recsys.config import CatalogueAddConfig, IngestConfig, ViewsAddConfig, to_dict
-from recsys.data.histories import UNKNOWN_USER
+from recsys.data.histories import UNKNOWN_USER, train_counts
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.files import read_json, write_json
 from recsys.serving.pyfunc_model import RANKER_FILE, Ranker
 from recsys.serving.served_model import ServedModel, served_model
 
+TYPICAL_USERS = 4096
+"""Users whose mean embedding is taken out of a new video's viewers when it is folded in (a sample of them)."""
 ADDITIONS_DIR = "additions"
 """Folder of a prepared dataset where `catalogue add` decodes each batch of new videos."""
 
@@ -59,6 +62,8 @@ class UpdateResult:
     """Videos added (catalogue add) or views added (views add)"""
     updated: int = 0
     """Videos already in the catalogue whose title or video changed (catalogue add)"""
+    fresh: int = 0
+    """Added views after the training cut-off, which count towards fresh popularity (views add)"""
     skipped: dict[str, int] = field(default_factory=dict)
     """Rows not used, by reason"""
     version: str = ""
@@ -74,7 +79,9 @@ class UpdateResult:
         skipped = ", ".join(f"{n:,} {reason}" for reason, n in self.skipped.items() if n) or "none"
         alias = "champion moved to it" if self.promoted else "champion unchanged"
         return (f"{self.dataset}: {self.rows_read:,} rows read, {self.added:,} {what} added"
-                + (f", {self.updated:,} updated" if self.updated else "") + f", skipped: {skipped}; "
+                + (f", {self.updated:,} updated" if self.updated else "")
+                + (f" ({self.fresh:,} after the training cut-off)" if self.kind == "views" else "")
+                + f", skipped: {skipped}; "
                 f"registered version {self.version} (update of v{self.base_version}; {alias}) in {self.seconds:.1f} s")
 
 
@@ -169,8 +176,8 @@ def add_videos(config: CatalogueAddConfig) -> UpdateResult:
         bundle.save_model(grown, scorer.info)
         added, updated = int(fresh.sum()), int((~fresh).sum())
         bundle.note({"kind": "videos", "added": added, "updated": updated, "source": str(config.items)})
-        result = UpdateResult(config.dataset, "videos", served.version, catalogue.rows_read, added, updated,
-                              dict(catalogue.skipped))
+        result = UpdateResult(config.dataset, "videos", served.version, catalogue.rows_read, added, updated=updated,
+                              skipped=dict(catalogue.skipped))
         assert result.rows_read == added + updated + sum(result.skipped.values())
         _publish(bundle, "catalogue_add", config, result,
                  f"Update of v{served.version}: {added} video(s) added and {updated} updated from {config.items}, "
@@ -257,10 +264,11 @@ def add_views(config: ViewsAddConfig) -> UpdateResult:
             raise DataFormatError(f"{config.interactions}: no view is left to add "
                                   f"({', '.join(f'{n:,} {r}' for r, n in counts.items())})")
         views = kept.join(items, on="item_id").select("user_id", "item_idx", "timestamp").sort("timestamp")
-        _apply_views(bundle, views)
+        fresh = _apply_views(bundle, views)
         skipped = {str(reason): n for reason, n in counts.items() if reason is not None}
-        bundle.note({"kind": "views", "added": views.height, "source": str(config.interactions)})
-        result = UpdateResult(config.dataset, "views", served.version, rows.height, views.height, 0, skipped)
+        bundle.note({"kind": "views", "added": views.height, "fresh": fresh, "source": str(config.interactions)})
+        result = UpdateResult(config.dataset, "views", served.version, rows.height, views.height, skipped=skipped,
+                              fresh=fresh)
         assert result.rows_read == result.added + sum(skipped.values())
         _publish(bundle, "views_add", config, result,
                  f"Update of v{served.version}: {views.height} views added from {config.interactions} "
@@ -269,8 +277,14 @@ def add_views(config: ViewsAddConfig) -> UpdateResult:
     return result
 
 
-def _apply_views(bundle: EditableBundle, views: pl.DataFrame) -> None:
-    """Append `views` (user_id, item_idx, timestamp; time order) to the bundle's added views and its model."""
+def training_cutoff(paths: PreparedPaths) -> int:
+    """The time of the last training view: added views after it are fresh (what people watch now)."""
+    return int(pl.scan_parquet(paths.train).select(pl.col("timestamp").max()).collect().item())
+
+
+def _apply_views(bundle: EditableBundle, views: pl.DataFrame) -> int:
+    """Append `views` (user_id, item_idx, timestamp; time order) to the bundle's added views and its model;
+    the number of them that are fresh (after the training cut-off)."""
     from recsys.serving.recommend import ADDED_VIEWS_SCHEMA, Recommender
     from recsys.twotower.catalogue_update import with_views
 
@@ -285,9 +299,16 @@ def _apply_views(bundle: EditableBundle, views: pl.DataFrame) -> None:
             before = recommender.watched_by(user_id)
         histories.append(before)
         so_far[user_id] = np.append(before, item)
-    grown = with_views(scorer.model, users, views["item_idx"].to_numpy(), histories)
+    sample = np.random.default_rng(0).permutation(len(recommender.histories))[:TYPICAL_USERS]
+    typical = scorer.user_embeddings(sample, [recommender.histories[u] for u in sample]).mean(0)  # (D,)
+    fresh = views["timestamp"].to_numpy() > training_cutoff(bundle.paths)
+    counts = train_counts(bundle.paths)
+    prior = float(counts[counts > 0].mean()) if (counts > 0).any() else 1.0  # a watched video's training views
+    grown = with_views(scorer.model, users, views["item_idx"].to_numpy(), histories, torch.from_numpy(typical),
+                       fresh, prior)
     bundle.save_model(grown, scorer.info)
     file = bundle.paths.added_views
     earlier = pl.read_parquet(file) if file.exists() else pl.DataFrame(schema=ADDED_VIEWS_SCHEMA)
     pl.concat([earlier, views.cast(ADDED_VIEWS_SCHEMA)]).write_parquet(file)
+    return int(fresh.sum())
 

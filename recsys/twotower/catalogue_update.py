@@ -6,9 +6,10 @@
   content that training fitted (`recsys.twotower.new_videos.fit_membership`), refitted here on the
   watched videos' content and clusters, which no update changes.
 - `with_views`: views after the training cut-off become more fresh views
-  (`recsys.twotower.fresh_views`): they change every video's fresh popularity, and the views of a
-  video without training interactions sharpen its cluster membership by the viewers' cluster
-  shares (Bayes' rule, as `add_fresh_viewers` does at training time).
+  (`recsys.twotower.fresh_views`): they change every video's fresh popularity (earlier views, sent
+  late, extend histories but are not fresh: they say nothing of what is watched now). A video without
+  training interactions that gets views is folded in: embedded from its viewers' user embeddings
+  (and its content), and from then on scored like a watched video (`ItemTower.forward`).
 
 Both return a new `TwoTower`; the model passed in is left as it was.
 """
@@ -20,27 +21,36 @@ import dataclasses
 import numpy as np
 import torch
 
-from recsys.twotower.new_videos import MIN_PROBABILITY, content_clusters, log_cluster_shares
+from recsys.twotower.new_videos import content_clusters
+from recsys.twotower.sparse import collate_histories
 from recsys.twotower.towers import TwoTower
 
 ITEM_ROWS = ("sparse.item_embeddings.embeddings.item.weight", "item_tower.content", "item_tower.known_items",
              "cluster_membership")
 """State entries with one row per catalogue video."""
+FOLDED = ("item_tower.folded_items", "item_tower.folded_sums", "item_tower.folded_counts")
+"""State entries of the videos embedded from their viewers (`ItemTower` fold-in)."""
 
 
-def _grown(model: TwoTower, n_items: int, fresh: tuple[torch.Tensor, torch.Tensor]) -> TwoTower:
-    """A copy of `model` for `n_items` videos (new rows zero) holding the fresh views `fresh`."""
-    spec = dataclasses.replace(model.spec, n_items=n_items, fresh_views=len(fresh[0]))
+def _grown(model: TwoTower, n_items: int, fresh: tuple[torch.Tensor, torch.Tensor],
+           folded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, **spec_changes: float) -> TwoTower:
+    """A copy of `model` for `n_items` videos (new rows zero) holding the fresh views `fresh` and, when given,
+    the fold-in (items, viewer sums, counts) `folded`."""
+    tower = model.item_tower
+    folded = folded or (tower.folded_items, tower.folded_sums, tower.folded_counts)
+    spec = dataclasses.replace(model.spec, n_items=n_items, fresh_views=len(fresh[0]), folded_items=len(folded[0]),
+                               **spec_changes)
     content = torch.zeros(n_items, spec.content_dim) if spec.content_dim else None
     grown = TwoTower(spec, content=content, known_items=torch.zeros(n_items, dtype=torch.bool), fresh_views=fresh)
     state = grown.state_dict()
+    replaced = dict(zip(FOLDED, folded, strict=True))
     for name, value in model.state_dict().items():
         if name in ("fresh_view_users", "fresh_view_items"):
             continue
         if name in ITEM_ROWS:
             state[name][: len(value)] = value
         else:
-            state[name] = value
+            state[name] = replaced.get(name, value)
     grown.load_state_dict(state)
     return grown.eval()
 
@@ -85,22 +95,36 @@ def with_videos(model: TwoTower, content: np.ndarray, rows: np.ndarray) -> TwoTo
 
 
 @torch.no_grad()
-def with_views(model: TwoTower, users: np.ndarray, items: np.ndarray, histories: list[np.ndarray]) -> TwoTower:
-    """The model with V more fresh views: `users` (V,) user_idx (-1: a user the model does not know),
-    `items` (V,) item_idx, and each viewer's history before the view (item_idx, oldest first)."""
-    fresh = (torch.cat([model.fresh_view_users, torch.from_numpy(users.astype(np.int64))]),
-             torch.cat([model.fresh_view_items, torch.from_numpy(items.astype(np.int64))]))
-    grown = _grown(model, model.spec.n_items, fresh)
-    membership = grown.cluster_membership  # (N, K)
-    new = ~grown.item_tower.known_items[torch.from_numpy(items.astype(np.int64))]  # (V,)
-    if grown.spec.taste_clusters and bool(new.any()) and bool(membership.any()):
-        viewed = torch.from_numpy(items.astype(np.int64))[new]
-        chosen = [torch.from_numpy(np.asarray(h, dtype=np.int64)[-grown.spec.max_history:])
-                  for h, n in zip(histories, new.tolist(), strict=True) if n]
-        values = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
-        log_shares = log_cluster_shares(membership, values, torch.tensor([len(h) for h in chosen]))  # (V', K)
-        evidence = torch.zeros_like(membership).index_add_(0, viewed, log_shares)
-        touched = torch.unique(viewed)
-        membership[touched] = torch.softmax(torch.log(membership[touched].clamp(min=MIN_PROBABILITY))
-                                            + evidence[touched], dim=1)
-    return grown
+def with_views(model: TwoTower, users: np.ndarray, items: np.ndarray, histories: list[np.ndarray],
+               typical_user: torch.Tensor, fresh: np.ndarray, prior: float, batch_size: int = 4096) -> TwoTower:
+    """The model with V more views: `users` (V,) user_idx (-1: a user the model does not know), `items` (V,)
+    item_idx, each viewer's history before the view (item_idx, oldest first), and `fresh` (V,) bool: the
+    views after the training cut-off, which join the fresh views (the others only fold videos in).
+    `prior`: the views a folded-in video's content counts as (`TwoTowerSpec.fold_in_prior`).
+
+    A video without training interactions is folded in from its viewers (`ItemTower.forward`): the
+    user embedding of each viewer just before the view, less `typical_user` (D,), the mean user
+    embedding, joins the video's sum. What its viewers share with everyone says nothing about the
+    video (it would lift it for every user); what sets them apart does: the first step of fitting
+    the video's embedding to its views under the training softmax.
+    """
+    users, items = users.astype(np.int64), items.astype(np.int64)
+    fresh_views = (torch.cat([model.fresh_view_users, torch.from_numpy(users[fresh])]),
+                   torch.cat([model.fresh_view_items, torch.from_numpy(items[fresh])]))
+    tower = model.item_tower
+    sums = dict(zip(tower.folded_items.tolist(), tower.folded_sums, strict=True))
+    counts = dict(zip(tower.folded_items.tolist(), tower.folded_counts.tolist(), strict=True))
+    untrained = np.flatnonzero(~tower.known_items.numpy()[items])  # the views that fold a video in
+    for start in range(0, len(untrained), batch_size):
+        rows = untrained[start:start + batch_size]
+        features = collate_histories(users[rows], None, [histories[r] for r in rows], model.spec.max_history)
+        states = model.user_embeddings(features) - typical_user  # (b, D) each viewer just before the view
+        for item, state in zip(items[rows].tolist(), states, strict=True):
+            sums[item] = sums[item] + state if item in sums else state.clone()
+            counts[item] = counts.get(item, 0.0) + 1.0
+    order = sorted(sums)
+    dim = model.spec.dim
+    folded = (torch.tensor(order, dtype=torch.long),
+              torch.stack([sums[i] for i in order]) if order else torch.zeros(0, dim),
+              torch.tensor([counts[i] for i in order], dtype=torch.float32))
+    return _grown(model, model.spec.n_items, fresh_views, folded, fold_in_prior=prior)

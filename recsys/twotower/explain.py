@@ -9,7 +9,8 @@ The ranking score of a video i for a user is `user_vectors(u) . item_vectors()[i
   training) and c_i the projected content embedding. LayerNorm is linear once its statistics are
   fixed: LayerNorm(a + c) = g * (a - mean a) / s + g * (c - mean c) / s + beta with s the standard
   deviation of a + c. So e_i splits exactly into an ID part, a content part and a part shared by
-  every video (beta), each divided by the same norm;
+  every video (beta), each divided by the same norm. A video embedded from its viewers since
+  training (`ItemTower` fold-in) has their user embeddings in its ID part;
 - the cluster-taste columns (new videos only): the user's taste for the group of videos the
   video's content and first viewers point to (`recsys.twotower.new_videos`);
 - the last column: fresh_weight * fresh popularity, plus the new-video offset `bias`.
@@ -88,7 +89,17 @@ def embedding_parts(scorer: TwoTowerScorer, items: np.ndarray) -> np.ndarray:
         shift.expand(len(ids), d),
     ], dim=1)  # (n, 3, D)
     length = parts.sum(1).norm(dim=-1).clamp_min(1e-12)  # (n,) the norm F.normalize divides by
-    return (parts / length[:, None, None]).numpy()
+    parts = parts / length[:, None, None]
+    if len(tower.folded_items):  # embedded from its viewers: their sum joins the collaborative (ID) part
+        place = torch.searchsorted(tower.folded_items, ids).clamp(max=len(tower.folded_items) - 1)
+        folded = tower.folded_items[place] == ids  # (n,)
+        viewers = tower.folded_sums[place] * folded[:, None]  # (n, D), zero for the others
+        prior = torch.tensor(tower.spec.fold_in_prior)
+        scale = torch.where(folded, prior, torch.tensor(1.0))[:, None, None]  # (n, 1, 1)
+        parts = parts * scale
+        parts[:, 0] += viewers
+        parts = parts / parts.sum(1).norm(dim=-1).clamp_min(1e-12)[:, None, None]
+    return parts.numpy()
 
 
 def score_terms(scorer: TwoTowerScorer, user_vectors: np.ndarray, items: np.ndarray) -> ScoreTerms:
@@ -98,7 +109,7 @@ def score_terms(scorer: TwoTowerScorer, user_vectors: np.ndarray, items: np.ndar
     d = scorer.dim
     vectors = scorer.item_vectors()[items.reshape(-1)].reshape(b, k, -1)  # (B, k, D')
     scoring = scorer.new_video_scoring
-    new = ~scorer.model.item_tower.known_items.numpy()[items]  # (B, k)
+    new = scorer.model.item_tower.scored_as_new().numpy()[items]  # (B, k)
     weight = np.where(new, scoring.weight, 1.0)  # (B, k)
     parts = embedding_parts(scorer, items.reshape(-1)).reshape(b, k, 3, d)  # (B, k, 3, D)
     dots = np.einsum("bd,bkpd->bkp", user_vectors[:, :d], parts) * weight[..., None]  # (B, k, 3)

@@ -67,6 +67,10 @@ class TwoTowerSpec:
     """`RetrievalConfig.taste_clusters` when the model has content, else 0 (no new-video taste term)"""
     fresh_views: int = 0
     """(user, item) views after the training cut-off that the model holds (`recsys.twotower.fresh_views`)"""
+    folded_items: int = 0
+    """Videos without training interactions embedded from the viewers they got since (`ItemTower`, `views add`)"""
+    fold_in_prior: float = 0.0
+    """Views a folded-in video's content embedding counts as: the mean training views of a watched video"""
 
     @classmethod
     def from_config(cls, config: RetrievalConfig, n_users: int, n_items: int, content_dim: int = 0,
@@ -111,6 +115,11 @@ class ItemTower(nn.Module):
         # weights so that a trained model scores cold items without the feature store.
         self.register_buffer("content", content if spec.content_dim else torch.zeros(spec.n_items, 0))
         self.register_buffer("known_items", known_items.bool())
+        # Videos without training interactions that got views after training (`recsys views add`): sorted
+        # item_idx, the sum of their viewers' user embeddings (each just before the view) and the view count.
+        self.register_buffer("folded_items", torch.zeros(spec.folded_items, dtype=torch.long))
+        self.register_buffer("folded_sums", torch.zeros(spec.folded_items, spec.dim))
+        self.register_buffer("folded_counts", torch.zeros(spec.folded_items))
         self.content_proj = (
             nn.Sequential(
                 nn.Linear(spec.content_dim, spec.dim * 2),
@@ -142,8 +151,30 @@ class ItemTower(nn.Module):
         return self.norm(parts[0] if len(parts) == 1 else parts[0] + parts[1])  # (..., D)
 
     def forward(self, ids: torch.Tensor, id_embedding: torch.Tensor | None) -> torch.Tensor:
-        """L2-normalised item embeddings (B, D)."""
-        return F.normalize(self.represent(ids, id_embedding), dim=-1)
+        """L2-normalised item embeddings (B, D).
+
+        A video with views since training but none in it (`folded_items`) is embedded where its
+        viewers were: normalise(prior * content embedding + sum of its viewers' user embeddings),
+        the classic fold-in of an item from the users who chose it. Its content counts as
+        `spec.fold_in_prior` views, as many as a watched video's embedding was trained on, so a few
+        viewers move it a little from what it shows, and it takes as many as a trained video had to
+        be placed by its viewers as much as by its content.
+        """
+        out = F.normalize(self.represent(ids, id_embedding), dim=-1)
+        if not len(self.folded_items):
+            return out
+        place = torch.searchsorted(self.folded_items, ids).clamp(max=len(self.folded_items) - 1)  # (B,)
+        folded = self.folded_items[place] == ids  # (B,)
+        if not bool(folded.any()):
+            return out
+        viewers = self.folded_sums[place]  # (B, D)
+        return torch.where(folded.unsqueeze(-1), F.normalize(self.spec.fold_in_prior * out + viewers, dim=-1), out)
+
+    def scored_as_new(self) -> torch.Tensor:
+        """(N,) bool: videos scored as new (`recsys.twotower.new_videos`): no training interactions, no fold-in."""
+        new = ~self.known_items
+        new[self.folded_items] = False
+        return new
 
 
 class UserTower(nn.Module):

@@ -49,7 +49,8 @@ from recsys.twotower.validation import catalogue_embeddings
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_FILE = "model.json"
 FORMAT_VERSION = 1
-LATER_BUFFERS = ("cluster_membership", "fresh_view_users", "fresh_view_items")
+LATER_BUFFERS = ("cluster_membership", "fresh_view_users", "fresh_view_items", "item_tower.folded_items",
+                 "item_tower.folded_sums", "item_tower.folded_counts")
 """Buffers added to the model after format 1: a model saved before them keeps their empty default."""
 NEW_VIDEO_SCORING = "new_video_scoring"
 """Key of the training summary (model.json "info") holding the fitted `NewVideoScoring`."""
@@ -145,7 +146,7 @@ class TwoTowerScorer:
     def _fresh_weights(self) -> np.ndarray:
         """(N,) weight of each video's fresh popularity in its score (new and watched videos differ)."""
         scoring = self.new_video_scoring
-        new = ~self.model.item_tower.known_items.numpy()
+        new = self.model.item_tower.scored_as_new().numpy()
         return np.where(new, scoring.fresh_weight, scoring.watched_fresh_weight).astype(np.float32)
 
     def item_vectors(self) -> np.ndarray:
@@ -157,7 +158,7 @@ class TwoTowerScorer:
         """
         if self._vectors is None:
             scoring = self.new_video_scoring
-            new = ~self.model.item_tower.known_items.numpy()[:, None]  # (N, 1)
+            new = self.model.item_tower.scored_as_new().numpy()[:, None]  # (N, 1)
             parts = [self.item_embeddings() * np.where(new, scoring.weight, 1.0)]  # (N, D)
             if self._uses_taste():
                 parts.append(self.model.cluster_membership.numpy() * new * scoring.taste_weight)  # (N, K)
@@ -195,7 +196,7 @@ class TwoTowerScorer:
         if self.spec.fresh_views:
             rows, items, change = self.fresh_views.own_view_changes(torch.as_tensor(user_idx).long())
             scores[rows.numpy(), items.numpy()] += self._fresh_weights()[items.numpy()] * change.numpy()
-            own_new = ~self.model.item_tower.known_items[items]
+            own_new = self.model.item_tower.scored_as_new()[items]
             if self._uses_taste() and bool(own_new.any()):
                 rows, items = rows[own_new], items[own_new]
                 log_shares = torch.from_numpy(users[rows.numpy(), self.dim:-1])  # (V, K) from the user vectors

@@ -222,5 +222,29 @@ def test_a_failed_batch_leaves_the_served_version_unchanged(live: Live, tmp_path
 def add_views_config(live: Live, path: Path, **changes: object):  # noqa: ANN201 - a ViewsAddConfig
     from recsys.config import ViewsAddConfig
 
-    return ViewsAddConfig(NAME, interactions=path, processed_dir=live.processed_dir, version=live.version,
-                          **changes)  # type: ignore[arg-type]
+    settings = {"interactions": path, "processed_dir": live.processed_dir, "version": live.version, **changes}
+    return ViewsAddConfig(NAME, **settings)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_a_new_video_is_placed_by_its_viewers_and_its_explained_terms_add_up(live: Live, tmp_path: Path) -> None:
+    """A video whose title says nothing is ranked from content alone; once cooks watch it, it is folded in
+    where they are and reaches the other cooks' top 10."""
+    items = write_csv(tmp_path / "vague.csv", [{"item_id": "mystery", "title": "new upload"}])
+    videos = add_videos(CatalogueAddConfig(NAME, items=items, processed_dir=live.processed_dir, version=live.version))
+    watchers, others = live.users_of("cook")[:8], live.users_of("cook")[8:]
+    views = [{"user_id": u, "item_id": "mystery", "timestamp": 1_800_000_000 + i} for i, u in enumerate(watchers)]
+    result = add_views(add_views_config(live, write_csv(tmp_path / "views.csv", views), version=videos.version))
+
+    def mean_rank(version: str, users: list[str]) -> float:
+        ranked = recommend(live, version, users, k=41)
+        return float(ranked.filter(pl.col("item_id") == "mystery")["rank"].mean())
+
+    cats = live.users_of("cat")
+    # Once cooks watch it, it rises for the other cooks, and stands higher for them than for cat lovers.
+    assert mean_rank(result.version, others) < mean_rank(videos.version, others)
+    assert mean_rank(result.version, others) < mean_rank(result.version, cats)
+    recommender = load_ranker(NAME, live.processed_dir, version=result.version).recommender
+    explained = recommender.recommend(others[0], k=10, explain=True)
+    row = explained.filter(pl.col("item_id") == "mystery").row(0, named=True)
+    assert not row["from_content"]  # placed by its viewers now, scored like a watched video
