@@ -54,6 +54,7 @@ from recsys.files import read_json, write_json
 from recsys.media.titles import TitleEncoder as SentenceEncoder
 from recsys.serving.index import IndexKind, ItemIndex, make_index
 from recsys.serving.recommend import Recommender, UnknownUserWarning
+from recsys.threads import torch_threads
 
 CONTENT_EMBEDDING_FILE = "content_embedding.npy"
 """The fused content embeddings `recsys train content` writes into the feature store."""
@@ -65,6 +66,11 @@ on the --quick synthetic corpus and 0.6 on the default one, where validation NDC
 0.006 of its best from 0.2 to 0.6 (`benchmarks/results/search.json`, `validation_ndcg_10_by_weight`)."""
 WEIGHT_GRID = tuple(round(0.05 * step, 2) for step in range(21))
 """Lexical weights `fit_lexical_weight` tries (0: content only, 1: BM25 only)."""
+QUERY_THREADS = 1
+"""Threads one query runs on. The MiniLM forward of a 5-10 token query is too small to split: on the
+shared 2-core machine 2 threads took a p50 of 70-130 ms against 5-16 ms on one, as OpenMP threads
+wait for busy cores (`benchmarks/results/search.json`, `latency.query_encoder`); switching per
+query costs nothing measurable."""
 STOPWORDS = "en"
 """bm25s' English stop-word list: words that never count as a match."""
 
@@ -103,10 +109,12 @@ class VideoSearch:
         index_kind: IndexKind = "auto",
         candidates: int = 100,
         query_cache_size: int = 1024,
+        threads: int = QUERY_THREADS,
     ) -> None:
         """`content` (N, D): fused content embeddings, row i = item_ids[i]; `texts`: what BM25 reads per video.
 
         `query_cache_size`: distinct query texts whose embedding is kept (least recently used out; 0: none).
+        `threads`: torch/OpenMP threads a query runs on (0: the process setting), see `QUERY_THREADS`.
         """
         if not len(item_ids) == len(titles) == len(texts) == len(content):
             raise DataFormatError(f"{len(item_ids)} video IDs, {len(titles)} titles, {len(texts)} texts and "
@@ -123,6 +131,7 @@ class VideoSearch:
         self.index_kind: IndexKind = index_kind
         self.candidates = candidates
         self.query_cache_size = query_cache_size
+        self.threads = threads
         self._query_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._query_lock = threading.Lock()  # the REST server may search from several threads
         # Lucene BM25 has no score for absent words (no non-occurrence term), so a video's score is
@@ -238,7 +247,8 @@ class VideoSearch:
             warnings.warn(f"the query {query!r} holds only stop words: no title words to match, so the videos "
                           "are ranked by content alone", SearchWarning, stacklevel=2)
         depth = max(k, rerank_depth or 3 * k) if user_id is not None else k
-        ids, content, lexical = self._candidates(query, depth)
+        with torch_threads(self.threads):
+            ids, content, lexical = self._candidates(query, depth)
         frame = self._frame(ids, (1 - self.lexical_weight) * content + self.lexical_weight * lexical, content,
                             lexical)
         if user_id is None:
