@@ -278,7 +278,7 @@ def latency(weight: float, n_items: int, n_queries: int) -> dict[str, Any]:
             docs, raw = engine.bm25_matches(tokenize([q])[0])
             times["bm25"].append((time.perf_counter() - start) * 1e3)
             start = time.perf_counter()
-            _, by_content = engine.index.search(vector[None], depth)
+            _, by_content = engine.index.search(vector[None].copy(), depth)
             times["semantic"].append((time.perf_counter() - start) * 1e3)
             start = time.perf_counter()
             engine.blend_candidates(vector, by_content[0], docs, raw, K)

@@ -266,7 +266,7 @@ class VideoSearch:
         """The k best videos by the blend among the best by content and by BM25: ids, content, lexical."""
         q = self.query_vector(query)  # (D,)
         depth = min(len(self.item_ids), max(k, self.candidates))
-        _, by_content = self.index.search(q[None], depth)  # (1, depth)
+        _, by_content = self.index.search(q[None].copy(), depth)  # (1, depth); the cached vector is read-only
         docs, raw = self.bm25_matches(tokenize([query])[0])  # (M,) each
         return self.blend_candidates(q, by_content[0], docs, raw, k)
 
