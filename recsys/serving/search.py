@@ -205,8 +205,10 @@ class VideoSearch:
             return indices[start:end].astype(np.int64), data[start:end].astype(np.float32)
         docs = np.concatenate([indices[indptr[w] : indptr[w + 1]] for w in words])  # (M',) with repeats
         scores = np.concatenate([data[indptr[w] : indptr[w + 1]] for w in words])  # (M',)
-        docs, where = np.unique(docs, return_inverse=True)  # (M,)
-        return docs.astype(np.int64), np.bincount(where, weights=scores, minlength=len(docs)).astype(np.float32)
+        order = np.argsort(docs, kind="stable")  # a few ascending runs: timsort merges them (np.unique: 1.3x slower)
+        docs, scores = docs[order], scores[order]
+        first = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])  # (M,) where each video's run starts
+        return docs[first].astype(np.int64), np.add.reduceat(scores, first).astype(np.float32)
 
     def lexical(self, query: str) -> np.ndarray:
         """(N,) BM25 of the query's words against every video, divided by the best (all 0 without a match)."""
