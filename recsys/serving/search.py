@@ -18,7 +18,9 @@ the other words and paraphrases. A value fitted for a dataset is kept in its fea
 
 Only candidates are scored exactly: the `candidates` (100, or k when more) best by content (item
 index, FAISS "pq" from 200k videos) and as many best by BM25. On 200k videos, 100 candidates
-search the index in 7 ms where 1000 take 39 ms (`benchmarks/search.py` conditions, one thread).
+search the index in 7 ms where 1000 take 39 ms (`benchmarks/search.py` conditions, one thread);
+on 1M, 100 take "pq" 1.8 ms at recall@100 0.996 against exact search, where FAISS IVF (1024
+lists) reaches only 0.66 at nprobe 128 on the benchmark's random content (`latency.semantic_index`).
 A query costs no pass over the catalogue: BM25 reads only the posting lists of the query's words
 from bm25s' index (`bm25_matches`), and the blend scores only the union of both candidate lists.
 Query embeddings are kept in a small LRU cache (`query_cache_size`), which helps repeated queries
@@ -62,15 +64,16 @@ SEARCH_JSON = "search.json"
 """Feature-store file holding a dataset's fitted lexical weight."""
 DEFAULT_LEXICAL_WEIGHT = 0.25
 """Weight of BM25 in the blend when none was fitted for the dataset. `benchmarks/search.py` fits 0.25
-on the --quick synthetic corpus and 0.6 on the default one, where validation NDCG@10 stays within
-0.006 of its best from 0.2 to 0.6 (`benchmarks/results/search.json`, `validation_ndcg_10_by_weight`)."""
+on the --quick synthetic corpus and 0.4 to 0.6 on builds of the default one (its content model
+trained anew), where validation NDCG@10 stays within 0.01 of its best from 0.35 to 0.5 on the latest
+(`benchmarks/results/search.json`, `validation_ndcg_10_by_weight`)."""
 WEIGHT_GRID = tuple(round(0.05 * step, 2) for step in range(21))
 """Lexical weights `fit_lexical_weight` tries (0: content only, 1: BM25 only)."""
 QUERY_THREADS = 1
 """Threads one query runs on. The MiniLM forward of a 5-10 token query is too small to split: on the
-shared 2-core machine 2 threads took a p50 of 70-130 ms against 5-16 ms on one, as OpenMP threads
-wait for busy cores (`benchmarks/results/search.json`, `latency.query_encoder`); switching per
-query costs nothing measurable."""
+shared 2-core machine (load average 2-6) 2 threads took a p50 of 36-63 ms against 4-8 ms on one, as
+OpenMP threads wait for busy cores, and a whole search 27 ms against 12 (`benchmarks/results/search.json`,
+`latency.query_encoder`, `latency.cold_2_threads`); switching per query costs nothing measurable."""
 STOPWORDS = "en"
 """bm25s' English stop-word list: words that never count as a match."""
 
