@@ -18,7 +18,13 @@ the other words and paraphrases. A value fitted for a dataset is kept in its fea
 
 Only candidates are scored exactly: the `candidates` (100, or k when more) best by content (item
 index, FAISS "pq" from 200k videos) and as many best by BM25. On 200k videos, 100 candidates
-search the index in 7 ms where 1000 take 39 ms (`benchmarks/search.py` conditions, one thread).
+search the index in 7 ms where 1000 take 39 ms (`benchmarks/search.py` conditions, one thread);
+on 1M, 100 take "pq" 1.8 ms at recall@100 0.996 against exact search, where FAISS IVF (1024
+lists) reaches only 0.66 at nprobe 128 on the benchmark's random content (`latency.semantic_index`).
+A query costs no pass over the catalogue: BM25 reads only the posting lists of the query's words
+from bm25s' index (`bm25_matches`), and the blend scores only the union of both candidate lists.
+Query embeddings are kept in a small LRU cache (`query_cache_size`), which helps repeated queries
+only; `benchmarks/search.py` reports cold (distinct) and warm latency apart, per stage.
 
 With a user, the best `rerank_depth` matches are re-ranked by the user's two-tower score (the
 one scorer, through `Recommender`); an unknown user gets the plain matches and a warning.
@@ -27,7 +33,9 @@ one scorer, through `Recommender`); an unknown user gets the plain matches and a
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -48,6 +56,7 @@ from recsys.files import read_json, write_json
 from recsys.media.titles import TitleEncoder as SentenceEncoder
 from recsys.serving.index import IndexKind, ItemIndex, make_index
 from recsys.serving.recommend import Recommender, UnknownUserWarning
+from recsys.threads import torch_threads
 
 CONTENT_EMBEDDING_FILE = "content_embedding.npy"
 """The fused content embeddings `recsys train content` writes into the feature store."""
@@ -55,10 +64,16 @@ SEARCH_JSON = "search.json"
 """Feature-store file holding a dataset's fitted lexical weight."""
 DEFAULT_LEXICAL_WEIGHT = 0.25
 """Weight of BM25 in the blend when none was fitted for the dataset. `benchmarks/search.py` fits 0.25
-on the --quick synthetic corpus and 0.6 on the default one, where validation NDCG@10 stays within
-0.006 of its best from 0.2 to 0.6 (`benchmarks/results/search.json`, `validation_ndcg_10_by_weight`)."""
+on the --quick synthetic corpus and 0.4 to 0.6 on builds of the default one (its content model
+trained anew), where validation NDCG@10 stays within 0.01 of its best from 0.35 to 0.5 on the latest
+(`benchmarks/results/search.json`, `validation_ndcg_10_by_weight`)."""
 WEIGHT_GRID = tuple(round(0.05 * step, 2) for step in range(21))
 """Lexical weights `fit_lexical_weight` tries (0: content only, 1: BM25 only)."""
+QUERY_THREADS = 1
+"""Threads one query runs on. The MiniLM forward of a 5-10 token query is too small to split: on the
+shared 2-core machine (load average 2-6) 2 threads took a p50 of 36-63 ms against 4-8 ms on one, as
+OpenMP threads wait for busy cores, and a whole search 27 ms against 12 (`benchmarks/results/search.json`,
+`latency.query_encoder`, `latency.cold_2_threads`); switching per query costs nothing measurable."""
 STOPWORDS = "en"
 """bm25s' English stop-word list: words that never count as a match."""
 
@@ -96,8 +111,14 @@ class VideoSearch:
         sentences: SentenceEncoder | None = None,
         index_kind: IndexKind = "auto",
         candidates: int = 100,
+        query_cache_size: int = 1024,
+        threads: int = QUERY_THREADS,
     ) -> None:
-        """`content` (N, D): fused content embeddings, row i = item_ids[i]; `texts`: what BM25 reads per video."""
+        """`content` (N, D): fused content embeddings, row i = item_ids[i]; `texts`: what BM25 reads per video.
+
+        `query_cache_size`: distinct query texts whose embedding is kept (least recently used out; 0: none).
+        `threads`: torch/OpenMP threads a query runs on (0: the process setting), see `QUERY_THREADS`.
+        """
         if not len(item_ids) == len(titles) == len(texts) == len(content):
             raise DataFormatError(f"{len(item_ids)} video IDs, {len(titles)} titles, {len(texts)} texts and "
                                   f"{len(content)} content embeddings: they must describe the same catalogue")
@@ -112,7 +133,13 @@ class VideoSearch:
         self.sentences = sentences or SentenceEncoder(cache_dir=None)
         self.index_kind: IndexKind = index_kind
         self.candidates = candidates
-        self.bm25 = bm25s.BM25()
+        self.query_cache_size = query_cache_size
+        self.threads = threads
+        self._query_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._query_lock = threading.Lock()  # the REST server may search from several threads
+        # Lucene BM25 has no score for absent words (no non-occurrence term), so a video's score is
+        # the sum over the query's words that it holds: what `bm25_matches` reads from the index.
+        self.bm25 = bm25s.BM25(method="lucene")
         logging.getLogger("bm25s").setLevel(logging.WARNING)  # its per-index DEBUG line is noise in the CLI
         self.bm25.index(tokenize(list(texts)), show_progress=False)
 
@@ -148,14 +175,51 @@ class VideoSearch:
         sentences = torch.from_numpy(self.sentences.encode(queries))  # (Q, 384)
         return F.normalize(self.projection(sentences), dim=-1).numpy()  # (Q, D)
 
+    def query_vector(self, query: str) -> np.ndarray:
+        """The unit embedding (D,) of one query, from the LRU cache when it was asked recently."""
+        with self._query_lock:
+            vector = self._query_cache.get(query)
+            if vector is not None:
+                self._query_cache.move_to_end(query)
+                return vector
+        vector = self.embed([query])[0]  # (D,)
+        vector.setflags(write=False)  # shared by every later hit
+        if self.query_cache_size > 0:
+            with self._query_lock:
+                self._query_cache[query] = vector
+                while len(self._query_cache) > self.query_cache_size:
+                    self._query_cache.popitem(last=False)
+        return vector
+
+    def bm25_matches(self, tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The videos holding any of `tokens` (M,), ascending, and their BM25 (M,) float32.
+
+        Read from bm25s' index itself (a CSC matrix: per word, the ascending IDs of the videos that
+        hold it and their score), so the cost grows with M, not with the catalogue: no (N,) array
+        per query. The same sum over query words (repeats included) as `bm25s.BM25.get_scores`.
+        """
+        words = self.bm25.get_tokens_ids(tokens)
+        index = self.bm25.scores
+        indptr, indices, data = index["indptr"], index["indices"], index["data"]
+        if not words:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if len(words) == 1:
+            start, end = indptr[words[0]], indptr[words[0] + 1]
+            return indices[start:end].astype(np.int64), data[start:end].astype(np.float32)
+        docs = np.concatenate([indices[indptr[w] : indptr[w + 1]] for w in words])  # (M',) with repeats
+        scores = np.concatenate([data[indptr[w] : indptr[w + 1]] for w in words])  # (M',)
+        order = np.argsort(docs, kind="stable")  # a few ascending runs: timsort merges them (np.unique: 1.3x slower)
+        docs, scores = docs[order], scores[order]
+        first = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])  # (M,) where each video's run starts
+        return docs[first].astype(np.int64), np.add.reduceat(scores, first).astype(np.float32)
+
     def lexical(self, query: str) -> np.ndarray:
         """(N,) BM25 of the query's words against every video, divided by the best (all 0 without a match)."""
-        tokens = tokenize([query])[0]
-        if not tokens:
-            return np.zeros(len(self.item_ids), np.float32)
-        scores = np.asarray(self.bm25.get_scores(tokens), dtype=np.float32)  # (N,)
-        best = float(scores.max())
-        return scores / best if best > 0 else scores
+        docs, raw = self.bm25_matches(tokenize([query])[0])
+        scores = np.zeros(len(self.item_ids), np.float32)  # (N,)
+        if len(docs):
+            scores[docs] = raw / raw.max() if raw.max() > 0 else raw
+        return scores
 
     def rank_all(self, query: str) -> SearchRanking:
         """Content and lexical scores of every video (N,) for one query (evaluation reads both)."""
@@ -188,7 +252,8 @@ class VideoSearch:
             warnings.warn(f"the query {query!r} holds only stop words: no title words to match, so the videos "
                           "are ranked by content alone", SearchWarning, stacklevel=2)
         depth = max(k, rerank_depth or 3 * k) if user_id is not None else k
-        ids, content, lexical = self._candidates(query, depth)
+        with torch_threads(self.threads):
+            ids, content, lexical = self._candidates(query, depth)
         frame = self._frame(ids, (1 - self.lexical_weight) * content + self.lexical_weight * lexical, content,
                             lexical)
         if user_id is None:
@@ -203,24 +268,28 @@ class VideoSearch:
                 .with_columns(pl.int_range(1, len(order) + 1, dtype=pl.Int64).alias("rank")))
 
     def _candidates(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The k best videos by the blend among the best by content and by BM25: ids, content, lexical.
-
-        Only BM25's non-zero scores are sorted, so a query costs no pass over the catalogue beyond
-        the index search and bm25s' own scoring.
-        """
-        q = self.embed([query])  # (1, D)
+        """The k best videos by the blend among the best by content and by BM25: ids, content, lexical."""
+        q = self.query_vector(query)  # (D,)
         depth = min(len(self.item_ids), max(k, self.candidates))
-        _, by_content = self.index.search(q, depth)
-        tokens = tokenize([query])[0]
-        raw = np.asarray(self.bm25.get_scores(tokens), dtype=np.float32) if tokens else None  # (N,)
-        matched = np.flatnonzero(raw) if raw is not None else np.zeros(0, np.int64)  # (M,)
-        if len(matched) > depth:
-            matched = matched[np.argpartition(-raw[matched], depth - 1)[:depth]]  # type: ignore[index]
-        pool = np.union1d(by_content[0][by_content[0] >= 0], matched)  # (C,)
-        content = self.content[pool] @ q[0]  # (C,) exact cosines
+        _, by_content = self.index.search(q[None].copy(), depth)  # (1, depth); the cached vector is read-only
+        docs, raw = self.bm25_matches(tokenize([query])[0])  # (M,) each
+        return self.blend_candidates(q, by_content[0], docs, raw, k)
+
+    def blend_candidates(self, q: np.ndarray, by_content: np.ndarray, docs: np.ndarray, raw: np.ndarray, k: int
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The k best by the blend among `by_content` and the `len(by_content)` best of BM25's `docs`.
+
+        q (D,): the query; docs (M,) ascending with their BM25 `raw` (M,). Only the union of both
+        lists (C <= 2 x depth) is scored; ties go to the lower index.
+        """
+        depth = len(by_content)
+        matched = docs if len(docs) <= depth else docs[np.argpartition(-raw, depth - 1)[:depth]]
+        pool = np.union1d(by_content[by_content >= 0], matched)  # (C,)
+        content = self.content[pool] @ q  # (C,) exact cosines
         lexical = np.zeros(len(pool), np.float32)
-        if raw is not None and len(matched):
-            lexical = raw[pool] / raw[matched].max()  # the best BM25 score is among the matched candidates
+        if len(docs) and raw.max() > 0:
+            at = np.minimum(np.searchsorted(docs, pool), len(docs) - 1)  # (C,) where each would sit in docs
+            lexical = np.where(docs[at] == pool, raw[at], 0.0).astype(np.float32) / raw.max()
         blended = (1 - self.lexical_weight) * content + self.lexical_weight * lexical
         best = np.lexsort((pool, -blended))[:k]  # best first, ties to the lower index
         return pool[best], content[best], lexical[best]

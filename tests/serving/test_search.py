@@ -19,7 +19,7 @@ from recsys.evaluation.search import Query, chance_metrics, search_metrics
 from recsys.media.feature_store import write_array
 from recsys.media.titles import TitleEncoder
 from recsys.serving.recommend import Recommender, UnknownUserWarning
-from recsys.serving.search import SearchWarning, VideoSearch, fit_lexical_weight, save_lexical_weight
+from recsys.serving.search import SearchWarning, VideoSearch, fit_lexical_weight, save_lexical_weight, tokenize
 from recsys.threads import torch_threads
 from recsys.twotower.trained_model import TwoTowerScorer
 from tests.content.content_store import write_store
@@ -142,6 +142,41 @@ def test_title_words_rank_the_videos_that_hold_them(recommender: Recommender) ->
     ranking = _untrained(recommender, 1.0).search("video 12", k=2)
     assert ranking["item_id"][0] == "12"  # the only title with "12"; "video" is in every title
     assert ranking["lexical_score"].to_list()[0] == 1.0 and ranking["lexical_score"][1] < 1.0
+
+
+def test_bm25_reads_the_query_words_postings_as_bm25s_scores_them(quick_engine: VideoSearch) -> None:
+    for query in ("group", "group 3", "video 12 of group", "group group 2", "1995 12 zebra", "zebra"):
+        tokens = tokenize([query])[0]
+        docs, raw = quick_engine.bm25_matches(tokens)
+        full = np.asarray(quick_engine.bm25.get_scores(tokens), np.float32)  # (N,) bm25s' own pass
+        assert docs.tolist() == np.flatnonzero(full).tolist(), query
+        np.testing.assert_allclose(raw, full[docs], rtol=1e-6)
+    assert not quick_engine.bm25_matches(["zebra"])[0].size, "a word in no title matches nothing"
+
+
+def test_search_ranks_as_the_blend_over_every_video(quick_engine: VideoSearch) -> None:
+    n = len(quick_engine.item_ids)
+    assert n <= quick_engine.candidates  # so the candidates are every video: search must equal the full blend
+    for query in ("group 3", "video 12", "group group 7 1995", "zebra"):
+        blended = quick_engine.blend(quick_engine.rank_all(query))  # (N,)
+        expected = np.lexsort((np.arange(n), -blended))[:10]
+        ranking = quick_engine.search(query, k=10)
+        assert ranking["item_id"].to_list() == quick_engine.item_ids[expected].tolist(), query
+        np.testing.assert_allclose(ranking["score"].to_numpy(), blended[expected], atol=1e-5)
+
+
+def test_a_repeated_query_reuses_its_embedding_and_the_cache_is_bounded(recommender: Recommender) -> None:
+    engine = _untrained(recommender, 0.3)
+    engine.query_cache_size = 2
+    threads = torch.get_num_threads()
+    first = engine.search("group 3", k=5)
+    misses = engine.sentences.misses
+    assert engine.search("group 3", k=5).equals(first) and engine.sentences.misses == misses, "no second encoding"
+    engine.search("group 4")
+    engine.search("group 5")  # "group 3" is now the least recently used: out
+    assert list(engine._query_cache) == ["group 4", "group 5"]
+    assert engine.search("group 3", k=5).equals(first) and engine.sentences.misses == misses + 3
+    assert torch.get_num_threads() == threads, "a query's thread setting is the query's alone"
 
 
 def test_a_user_re_ranks_the_best_matches_by_the_two_tower_score(quick_engine: VideoSearch,
