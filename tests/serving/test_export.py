@@ -240,3 +240,9 @@ def test_a_request_past_its_deadline_stops_before_scoring(ranker: Ranker, monkey
     monkeypatch.setattr(ranker.recommender.model, "user_vectors", never)
     with pytest.raises(RequestTimeout, match="time ran out"):
         ranker.rank(pd.DataFrame({"user_id": ["1"]}), deadline=time.monotonic() - 1)
+
+
+def test_the_served_ranking_is_the_evaluated_one(ranker: Ranker) -> None:
+    from tests.serving.scoring_check import served_equals_scored
+
+    served_equals_scored(ranker, [str(u) for u in range(1, 81, 7)])

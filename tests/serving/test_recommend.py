@@ -224,3 +224,25 @@ def test_all_users_needs_an_output_file(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         main(["recommend", "--all-users"])
     assert "--all-users writes a Parquet file: give it with --out FILE" in capsys.readouterr().err
+
+
+def test_a_nan_score_is_an_error_never_the_top_of_a_ranking(paths: PreparedPaths, recommender: Recommender) -> None:
+    from recsys.serving.recommend import ModelOutputError
+
+    class Broken:
+        """The fitted model, but one user's vector is NaN (a diverged model, a corrupt weight)."""
+
+        def item_embeddings(self) -> np.ndarray:
+            return recommender.model.item_embeddings()
+
+        def item_vectors(self) -> np.ndarray:
+            return recommender.model.item_vectors()
+
+        def user_vectors(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+            vectors = recommender.model.user_vectors(user_idx, histories).copy()
+            vectors[-1, 0] = np.nan
+            return vectors
+
+    broken = Recommender(paths, model=Broken())
+    with pytest.raises(ModelOutputError, match="NaN or infinite user vectors for 1 of 2 rows"):
+        broken.recommend_many(["3", "4"], [5, 5], [(), ()])
