@@ -74,22 +74,11 @@ class FetchConfig:
 
 
 @dataclass
-class ImportConfig:
-    """What `recsys data import` reads: your own watch log and catalogue, onto the canonical tables."""
+class WatchLogOptions:
+    """How a watch log file is read: by `recsys data import` and `recsys views add` alike."""
 
-    dataset: Dataset = ""
-    """Name of the new dataset; every later step takes it like a built-in one (e.g. `recsys data prepare NAME`)"""
-    interactions: Path | None = None
-    """Watch log: CSV, TSV, Parquet or JSON Lines (by extension, or --format), one row per view"""
-    items: Path | None = None
-    """Catalogue: item_id, title, optional video (path under --media-root), description, tags; unset: the
-    videos in --media-root named <item_id>.<ext> are the catalogue"""
-    media_root: Path | None = None
-    """Folder the catalogue's video paths are relative to; nothing outside it is read"""
     format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = "auto"
     """Format of the interactions file; auto: from its extension (.csv, .tsv/.tab, .parquet/.pq, .jsonl/.ndjson)"""
-    items_format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = "auto"
-    """Format of the items file; auto: from its extension"""
     user_column: str = "user_id"
     """Column of the interactions file holding the user ID"""
     item_column: str = "item_id"
@@ -103,9 +92,32 @@ class ImportConfig:
     min_weight: float | None = None
     """Keep only views whose weight is at least this (needs --weight-column); the others are skipped and counted"""
     on_bad_rows: Literal["error", "skip"] = "error"
-    """A row with a missing ID or an unparseable time or weight: stop with an error naming it, or skip and count it"""
+    """A row with a missing ID or an unparseable time or weight: stop with an error naming it (nothing is
+    written), or skip and count it"""
     strict: bool = False
     """Stop with an error when a view names a video missing from the catalogue (default: skip and count it)"""
+
+    def __post_init__(self) -> None:
+        _require(self.min_weight is None or self.weight_column is not None, "--min-weight needs a --weight-column")
+        for name in ("user_column", "item_column", "time_column"):
+            _require(bool(getattr(self, name)), f"{name} must not be empty")
+
+
+@dataclass
+class ImportConfig(WatchLogOptions):
+    """What `recsys data import` reads: your own watch log and catalogue, onto the canonical tables."""
+
+    dataset: Dataset = ""
+    """Name of the new dataset; every later step takes it like a built-in one (e.g. `recsys data prepare NAME`)"""
+    interactions: Path | None = None
+    """Watch log: CSV, TSV, Parquet or JSON Lines (by extension, or --format), one row per view"""
+    items: Path | None = None
+    """Catalogue: item_id, title, optional video (path under --media-root), description, tags; unset: the
+    videos in --media-root named <item_id>.<ext> are the catalogue"""
+    media_root: Path | None = None
+    """Folder the catalogue's video paths are relative to; nothing outside it is read"""
+    items_format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = "auto"
+    """Format of the items file; auto: from its extension"""
     overwrite: bool = False
     """Replace an already imported dataset of the same name"""
     raw_dir: Path = Path("data/raw")
@@ -123,9 +135,7 @@ class ImportConfig:
         self.interactions = Path(self.interactions)  # type: ignore[arg-type]
         self.items = None if self.items is None else Path(self.items)
         self.media_root = None if self.media_root is None else Path(self.media_root)
-        _require(self.min_weight is None or self.weight_column is not None, "--min-weight needs a --weight-column")
-        for name in ("user_column", "item_column", "time_column"):
-            _require(bool(getattr(self, name)), f"{name} must not be empty")
+        super().__post_init__()
 
 
 @dataclass
@@ -163,31 +173,13 @@ class CatalogueAddConfig:
 
 
 @dataclass
-class ViewsAddConfig:
+class ViewsAddConfig(WatchLogOptions):
     """Which watch events `recsys views add` gives the served model, without retraining."""
 
     dataset: Dataset = ""
     """Dataset whose registered model gets the views (a new version of recsys-<dataset>)"""
     interactions: Path | None = None
     """Views after the training cut-off: CSV, TSV, Parquet or JSON Lines, one row per view (as `data import`)"""
-    format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = "auto"
-    """Format of the interactions file; auto: from its extension"""
-    user_column: str = "user_id"
-    """Column holding the user ID"""
-    item_column: str = "item_id"
-    """Column holding the video ID"""
-    time_column: str = "timestamp"
-    """Column holding the time of the view"""
-    time_unit: Literal["auto", "s", "ms", "iso"] = "auto"
-    """Timestamps: unix seconds, milliseconds, or ISO-8601 text; auto: ISO for text, s or ms by magnitude"""
-    weight_column: str | None = None
-    """Column with a watch weight; unset: every view weighs 1"""
-    min_weight: float | None = None
-    """Keep only views whose weight is at least this (needs --weight-column)"""
-    on_bad_rows: Literal["error", "skip"] = "error"
-    """A row with a missing ID or an unparseable time or weight: stop and change nothing, or skip and count it"""
-    strict: bool = False
-    """Stop with an error when a view names a video the served catalogue lacks (default: skip and count it)"""
     processed_dir: Path = Path("data/processed")
     """Folder holding the prepared datasets (registered models are downloaded into <dataset>/served/)"""
     alias: str = "champion"
@@ -201,7 +193,7 @@ class ViewsAddConfig:
         _require(self.interactions is not None, "give the views with --interactions FILE (the format of `data import`)")
         self.interactions = Path(self.interactions)  # type: ignore[arg-type]
         self.processed_dir = Path(self.processed_dir)
-        _require(self.min_weight is None or self.weight_column is not None, "--min-weight needs a --weight-column")
+        super().__post_init__()
 
 
 @dataclass
@@ -863,8 +855,10 @@ def config_parser(cls: type, positional: Sequence[str] = (), **parser_args: Any)
 
 @cache
 def _field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field, on one line (read from the source: the slow part of a parser)."""
-    return {p.arg_name: " ".join((p.description or "").split()) for p in docstring_parser.parse_from_object(cls).params}
+    """The docstring under each field, on one line, fields of base classes included (read from the
+    source: the slow part of a parser)."""
+    return {p.arg_name: " ".join((p.description or "").split())
+            for base in reversed(cls.__mro__[:-1]) for p in docstring_parser.parse_from_object(base).params}
 
 
 def _switches(flag: str, negative: str) -> ActionYesNo:

@@ -74,7 +74,8 @@ def test_help_shows_every_field_with_its_docstring_and_default(command: Command,
         main([*command.words, "--help"])
     assert exit_info.value.code == 0
     text = "".join(capsys.readouterr().out.split())  # help wraps lines, also at hyphens
-    docs = {p.arg_name: p.description for p in docstring_parser.parse_from_object(command.config).params}
+    docs = {p.arg_name: p.description for cls in reversed(command.config.__mro__[:-1])  # fields of base classes too
+            for p in docstring_parser.parse_from_object(cls).params}
     for f in dataclasses.fields(command.config):
         assert "".join(docs[f.name].split()) in text, f.name
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
