@@ -22,10 +22,10 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> PreparedPaths:
 
 
 def test_baselines_are_evaluated_and_logged_without_a_trained_model(paths: PreparedPaths) -> None:
-    config = EvaluateConfig(processed_dir=paths.root.parent, mf_factors=8, mf_reg=1.0)
+    config = EvaluateConfig(processed_dir=paths.root.parent, mf_factors=8, mf_reg=(1.0,))
     with pytest.warns(UserWarning, match="no trained two-tower model.*recsys train retrieval movielens-100k"):
         table = evaluate(config)
-    assert table["model"].to_list() == ["popularity", "itemknn", "mf"]
+    assert table["model"].to_list() == ["popularity", "itemknn", "mf", "ease", "transitions"]
     assert set(table["cases"]) == {USERS}
     ndcg = dict(zip(table["model"], table["ndcg@10"], strict=True))
     assert ndcg["itemknn"] > ndcg["popularity"] and ndcg["mf"] > ndcg["popularity"]
