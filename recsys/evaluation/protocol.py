@@ -8,7 +8,8 @@ Follows the standard time-ordered leave-one-out protocol on the split written by
 Every item of the history is excluded from the ranking (a re-watched target itself stays
 rankable), every other item of the catalogue competes, including videos nobody watched in
 training. The cold-start slice is the targets whose item has no train interaction at all.
-Any model that can score all items for a batch of users (`Scorer`) is evaluated by the same code.
+Any model that can score all items for a batch of users (`Scorer`) is evaluated by the same code;
+a NaN or infinite score is an error, never the top (or bottom) of a ranking.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Scorer(Protocol):
     """Anything that scores every catalogue item for a batch of users."""
 
     def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
-        """Scores (B, n_items), higher is better.
+        """Finite scores (B, n_items), higher is better (a NaN or infinite one is an `InvalidScoreError`).
 
         user_idx: (B,) int64 internal user indices (-1 for a user unknown to the model);
         histories: B arrays of item_idx, each the user's whole history oldest first (a scorer
