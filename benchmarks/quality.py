@@ -222,8 +222,12 @@ def judge(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
     beats, cold, oracle_share = {}, {}, None
     for dataset, models in table.items():
         full = models["two-tower"]["ndcg@10"]
-        best_other = max((models[b]["ndcg@10"] for b in baselines if b in models), default=0.0)
-        beats[dataset] = {"full_ndcg@10": full, "best_baseline_ndcg@10": best_other, "met": full > best_other}
+        present = [b for b in baselines if b in models]
+        best = max(present, key=lambda b: models[b]["ndcg@10"], default=None)
+        best_other = models[best]["ndcg@10"] if best else 0.0
+        beats[dataset] = {"full_ndcg@10": full, "best_baseline": best, "best_baseline_ndcg@10": best_other,
+                          "full_over_best_baseline": full / best_other if best_other else None,
+                          "met": full > best_other}
         if "cold_ndcg@10" in models["two-tower"]:
             full_cold = models["two-tower"]["cold_ndcg@10"]
             popular_cold = models["popularity"]["cold_ndcg@10"]

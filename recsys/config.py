@@ -483,10 +483,11 @@ class EvaluateConfig:
     """EASE: L2 regularisation lambda, the value best on validation is used"""
     ease_max_items: int = 20_000
     """EASE: largest catalogue it is fitted on (a dense items x items float32 inverse); larger ones skip it"""
-    transition_windows: tuple[int, ...] = (1, 2, 3, 5, 10)
-    """transitions: how many of the last videos are read, the count best on validation is used"""
-    transition_decay: float = 0.5
-    """transitions: weight of each older video relative to the next newer one (the newest weighs 1)"""
+    transition_windows: tuple[int, ...] = (1, 3, 5, 10, 20)
+    """transitions: how many of the last videos are read, the count best on validation (with the decay) is used"""
+    transition_decays: tuple[float, ...] = (0.5, 0.75, 1.0)
+    """transitions: weight of each older video relative to the next newer one (the newest weighs 1), picked on
+    validation"""
     batch_size: int = 256
     """Users scored at once (memory: batch_size x catalogue size floats)"""
     seed: int = 0
@@ -501,6 +502,7 @@ class EvaluateConfig:
         self.knn_neighbours, self.mf_reg, self.mf_alpha = (
             tuple(self.knn_neighbours), tuple(self.mf_reg), tuple(self.mf_alpha))
         self.ease_lambdas, self.transition_windows = tuple(self.ease_lambdas), tuple(self.transition_windows)
+        self.transition_decays = tuple(self.transition_decays)
         _require(len(self.knn_neighbours) > 0 and all(k >= 1 for k in self.knn_neighbours),
                  "knn_neighbours must be one or more counts of at least 1")
         _require(self.mf_factors >= 1, "mf_factors must be at least 1")
@@ -512,7 +514,8 @@ class EvaluateConfig:
         _require(self.ease_max_items >= 1, "ease_max_items must be at least 1")
         _require(len(self.transition_windows) > 0 and all(w >= 1 for w in self.transition_windows),
                  "transition_windows must be one or more counts of at least 1")
-        _require(0 < self.transition_decay <= 1, "transition_decay must lie in (0, 1]")
+        _require(len(self.transition_decays) > 0 and all(0 < d <= 1 for d in self.transition_decays),
+                 "transition_decays must be one or more values in (0, 1]")
         _require(self.mf_iterations >= 1, "mf_iterations must be at least 1")
         _require(self.batch_size >= 1, "batch_size must be at least 1")
 

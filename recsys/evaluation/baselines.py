@@ -339,6 +339,9 @@ class Transitions:
     Popularity (train views) is added below the smallest transition step, half the smallest
     weight times one count: a video that some recent video led to is always above one that none
     did, ties go to the more popular, and a user without history gets the popularity ranking.
+    Window and decay are picked on validation; on MovieLens-100k (every interaction, seed 0) the
+    last video alone scores validation NDCG@10 0.075, the last 3 at decay 0.5 0.097, the last 20 at
+    decay 0.75 0.099, while with decay 1 (a plain sum) a long window falls back (20 videos: 0.090).
     """
 
     def __init__(self, counts: sp.csr_matrix, popularity: np.ndarray, window: int, decay: float) -> None:

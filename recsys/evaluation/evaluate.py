@@ -93,8 +93,8 @@ def fit_baselines(
             del gram
         elif name == "transitions":
             counts, popularity = transition_counts(paths, n_items), Popularity.fit(paths).counts
-            pick(name, [(f"window={w}", partial(Transitions, counts, popularity, w, config.transition_decay))
-                        for w in config.transition_windows])
+            pick(name, [(f"window={w} decay={d:g}", partial(Transitions, counts, popularity, w, d))
+                        for w in config.transition_windows for d in config.transition_decays])
     return scorers, tuning, notes
 
 

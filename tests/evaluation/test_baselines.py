@@ -89,11 +89,11 @@ def test_tuned_baselines_pick_the_validation_best_setting_and_never_read_test(
     assert tuning["ease"].valid == pytest.approx({f"lambda={lam:g}": v for lam, v in by_lambda.items()})
 
     counts, popularity = transition_counts(grouped, valid.n_items), train_counts(grouped)
-    by_window = {w: evaluate_scorer(Transitions(counts, popularity, w, config.transition_decay), valid)["ndcg@10"]
-                 for w in config.transition_windows}
-    best_window = max(by_window, key=by_window.__getitem__)
-    assert best_window != config.transition_windows[0]  # videos of a group come in random order: one is not enough
-    assert tuning["transitions"].setting == f"window={best_window}"
+    by_setting = {(w, d): evaluate_scorer(Transitions(counts, popularity, w, d), valid)["ndcg@10"]
+                  for w in config.transition_windows for d in config.transition_decays}
+    window, decay = max(by_setting, key=by_setting.__getitem__)
+    assert window != config.transition_windows[0]  # videos of a group come in random order: one is not enough
+    assert tuning["transitions"].setting == f"window={window} decay={decay:g}"
 
 
 def successor_log(raw_dir: Path) -> PreparedPaths:

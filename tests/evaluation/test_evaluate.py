@@ -147,8 +147,8 @@ def test_cli_takes_the_baseline_grids_and_prints_the_chosen_settings(
 ) -> None:
     code = main(["evaluate", "movielens-100k", "--processed-dir", str(paths.root.parent),
                  "--baselines", "ease", "transitions", "--ease-lambdas", "1", "100",
-                 "--transition-windows", "1", "5"])
+                 "--transition-windows", "1", "5", "--transition-decays", "0.5"])
     out = capsys.readouterr().out
     assert code == 0
     # Both grids differ on validation here: lambda 1 overfits, one video of a random group order is too few.
-    assert "lambda=100" in out and "window=5" in out
+    assert "lambda=100" in out and "window=5 decay=0.5" in out
