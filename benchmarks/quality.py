@@ -4,7 +4,14 @@ For each dataset the real pipeline runs in a temporary folder and MLflow store: 
 shared data folder) or synthesize, prepare, ingest (titles, and videos/audio on the synthetic
 corpus), content training (synthetic corpus: all modalities), then three two-tower runs (full;
 content off = sequential without content; ID embeddings off = content-only) and `evaluate`
-with the baselines (popularity, item-kNN, MF) and, on the synthetic corpus, the oracle.
+with the baselines (popularity, item-kNN, MF, EASE, next-video transitions; each with its setting
+picked on the validation split, reported in the `setting` column) and, on the synthetic corpus,
+the oracle.
+
+Every dataset is prepared with all its interactions (no k-core filter), as public tables are.
+`--k-core N` prepares with the N-core filter instead (users and videos with fewer than N
+interactions removed, repeatedly); its rows are reported under their own name, `DATASET N-core`,
+beside the all-interactions rows of earlier runs.
 
 - movielens-100k: titles as content.
 - microlens-50k: titles as content (its few raw videos are ingested too but no model reads them alone).
@@ -44,6 +51,7 @@ import os
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +68,8 @@ VARIANTS = {
     "two-tower content-only": {"content": "auto", "ids": False},
 }
 """The full model and its two ablations (the 'sequential without content' and 'content-only' baselines)."""
+BASELINES = ("popularity", "itemknn", "mf", "ease", "transitions", "two-tower no-content", "two-tower content-only")
+"""The rows the full model must beat on NDCG@10."""
 COLD_OVER_FLOOR = 10.0
 """'Far above popularity' on the cold-start slice: this many times popularity's NDCG@10, or chance's if higher."""
 ORACLE_SHARE = 0.8
@@ -71,8 +81,12 @@ SHARED_SOURCES = {
 }
 
 
-def build_dataset(dataset: str, root: Path, seed: int, quick: bool, seconds: dict[str, float]) -> None:
-    """Raw files, prepared splits and the feature store (plus content embeddings on synth) under root."""
+def build_dataset(dataset: str, root: Path, seed: int, quick: bool, seconds: dict[str, float],
+                  k_core: int | None = None) -> None:
+    """Raw files, prepared splits and the feature store (plus content embeddings on synth) under root.
+
+    k_core None keeps every interaction; N applies prepare's N-core filter to users and videos.
+    """
     from recsys.config import ContentConfig, FetchConfig, IngestConfig, PrepareConfig, SynthConfig
     from recsys.content.train import train_content
     from recsys.data.fetch import fetch
@@ -87,7 +101,9 @@ def build_dataset(dataset: str, root: Path, seed: int, quick: bool, seconds: dic
         else:
             fetch(FetchConfig(dataset=dataset, source=SHARED_SOURCES[dataset], dest=raw))
     with timed(seconds, "prepare"):
-        prepare(PrepareConfig(dataset=dataset, raw_dir=raw, processed_dir=processed))
+        core = k_core or 1  # 1: every user and video with an interaction stays
+        prepare(PrepareConfig(dataset=dataset, raw_dir=raw, processed_dir=processed,
+                              min_user_interactions=core, min_item_interactions=core))
     with timed(seconds, "ingest"):
         ingest(IngestConfig(dataset=dataset, processed_dir=processed))
     if dataset == "synth":
@@ -121,24 +137,32 @@ def train_variants(dataset: str, root: Path, seed: int, quick: bool) -> dict[str
     return runs
 
 
-def evaluate_dataset(dataset: str, root: Path, runs: dict[str, str], seed: int) -> dict[str, dict[str, float]]:
-    """model → metric → value on the test split, two-tower rows named by variant."""
+def evaluate_dataset(dataset: str, root: Path, runs: dict[str, str], seed: int
+                     ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """(model → metric → value on the test split, notes of models left out), two-tower rows named by variant.
+
+    A tuned baseline's row also holds its validation-picked `setting` (e.g. `lambda=500`).
+    """
     from recsys.config import EvaluateConfig
     from recsys.data.paths import PreparedPaths
-    from recsys.evaluation.evaluate import evaluate
+    from recsys.evaluation.evaluate import SkippedModelWarning, evaluate
     from recsys.evaluation.protocol import chance_metrics, load_cases
 
-    table = evaluate(EvaluateConfig(
-        dataset=dataset, processed_dir=root / "processed", raw_dir=root / "raw",
-        run_ids=tuple(runs.values()), seed=seed,
-    ))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedModelWarning)
+        table = evaluate(EvaluateConfig(
+            dataset=dataset, processed_dir=root / "processed", raw_dir=root / "raw",
+            run_ids=tuple(runs.values()), seed=seed,
+        ))
+    notes = [str(w.message) for w in caught if issubclass(w.category, SkippedModelWarning)]
     variant_of = {run_id: name for name, run_id in runs.items()}
     results = {}
     for row in table.iter_rows(named=True):
         name = variant_of.get(row["run_id"], row["model"])
-        results[name] = {k: v for k, v in row.items() if k not in ("model", "run_id", "mlflow_run_id")}
+        results[name] = {k: v for k, v in row.items()
+                         if k not in ("model", "run_id", "mlflow_run_id") and not (k == "setting" and v is None)}
     results[CHANCE] = chance_metrics(load_cases(PreparedPaths.of(root / "processed", dataset), "test"))
-    return results
+    return results, notes
 
 
 def add_oracle_shares(models: dict[str, dict[str, float]]) -> None:
@@ -194,12 +218,16 @@ def topic_reference(root: Path) -> dict[str, float]:
 
 def judge(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
     """The issue's targets, per dataset and overall."""
-    baselines = ("popularity", "itemknn", "mf", "two-tower no-content", "two-tower content-only")
+    baselines = BASELINES
     beats, cold, oracle_share = {}, {}, None
     for dataset, models in table.items():
         full = models["two-tower"]["ndcg@10"]
-        best_other = max((models[b]["ndcg@10"] for b in baselines if b in models), default=0.0)
-        beats[dataset] = {"full_ndcg@10": full, "best_baseline_ndcg@10": best_other, "met": full > best_other}
+        present = [b for b in baselines if b in models]
+        best = max(present, key=lambda b: models[b]["ndcg@10"], default=None)
+        best_other = models[best]["ndcg@10"] if best else 0.0
+        beats[dataset] = {"full_ndcg@10": full, "best_baseline": best, "best_baseline_ndcg@10": best_other,
+                          "full_over_best_baseline": full / best_other if best_other else None,
+                          "met": full > best_other}
         if "cold_ndcg@10" in models["two-tower"]:
             full_cold = models["two-tower"]["cold_ndcg@10"]
             popular_cold = models["popularity"]["cold_ndcg@10"]
@@ -220,26 +248,36 @@ def judge(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
 
 def markdown(table: dict[str, dict[str, dict[str, float]]], seed: int) -> str:
     """The quality table as markdown for the README."""
-    header = "| dataset | model | " + " | ".join(METRICS) + " |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 2)]
+    header = "| dataset | model | " + " | ".join(METRICS) + " | setting |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 3)]
     for dataset, models in table.items():
         for model, metrics in models.items():
             cells = [f"{metrics[m]:.4f}" if metrics.get(m) is not None else "–" for m in METRICS]
+            cells.append(metrics.get("setting") or "–")
             lines.append(f"| {dataset} | {model} | " + " | ".join(cells) + " |")
-    note = (f"\nFull ranking over every item, time-ordered leave-one-out test split, seed {seed}. "
-            "cold_ndcg@10: test targets never seen in training. ndcg@10/oracle: synthetic corpus only.\n")
+    note = (f"\nFull ranking over every item, time-ordered leave-one-out test split, seed {seed}; every "
+            "interaction kept unless the dataset is named `N-core`. cold_ndcg@10: test targets never seen in "
+            "training. ndcg@10/oracle: synthetic corpus only. setting: a baseline's setting, picked on the "
+            "validation split.\n")
     return "\n".join(lines) + "\n" + note
 
 
-def previous_full_run() -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
-    """(table, seconds, commits) of the last full (not --quick) run in results/quality.json, else empty."""
+KEPT = ("table", "seconds", "commits", "notes", "k_core")
+"""The per-dataset fields of results/quality.json that a rerun of other datasets keeps."""
+
+
+def previous_full_run() -> dict[str, dict[str, Any]]:
+    """Field of `KEPT` → dataset → value of the last full (not --quick) run in results/quality.json, else empty.
+
+    Only datasets whose k-core setting is recorded are kept: rows written before it was were prepared
+    with the 5-core filter (then the default) and would pass for all-interaction rows.
+    """
     path = RESULTS / "quality.json"
-    if not path.exists():
-        return {}, {}, {}
-    last = json.loads(path.read_text())
-    if last.get("quick", True):
-        return {}, {}, {}
-    return last.get("table", {}), last.get("seconds", {}), last.get("commits", {})
+    last = json.loads(path.read_text()) if path.exists() else {}
+    if last.get("quick", True) or not isinstance(last.get("k_core"), dict):
+        return {field: {} for field in KEPT}
+    recorded = set(last["k_core"])
+    return {field: {d: v for d, v in last.get(field, {}).items() if d in recorded} for field in KEPT}
 
 
 def git_commit() -> str:
@@ -260,37 +298,45 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the small synthetic corpus (under two minutes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--datasets", nargs="+", default=None, help="subset of movielens-100k microlens-50k synth")
+    parser.add_argument("--k-core", type=int, default=None, metavar="N",
+                        help="prepare with the N-core filter instead of every interaction; rows named 'DATASET N-core'")
     args = parser.parse_args()
+    if args.k_core is not None and args.k_core < 2:
+        parser.error("--k-core must be at least 2 (1 keeps every interaction, the default)")
     datasets = args.datasets or (["synth"] if args.quick else ["movielens-100k", "microlens-50k", "synth"])
 
     table: dict[str, dict[str, dict[str, float]]] = {}
     seconds: dict[str, dict[str, float]] = {}
     commits: dict[str, str] = {}
+    notes: dict[str, list[str]] = {}
     commit = git_commit()
     with tempfile.TemporaryDirectory(prefix="recsys-quality-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         for dataset in datasets:
+            key = dataset if args.k_core is None else f"{dataset} {args.k_core}-core"
             root = Path(tmp) / dataset
-            seconds[dataset] = steps = {}
-            commits[dataset] = commit
-            build_dataset(dataset, root, args.seed, args.quick, steps)
+            seconds[key] = steps = {}
+            commits[key] = commit
+            build_dataset(dataset, root, args.seed, args.quick, steps, args.k_core)
             with timed(steps, "train retrieval (3 variants)"):
                 runs = train_variants(dataset, root, args.seed, args.quick)
             with timed(steps, "evaluate"):
-                table[dataset] = evaluate_dataset(dataset, root, runs, args.seed)
+                table[key], notes[key] = evaluate_dataset(dataset, root, runs, args.seed)
             if dataset == "synth":
-                table[dataset]["topic reference"] = topic_reference(root)
-                add_oracle_shares(table[dataset])
-            print(f"{dataset}: {', '.join(f'{k} {v:.0f} s' for k, v in steps.items())}", flush=True)
+                table[key]["topic reference"] = topic_reference(root)
+                add_oracle_shares(table[key])
+            print(f"{key}: {', '.join(f'{k} {v:.0f} s' for k, v in steps.items())}", flush=True)
+    fields: dict[str, dict[str, Any]] = {"table": table, "seconds": seconds, "commits": commits, "notes": notes,
+                                         "k_core": {key: args.k_core for key in table}}
     if not args.quick:  # read only now: another run may have finished meanwhile
-        kept_table, kept_seconds, kept_commits = previous_full_run()
-        table, seconds, commits = {**kept_table, **table}, {**kept_seconds, **seconds}, {**kept_commits, **commits}
+        kept = previous_full_run()
+        fields = {field: {**kept[field], **fields[field]} for field in KEPT}
+    table = fields["table"]
     (RESULTS / "quality.md").parent.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.md").write_text(markdown(table, args.seed))
     print(markdown(table, args.seed))
     targets = judge(table)
-    report("quality", {**targets, "seed": args.seed, "quick": args.quick, "seconds": seconds, "commits": commits,
-                       "table": table})
+    report("quality", {**targets, "seed": args.seed, "quick": args.quick, **fields})
 
 
 if __name__ == "__main__":

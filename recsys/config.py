@@ -525,8 +525,10 @@ class EvaluateConfig:
     """Folder holding the raw datasets (the synthetic corpus' latent truth, for the oracle)"""
     run_ids: tuple[str, ...] = ()
     """Trained retrieval runs to evaluate; none given: the newest trained model, if there is one"""
-    baselines: tuple[Literal["popularity", "itemknn", "mf"], ...] = ("popularity", "itemknn", "mf")
-    """Baselines ranked by the same protocol (mf: implicit ALS matrix factorisation)"""
+    baselines: tuple[Literal["popularity", "itemknn", "mf", "ease", "transitions"], ...] = (
+        "popularity", "itemknn", "mf", "ease", "transitions")
+    """Baselines ranked by the same protocol (mf: implicit ALS; ease: Steck's closed-form item model;
+    transitions: next-video counts from the last videos); grids below are picked on validation"""
     oracle: bool = True
     """On the synthetic corpus, also rank by the latent truth (the ceiling) and report ratios to it"""
     split: Literal["valid", "test"] = "test"
@@ -535,16 +537,25 @@ class EvaluateConfig:
     """Cut-offs K of HR@K, NDCG@K, MRR@K and coverage@K"""
     max_cases: int | None = None
     """Evaluate a seeded random sample of this many held-out interactions; unset: all of them"""
-    knn_neighbours: int = 100
-    """item-kNN: most similar items kept per item"""
+    knn_neighbours: tuple[int, ...] = (20, 50, 100, 200)
+    """item-kNN: most similar items kept per item, the count best on validation is used"""
     mf_factors: int = 64
     """MF: latent dimension"""
-    mf_reg: float = 10.0
-    """MF: L2 regularisation"""
-    mf_alpha: float = 3.0
-    """MF: confidence of an observed interaction (weight 1 + alpha against 1 for the rest)"""
+    mf_reg: tuple[float, ...] = (1.0, 10.0, 100.0)
+    """MF: L2 regularisation, the value best on validation (with mf_alpha) is used"""
+    mf_alpha: tuple[float, ...] = (1.0, 3.0, 10.0)
+    """MF: confidence of an observed interaction (weight 1 + alpha against 1 for the rest), picked on validation"""
     mf_iterations: int = 10
     """MF: alternating least-squares sweeps"""
+    ease_lambdas: tuple[float, ...] = (10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+    """EASE: L2 regularisation lambda, the value best on validation is used"""
+    ease_max_items: int = 20_000
+    """EASE: largest catalogue it is fitted on (a dense items x items float32 inverse); larger ones skip it"""
+    transition_windows: tuple[int, ...] = (1, 3, 5, 10, 20)
+    """transitions: how many of the last videos are read, the count best on validation (with the decay) is used"""
+    transition_decays: tuple[float, ...] = (0.5, 0.75, 1.0)
+    """transitions: weight of each older video relative to the next newer one (the newest weighs 1), picked on
+    validation"""
     batch_size: int = 256
     """Users scored at once (memory: batch_size x catalogue size floats)"""
     seed: int = 0
@@ -556,10 +567,23 @@ class EvaluateConfig:
         self.run_ids, self.baselines, self.ks = tuple(self.run_ids), tuple(self.baselines), tuple(self.ks)
         _require(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "ks must be one or more cut-offs of at least 1")
         _require(self.max_cases is None or self.max_cases >= 1, "max_cases must be at least 1 when given")
-        _require(self.knn_neighbours >= 1, "knn_neighbours must be at least 1")
+        self.knn_neighbours, self.mf_reg, self.mf_alpha = (
+            tuple(self.knn_neighbours), tuple(self.mf_reg), tuple(self.mf_alpha))
+        self.ease_lambdas, self.transition_windows = tuple(self.ease_lambdas), tuple(self.transition_windows)
+        self.transition_decays = tuple(self.transition_decays)
+        _require(len(self.knn_neighbours) > 0 and all(k >= 1 for k in self.knn_neighbours),
+                 "knn_neighbours must be one or more counts of at least 1")
         _require(self.mf_factors >= 1, "mf_factors must be at least 1")
-        _require(self.mf_reg > 0, "mf_reg must be positive")
-        _require(self.mf_alpha >= 0, "mf_alpha must be 0 or more")
+        _require(len(self.mf_reg) > 0 and all(r > 0 for r in self.mf_reg), "mf_reg must be one or more positive values")
+        _require(len(self.mf_alpha) > 0 and all(a >= 0 for a in self.mf_alpha),
+                 "mf_alpha must be one or more values of 0 or more")
+        _require(len(self.ease_lambdas) > 0 and all(lam > 0 for lam in self.ease_lambdas),
+                 "ease_lambdas must be one or more positive values")
+        _require(self.ease_max_items >= 1, "ease_max_items must be at least 1")
+        _require(len(self.transition_windows) > 0 and all(w >= 1 for w in self.transition_windows),
+                 "transition_windows must be one or more counts of at least 1")
+        _require(len(self.transition_decays) > 0 and all(0 < d <= 1 for d in self.transition_decays),
+                 "transition_decays must be one or more values in (0, 1]")
         _require(self.mf_iterations >= 1, "mf_iterations must be at least 1")
         _require(self.batch_size >= 1, "batch_size must be at least 1")
 

@@ -15,3 +15,7 @@ class ChecksumError(RecsysError):
 
 class MissingInputError(RecsysError, FileNotFoundError):
     """A step's input (a raw file, a prepared dataset, a model) does not exist yet."""
+
+
+class InvalidScoreError(RecsysError, ValueError):
+    """A model returned a score that is NaN or infinite: no ranking is made from it; the message names the model."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 import polars as pl
@@ -18,8 +19,21 @@ import polars as pl
 from recsys.config import EvaluateConfig, to_dict
 from recsys.data.paths import PreparedPaths
 from recsys.errors import MissingInputError
-from recsys.evaluation.baselines import ALSSettings, ImplicitALS, ItemKNN, OracleScorer, Popularity, train_matrix
+from recsys.evaluation.baselines import (
+    EASE,
+    ALSSettings,
+    ImplicitALS,
+    ItemKNN,
+    OracleScorer,
+    Popularity,
+    Transitions,
+    item_cosine,
+    item_gram,
+    train_matrix,
+    transition_counts,
+)
 from recsys.evaluation.protocol import EvalCases, Scorer, evaluate_scorer, load_cases
+from recsys.evaluation.tuning import Tuned, pick_on_validation
 from recsys.files import read_json
 from recsys.metrics import METRICS
 from recsys.tracking.inputs import log_tables
@@ -30,20 +44,58 @@ class SkippedModelWarning(UserWarning):
     """A model was left out of the evaluation (no trained model yet, no oracle truth); the message says why."""
 
 
-def fit_baselines(config: EvaluateConfig, paths: PreparedPaths) -> dict[str, Scorer]:
-    """The configured baselines, fitted on the train split."""
+def fit_baselines(
+    config: EvaluateConfig, paths: PreparedPaths
+) -> tuple[dict[str, Scorer], dict[str, Tuned], list[str]]:
+    """(name → scorer, name → tuning, notes): the configured baselines fitted on the train split.
+
+    Every baseline with a grid of settings is fitted once per setting and the one best on the
+    validation cases is kept (`pick_on_validation`); a grid of one value is taken as given. EASE is
+    skipped, with a note saying why, on catalogues above `ease_max_items`.
+    """
     meta = read_json(paths.meta)
+    n_items = int(meta["n_items"])
     scorers: dict[str, Scorer] = {}
-    needs_matrix = {"itemknn", "mf"} & set(config.baselines)
-    matrix = train_matrix(paths, meta["n_users"], meta["n_items"]) if needs_matrix else None
+    tuning: dict[str, Tuned] = {}
+    notes: list[str] = []
+    needs_matrix = {"itemknn", "mf", "ease"} & set(config.baselines)
+    matrix = train_matrix(paths, meta["n_users"], n_items) if needs_matrix else None
+    valid: EvalCases | None = None
+
+    def pick(name: str, candidates: list[tuple[str, Callable[[], Scorer]]]) -> None:
+        nonlocal valid
+        if len(candidates) == 1:  # nothing to choose: the validation split is not read
+            label, fit = candidates[0]
+            scorers[name], tuning[name] = (scorer := fit()), Tuned(scorer, label, {})
+            return
+        valid = valid if valid is not None else load_cases(paths, "valid")
+        tuning[name] = pick_on_validation(name, candidates, valid, config.batch_size)
+        scorers[name] = tuning[name].scorer
+
     for name in config.baselines:
         if name == "popularity":
             scorers[name] = Popularity.fit(paths)
         elif name == "itemknn":
-            scorers[name] = ItemKNN.fit(matrix, config.knn_neighbours)
+            similarity = item_cosine(matrix)
+            pick(name, [(f"neighbours={k}", partial(ItemKNN.from_similarity, similarity, k))
+                        for k in config.knn_neighbours])
+            del similarity
         elif name == "mf":
-            scorers[name] = ImplicitALS.fit(matrix, ALSSettings.from_config(config))
-    return scorers
+            pick(name, [(s.label(), partial(ImplicitALS.fit, matrix, s)) for s in ALSSettings.grid(config)])
+        elif name == "ease":
+            if n_items > config.ease_max_items:
+                notes.append(f"ease skipped: {n_items} items is above ease_max_items={config.ease_max_items} "
+                             f"(its dense {n_items}x{n_items} inverse would take {4 * n_items ** 2 / 1e9:.1f} GB "
+                             "per copy)")
+                continue
+            gram = item_gram(matrix)
+            pick(name, [(f"lambda={lam:g}", partial(EASE.from_gram, gram, lam)) for lam in config.ease_lambdas])
+            del gram
+        elif name == "transitions":
+            counts, popularity = transition_counts(paths, n_items), Popularity.fit(paths).counts
+            pick(name, [(f"window={w} decay={d:g}", partial(Transitions, counts, popularity, w, d))
+                        for w in config.transition_windows for d in config.transition_decays])
+    return scorers, tuning, notes
 
 
 def model_name(use_ids: bool, content_dim: int, content_source: str) -> str:
@@ -92,7 +144,8 @@ def evaluate_models(
     scorers: dict[str, Scorer], cases: EvalCases, ks: Sequence[int], batch_size: int
 ) -> pl.DataFrame:
     """One row per model: its metrics on the cases, plus `ndcg@K/oracle` columns when an oracle is among them."""
-    rows = [{"model": name, **evaluate_scorer(scorer, cases, ks, batch_size)} for name, scorer in scorers.items()]
+    rows = [{"model": name, **evaluate_scorer(scorer, cases, ks, batch_size, name=name)}
+            for name, scorer in scorers.items()]
     table = pl.DataFrame(rows)
     if "oracle" in scorers:
         oracle = table.filter(pl.col("model") == "oracle").row(0, named=True)
@@ -170,12 +223,15 @@ def evaluate(config: EvaluateConfig) -> pl.DataFrame:
     """Evaluate trained runs and baselines on one split; log every metric, the table and plots to MLflow.
 
     One row per model; besides the metrics, `run_id` names a two-tower row's training run (null for
-    baselines) and `mlflow_run_id` is this evaluation's run.
+    baselines), `setting` a tuned baseline's chosen setting (e.g. `lambda=500`; its grid's validation
+    NDCG@10 is logged as `baseline_tuning.json`) and `mlflow_run_id` is this evaluation's run.
     """
     paths = PreparedPaths.of(config.processed_dir, config.dataset).require()
     cases = sample_cases(load_cases(paths, config.split), config.max_cases, config.seed)
     models, run_of, notes = load_models(config)
-    scorers: dict[str, Scorer] = {**models, **fit_baselines(config, paths)}
+    baselines, tuning, baseline_notes = fit_baselines(config, paths)
+    notes += baseline_notes
+    scorers: dict[str, Scorer] = {**models, **baselines}
     if config.oracle and config.dataset == "synth":
         try:
             scorers["oracle"] = OracleScorer.for_split(paths, config.raw_dir / "synth", config.split)
@@ -192,9 +248,16 @@ def evaluate(config: EvaluateConfig) -> pl.DataFrame:
 
         splits = ("train", "valid", "test") if config.split == "test" else ("train", "valid")
         log_tables(config.dataset, {**{s: getattr(paths, s) for s in splits}, "catalogue": paths.items})
-        table = evaluate_models(scorers, cases, config.ks, config.batch_size)
+        settings = {name: tuned.setting for name, tuned in tuning.items()}
+        table = evaluate_models(scorers, cases, config.ks, config.batch_size).with_columns(
+            pl.col("model").replace_strict(settings, default=None, return_dtype=pl.String).alias("setting"))
+        if tuning:
+            mlflow.log_params({f"{slug(name)}.setting": tuned.setting for name, tuned in tuning.items()})
+            mlflow.log_dict({name: {"setting": tuned.setting, "valid_ndcg@10": tuned.valid}
+                             for name, tuned in tuning.items()}, "baseline_tuning.json")
         for row in table.iter_rows(named=True):
-            mlflow.log_metrics({metric_key(row["model"], k): v for k, v in row.items() if k != "model"})
+            mlflow.log_metrics({metric_key(row["model"], k): v for k, v in row.items()
+                                if k not in ("model", "setting")})
         if len(run_of) == 1:  # one trained model: its figures under the stable names in this run too
             (model,) = run_of
             mlflow.log_metrics(headline_metrics(table.filter(pl.col("model") == model).row(0, named=True),
@@ -214,7 +277,8 @@ def evaluate(config: EvaluateConfig) -> pl.DataFrame:
 def format_results(table: pl.DataFrame, ks: Sequence[int] = (10, 20, 50)) -> str:
     """The main columns of an evaluation table as aligned text for the terminal."""
     wanted = ["model", *(f"{m}@{k}" for k in ks for m in ("ndcg", "hr")), f"mrr@{ks[0]}", f"coverage@{ks[0]}"]
-    wanted += [c for c in (f"cold_ndcg@{ks[0]}", f"cold_hr@{ks[-1]}", f"ndcg@{ks[0]}/oracle") if c in table.columns]
+    wanted += [c for c in (f"cold_ndcg@{ks[0]}", f"cold_hr@{ks[-1]}", f"ndcg@{ks[0]}/oracle", "setting")
+               if c in table.columns]
     shown = table.select([c for c in wanted if c in table.columns])
     with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,
                    float_precision=4, tbl_width_chars=200, fmt_str_lengths=40):

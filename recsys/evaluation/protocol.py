@@ -8,7 +8,8 @@ Follows the standard time-ordered leave-one-out protocol on the split written by
 Every item of the history is excluded from the ranking (a re-watched target itself stays
 rankable), every other item of the catalogue competes, including videos nobody watched in
 training. The cold-start slice is the targets whose item has no train interaction at all.
-Any model that can score all items for a batch of users (`Scorer`) is evaluated by the same code.
+Any model that can score all items for a batch of users (`Scorer`) is evaluated by the same code;
+a NaN or infinite score is an error, never the top (or bottom) of a ranking.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from recsys.data.histories import split_lists, train_counts, user_histories
 from recsys.data.paths import PreparedPaths
-from recsys.errors import MissingInputError
+from recsys.errors import InvalidScoreError, MissingInputError
 from recsys.files import read_json
 from recsys.metrics import KS, CoverageCounter, mask_excluded, metrics_from_ranks, target_ranks
 
@@ -34,7 +35,7 @@ class Scorer(Protocol):
     """Anything that scores every catalogue item for a batch of users."""
 
     def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
-        """Scores (B, n_items), higher is better.
+        """Finite scores (B, n_items), higher is better (a NaN or infinite one is an `InvalidScoreError`).
 
         user_idx: (B,) int64 internal user indices (-1 for a user unknown to the model);
         histories: B arrays of item_idx, each the user's whole history oldest first (a scorer
@@ -107,12 +108,14 @@ def evaluate_scorer(
     cases: EvalCases,
     ks: Sequence[int] = KS,
     batch_size: int = 256,
+    name: str | None = None,
 ) -> dict[str, float]:
     """Mean HR/NDCG/MRR@K over all cases and over the cold-start slice, plus catalogue coverage@K.
 
     Keys: `hr@10`, `ndcg@10`, `mrr@10`, ... for all cases, the same prefixed `cold_` for the
     cold-start slice (absent when the slice is empty), `coverage@K`, and the counts `cases`
-    and `cold_cases`.
+    and `cold_cases`. A NaN or infinite score raises `InvalidScoreError` naming the scorer
+    (`name`, else its class): sorted, NaN would rank first and +inf above every real score.
     """
     sums: dict[str, float] = {}
     cold_sums: dict[str, float] = {}
@@ -125,6 +128,7 @@ def evaluate_scorer(
         if scores.shape != (len(histories), cases.n_items):
             raise ValueError(f"scorer returned shape {tuple(scores.shape)}, expected ({len(histories)}, "
                              f"{cases.n_items})")
+        check_finite(scores, name or type(scorer).__name__, cases.user_idx[rows])
         targets = torch.from_numpy(cases.targets[rows])  # (B,)
         mask_excluded(scores, histories, keep=targets)
         per_case = metrics_from_ranks(target_ranks(scores, targets), ks)
@@ -140,6 +144,18 @@ def evaluate_scorer(
     result.update(coverage.result())
     result.update({"cases": float(n), "cold_cases": float(n_cold)})
     return result
+
+
+def check_finite(scores: torch.Tensor, name: str, user_idx: np.ndarray) -> None:
+    """Raise `InvalidScoreError` if scores (B, N) hold NaN or ±inf, saying how many and for which first user."""
+    bad = ~torch.isfinite(scores)  # (B, N)
+    if bool(bad.any()):
+        row, item = (int(i) for i in torch.nonzero(bad)[0])
+        raise InvalidScoreError(
+            f"scorer {name!r} returned {int(bad.sum())} NaN or infinite scores for a batch of {scores.shape[0]} "
+            f"users x {scores.shape[1]} items (the first: user_idx {int(user_idx[row])}, item_idx {item}, "
+            f"score {float(scores[row, item])}); a ranking is never made from them"
+        )
 
 
 def chance_metrics(cases: EvalCases, ks: Sequence[int] = KS) -> dict[str, float]:

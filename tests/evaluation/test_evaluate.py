@@ -22,10 +22,10 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> PreparedPaths:
 
 
 def test_baselines_are_evaluated_and_logged_without_a_trained_model(paths: PreparedPaths) -> None:
-    config = EvaluateConfig(processed_dir=paths.root.parent, mf_factors=8, mf_reg=1.0)
+    config = EvaluateConfig(processed_dir=paths.root.parent, mf_factors=8, mf_reg=(1.0,))
     with pytest.warns(UserWarning, match="no trained two-tower model.*recsys train retrieval movielens-100k"):
         table = evaluate(config)
-    assert table["model"].to_list() == ["popularity", "itemknn", "mf"]
+    assert table["model"].to_list() == ["popularity", "itemknn", "mf", "ease", "transitions"]
     assert set(table["cases"]) == {USERS}
     ndcg = dict(zip(table["model"], table["ndcg@10"], strict=True))
     assert ndcg["itemknn"] > ndcg["popularity"] and ndcg["mf"] > ndcg["popularity"]
@@ -140,3 +140,15 @@ def test_two_tower_variants_are_compared_in_a_modality_ablation_plot(tmp_path: P
     assert plots == ["plots/metrics_at_k.png", "plots/modality_ablation.png"]
     for path in plots:
         assert open(client.download_artifacts(run_id, path), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_takes_the_baseline_grids_and_prints_the_chosen_settings(
+    paths: PreparedPaths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["evaluate", "movielens-100k", "--processed-dir", str(paths.root.parent),
+                 "--baselines", "ease", "transitions", "--ease-lambdas", "1", "100",
+                 "--transition-windows", "1", "5", "--transition-decays", "0.5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    # Both grids differ on validation here: lambda 1 overfits, one video of a random group order is too few.
+    assert "lambda=100" in out and "window=5 decay=0.5" in out

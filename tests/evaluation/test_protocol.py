@@ -157,3 +157,28 @@ def test_chance_metrics_match_the_mean_of_random_rankings(paths: PreparedPaths) 
     # Far below the scorer that knows the answers (1.0 everywhere), and above popularity on the cold slice.
     assert expected["ndcg@10"] < 0.5 and expected["cold_ndcg@10"] > evaluate_scorer(
         Popularity.fit(paths), cases)["cold_ndcg@10"]
+
+
+class BrokenScores:
+    """Ranks by a fixed row in which some scores are NaN or infinite."""
+
+    def __init__(self, n_items: int, bad: dict[int, float]) -> None:
+        self.row = np.zeros(n_items, dtype=np.float32)
+        for item, value in bad.items():
+            self.row[item] = value
+
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        return np.tile(self.row, (len(user_idx), 1))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_nan_or_infinite_score_is_an_error_not_the_top_of_a_ranking(paths: PreparedPaths, value: float) -> None:
+    from recsys.errors import InvalidScoreError
+
+    cases = load_cases(paths, "test")
+    scorer = BrokenScores(cases.n_items, {int(cases.targets[0]): value, 3: value})
+    # 60 users in one batch, 2 bad items each; the target's own score among them, so it is not ranked first.
+    with pytest.raises(InvalidScoreError, match=r"scorer 'broken' returned 120 NaN or infinite scores"):
+        evaluate_scorer(scorer, cases, batch_size=256, name="broken")
+    with pytest.raises(InvalidScoreError, match=r"scorer 'BrokenScores' returned"):
+        evaluate_scorer(scorer, cases)
