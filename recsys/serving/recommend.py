@@ -27,7 +27,7 @@ import torch
 from recsys.config import ConfigError
 from recsys.data.histories import UNKNOWN_USER, histories_by_user, train_counts
 from recsys.data.paths import PreparedPaths
-from recsys.errors import RecsysError
+from recsys.errors import InvalidScoreError
 from recsys.metrics import top_k
 from recsys.serving.explain import explain_popular, explain_ranking
 from recsys.serving.index import IndexKind, ItemIndex, make_index
@@ -46,15 +46,11 @@ LATER = 1 << 40
 """Added to an added view's time when it joins a history: it sorts after every split's views."""
 
 
-class ModelOutputError(RecsysError):
-    """The model gave a NaN or infinite vector: its scores would be no ranking at all."""
-
-
 def check_finite(vectors: np.ndarray, what: str, rows: np.ndarray) -> None:
-    """A ModelOutputError naming how many rows of `vectors` (B, D) hold NaN or infinity, and the first."""
+    """An InvalidScoreError naming how many rows of `vectors` (B, D) hold NaN or infinity, and the first."""
     bad = ~np.isfinite(vectors).all(axis=1)
     if bad.any():
-        raise ModelOutputError(f"the model gave NaN or infinite {what} for {int(bad.sum())} of {len(vectors)} rows "
+        raise InvalidScoreError(f"the model gave NaN or infinite {what} for {int(bad.sum())} of {len(vectors)} rows "
                                f"(first: index {int(rows[np.flatnonzero(bad)[0]])}); its scores would rank nothing: "
                                "retrain or export another model")
 

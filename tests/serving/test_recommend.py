@@ -227,7 +227,7 @@ def test_all_users_needs_an_output_file(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_a_nan_score_is_an_error_never_the_top_of_a_ranking(paths: PreparedPaths, recommender: Recommender) -> None:
-    from recsys.serving.recommend import ModelOutputError
+    from recsys.errors import InvalidScoreError
 
     class Broken:
         """The fitted model, but one user's vector is NaN (a diverged model, a corrupt weight)."""
@@ -244,5 +244,5 @@ def test_a_nan_score_is_an_error_never_the_top_of_a_ranking(paths: PreparedPaths
             return vectors
 
     broken = Recommender(paths, model=Broken())
-    with pytest.raises(ModelOutputError, match="NaN or infinite user vectors for 1 of 2 rows"):
+    with pytest.raises(InvalidScoreError, match="NaN or infinite user vectors for 1 of 2 rows"):
         broken.recommend_many(["3", "4"], [5, 5], [(), ()])
