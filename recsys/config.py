@@ -73,9 +73,10 @@ class FetchConfig:
         _require(self.source is None or Path(self.source).is_dir(), f"--from {self.source}: no such folder")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WatchLogOptions:
-    """How a watch log file is read: by `recsys data import` and `recsys views add` alike."""
+    """How a watch log file is read: by `recsys data import` and `recsys views add` alike (keyword-only, so
+    the configs built on it keep their own fields first: `ImportConfig("mine", interactions=...)`)."""
 
     format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = "auto"
     """Format of the interactions file; auto: from its extension (.csv, .tsv/.tab, .parquet/.pq, .jsonl/.ndjson)"""
