@@ -9,6 +9,8 @@ Every input row is accounted for: rows read = rows kept + rows rejected, by reas
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -17,9 +19,10 @@ import polars as pl
 from recsys.config import PrepareConfig, to_dict
 from recsys.data.datasets import load_raw
 from recsys.data.paths import PreparedPaths
+from recsys.data.schema import RawDataset
 from recsys.files import write_json, write_parquet
 from recsys.tracking.inputs import log_frame
-from recsys.tracking.store import fingerprint_files, start_run
+from recsys.tracking.store import fingerprint_files, open_store, start_run
 
 SPLITS = ("train", "valid", "test")
 
@@ -162,12 +165,12 @@ def assign_splits(indexed: pl.DataFrame, config: PrepareConfig) -> pl.DataFrame:
     train, valid, test = (SPLITS.index(name) for name in ("train", "valid", "test"))
     if config.split == "leave-one-out":
         users = indexed.get_column("user_idx").to_numpy()
-        counts = np.bincount(users)
-        n = counts[users]
-        from_end = n - 1 - (np.arange(users.size) - (np.cumsum(counts) - counts)[users])
         split = np.full(users.size, train, dtype=np.uint8)
-        split[(n >= 3) & (from_end == 0)] = test
-        split[(n >= 3) & (from_end == 1)] = valid
+        if users.size:
+            last = np.flatnonzero(np.append(users[1:] != users[:-1], True))  # each user's last row
+            last = last[np.diff(last, prepend=-1) >= 3]
+            split[last] = test
+            split[last - 1] = valid
         return indexed.with_columns(pl.Series("split", split))
     quantile = pl.int_range(pl.len()) / pl.len()
     test_start = 1.0 - config.test_fraction
@@ -189,6 +192,15 @@ def run_name(config: PrepareConfig) -> str:
 def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Prepare one dataset; returns the meta written beside the outputs (plus the MLflow run ID)."""
     raw = load_raw(config.dataset, config.raw_dir, config.on_bad_lines)
+    # The inputs' hash and the MLflow store's opening run beside the work (file reads and sqlite waits).
+    with ThreadPoolExecutor(2) as background:
+        fingerprint = background.submit(fingerprint_files, raw.files)
+        store = background.submit(open_store, config.dataset)
+        return _prepare(config, raw, fingerprint.result, store.result)
+
+
+def _prepare(config: PrepareConfig, raw: RawDataset, fingerprint: Callable[[], str],
+             store_opened: Callable[[], None]) -> dict[str, Any]:
     paths = PreparedPaths.of(config.processed_dir, config.dataset)
     rejected: dict[str, int] = {}
 
@@ -308,10 +320,11 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         "duplicate_item_rows": duplicate_items,
         "k_core_rounds": rounds,
         "config": to_dict(config),
-        "input_fingerprint": fingerprint_files(raw.files),
+        "input_fingerprint": fingerprint(),
     }
     write_json(paths.meta, meta)
 
+    store_opened()
     with start_run(config.dataset, "prepare", to_dict(config), {"raw_files": meta["input_fingerprint"]},
                    run_name=run_name(config)) as run:
         import mlflow

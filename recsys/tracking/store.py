@@ -166,6 +166,16 @@ def experiment_id(dataset: str) -> str:
     return mlflow.create_experiment(dataset, artifact_location=location, tags=experiment_tags(dataset))
 
 
+def open_store(dataset: str) -> None:
+    """Do ahead what `start_run` does before it opens a run: open the store (sweeping it for dead runs), find or
+    make the dataset's experiment and resolve MLflow's run context (git). Commands run it in a thread while they
+    compute, so their run opens without waiting on the store."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    experiment_id(dataset)
+    resolve_tags()
+
+
 def fingerprint_files(paths: Iterable[Path]) -> str:
     """A sha256 over the names, sizes and contents of files: equal inputs give equal fingerprints."""
     digest = hashlib.sha256()

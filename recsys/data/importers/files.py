@@ -542,16 +542,18 @@ def _check_skips(config: ImportConfig, table: Table, staged: pl.LazyFrame, count
 
 def import_dataset(config: ImportConfig) -> ImportReport:
     """Import a watch log and catalogue as dataset `config.dataset`; returns the report (also in dataset.json)."""
-    from recsys.tracking.store import fingerprint_files, start_run
+    from recsys.tracking.store import fingerprint_files, open_store, start_run
 
     started = time.perf_counter()
     target = CanonicalFolder(config.raw_dir / config.dataset)
     assert config.interactions is not None  # checked by ImportConfig
     log = scan_table(config.interactions, table_format(config.interactions, config.format))
     sources = [p for p in (config.interactions, config.items) if p is not None]
-    # The sources' hash (a full read of the log) is taken while polars reads it, on a core it leaves idle.
-    with target.replace_atomically(config.overwrite) as staging, ThreadPoolExecutor(1) as background:
+    # The sources' hash (a full read of the log) is taken while polars reads it, on a core it leaves idle,
+    # and the MLflow store is opened meanwhile (its queries wait on sqlite more than they compute).
+    with target.replace_atomically(config.overwrite) as staging, ThreadPoolExecutor(2) as background:
         fingerprint = background.submit(fingerprint_files, sources)
+        store = background.submit(open_store, config.dataset)
         catalogue = read_catalogue(config)
         # One pass over the log: kept rows straight to their table, skipped ones (few) beside them
         # with what their error needs. zstd level 1: the size of the default level 3, 20% less CPU.
@@ -607,6 +609,7 @@ def import_dataset(config: ImportConfig) -> ImportReport:
             last_time=_iso(summary["last"]),
         )
         assert report.rows_read == report.rows_kept + sum(report.skipped.values())
+        store.result()
         with start_run(config.dataset, "import", to_dict(config), {"sources": fingerprint.result()}) as run:
             import mlflow
 
