@@ -9,8 +9,8 @@ Every input row is accounted for: rows read = rows kept + rows rejected, by reas
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -183,6 +183,11 @@ def assign_splits(indexed: pl.DataFrame, config: PrepareConfig) -> pl.DataFrame:
     return indexed.with_columns(split.alias("split"))
 
 
+def _write_tables(tables: dict[Path, pl.DataFrame]) -> None:
+    for path, table in tables.items():
+        write_parquet(table, path)
+
+
 def run_name(config: PrepareConfig) -> str:
     """The prepare run's name: its split and filters (`prepare leave-one-out u5 i5`)."""
     name = f"prepare {config.split} u{config.min_user_interactions} i{config.min_item_interactions}"
@@ -192,15 +197,16 @@ def run_name(config: PrepareConfig) -> str:
 def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Prepare one dataset; returns the meta written beside the outputs (plus the MLflow run ID)."""
     raw = load_raw(config.dataset, config.raw_dir, config.on_bad_lines)
-    # The inputs' hash and the MLflow store's opening run beside the work (file reads and sqlite waits).
-    with ThreadPoolExecutor(2) as background:
-        fingerprint = background.submit(fingerprint_files, raw.files)
-        store = background.submit(open_store, config.dataset)
-        return _prepare(config, raw, fingerprint.result, store.result)
+    # Independent steps run on a second core: the inputs' hash and the MLflow store's opening (file reads
+    # and sqlite waits) beside the work, the video IDs' coding beside the users', the tables' writing
+    # beside the run's logging. numpy and polars release the GIL.
+    with ThreadPoolExecutor(3) as background:
+        return _prepare(config, raw, background)
 
 
-def _prepare(config: PrepareConfig, raw: RawDataset, fingerprint: Callable[[], str],
-             store_opened: Callable[[], None]) -> dict[str, Any]:
+def _prepare(config: PrepareConfig, raw: RawDataset, background: ThreadPoolExecutor) -> dict[str, Any]:
+    fingerprint = background.submit(fingerprint_files, raw.files)
+    store = background.submit(open_store, config.dataset)
     paths = PreparedPaths.of(config.processed_dir, config.dataset)
     rejected: dict[str, int] = {}
 
@@ -214,6 +220,7 @@ def _prepare(config: PrepareConfig, raw: RawDataset, fingerprint: Callable[[], s
     events = raw.interactions.select(
         "user_id", "item_id", "timestamp", "line", *(["weight"] if config.min_weight is not None else []),
     ).collect(engine="streaming")
+    coding_items = background.submit(_factorize, events.get_column("item_id"))
     user_codes, user_ids = _factorize(events.get_column("user_id"))
     natural = _natural_positions(user_ids)
     user_ids = user_ids.gather(natural)  # a missing ID (null) sorts first
@@ -224,17 +231,18 @@ def _prepare(config: PrepareConfig, raw: RawDataset, fingerprint: Callable[[], s
         rank[natural[0]] = user_ids.len()  # the code of a missing user ID, after every real one
     no_user = user_ids.len()
     # Each distinct video ID is looked up in the catalogue once, not once per view.
-    item_codes, item_values = _factorize(events.get_column("item_id"))
+    item_codes, item_values = coding_items.result()
     video_codes = item_values.cast(pl.Enum(video_ids), strict=False).to_physical().cast(pl.Int64)
     coded = events.select(
         pl.Series("user", rank[user_codes]),  # int64 codes: numpy indexes with them without a cast
         video_codes.gather(item_codes).alias("item"),
         "timestamp", "line", *(["weight"] if config.min_weight is not None else []),
     )
-    del events
+    del events, user_codes, item_codes
     rows_read = coded.height
 
-    in_catalogue = coded.filter(pl.col("item").is_not_null())
+    # (a filter copies every column, even when it keeps every row)
+    in_catalogue = coded.filter(pl.col("item").is_not_null()) if coded.get_column("item").null_count() else coded
     rejected["names a video missing from the items table"] = rows_read - in_catalogue.height
     ever_watched = np.bincount(in_catalogue.get_column("item").to_numpy(), minlength=video_ids.len()) > 0
     coded = in_catalogue
@@ -293,46 +301,48 @@ def _prepare(config: PrepareConfig, raw: RawDataset, fingerprint: Callable[[], s
     popularity = pl.DataFrame({"item_idx": np.arange(item_df.height, dtype=np.int64), "count": train_count})
     items_out = item_df.with_columns(popularity.get_column("count").alias("train_count"))
 
-    for name, table in tables.items():
-        write_parquet(table, getattr(paths, name))
-    write_parquet(user_df, paths.user_map)
-    write_parquet(item_df.select("item_idx", "item_id"), paths.item_map)
-    write_parquet(items_out, paths.items)
-    write_parquet(popularity, paths.popularity)
-
-    cold_test = int((train_count[tables["test"].get_column("item_idx").to_numpy()] == 0).sum())
-    meta: dict[str, Any] = {
-        "dataset": config.dataset,
-        "n_users": user_df.height,
-        "n_items": item_df.height,
-        "counts": {
-            "rows_read": rows_read,
-            "interactions": kept_count,
-            "users": user_df.height,
-            "items": item_df.height,
-            "items_without_train_interactions": int((train_count == 0).sum()),
-            **{name: table.height for name, table in tables.items()},
-            "cold_start_test_targets": cold_test,
-        },
-        "rejected": rejected,
-        "skipped_lines": raw.rejected,
-        "items_without_title": item_df.filter(pl.col("title") == "").height,
-        "duplicate_item_rows": duplicate_items,
-        "k_core_rounds": rounds,
-        "config": to_dict(config),
-        "input_fingerprint": fingerprint(),
-    }
-    write_json(paths.meta, meta)
-
-    store_opened()
-    with start_run(config.dataset, "prepare", to_dict(config), {"raw_files": meta["input_fingerprint"]},
+    store.result()
+    with start_run(config.dataset, "prepare", to_dict(config), {"raw_files": fingerprint.result()},
                    run_name=run_name(config)) as run:
         import mlflow
 
-        # The indexed watch log with its split column (unknown videos, repeats and k-core removed): what the
-        # splits are cut from.
+        # The tables are written on the other threads (train alone: the largest) while the run logs the
+        # indexed watch log with its split column (unknown videos, repeats and k-core removed): what the
+        # splits are cut from. meta.json, written last, says the outputs are complete.
+        writes = [background.submit(write_parquet, tables["train"], paths.train),
+                  background.submit(_write_tables, {paths.valid: tables["valid"], paths.test: tables["test"]}),
+                  background.submit(_write_tables, {
+                      paths.user_map: user_df, paths.item_map: item_df.select("item_idx", "item_id"),
+                      paths.items: items_out, paths.popularity: popularity})]
         indexed_log = pl.concat([table.with_columns(pl.lit(name).alias("split")) for name, table in tables.items()])
         log_frame(indexed_log, config.dataset, "interactions", config.raw_dir / config.dataset)
+        del indexed_log
+        for write in writes:
+            write.result()
+
+        cold_test = int((train_count[tables["test"].get_column("item_idx").to_numpy()] == 0).sum())
+        meta: dict[str, Any] = {
+            "dataset": config.dataset,
+            "n_users": user_df.height,
+            "n_items": item_df.height,
+            "counts": {
+                "rows_read": rows_read,
+                "interactions": kept_count,
+                "users": user_df.height,
+                "items": item_df.height,
+                "items_without_train_interactions": int((train_count == 0).sum()),
+                **{name: table.height for name, table in tables.items()},
+                "cold_start_test_targets": cold_test,
+            },
+            "rejected": rejected,
+            "skipped_lines": raw.rejected,
+            "items_without_title": item_df.filter(pl.col("title") == "").height,
+            "duplicate_item_rows": duplicate_items,
+            "k_core_rounds": rounds,
+            "config": to_dict(config),
+            "input_fingerprint": fingerprint.result(),
+        }
+        write_json(paths.meta, meta)
         mlflow.log_metrics({f"count.{k}": v for k, v in meta["counts"].items()})
         mlflow.log_metrics({"rejected.total": sum(rejected.values())})
         mlflow.log_artifact(str(paths.meta))
