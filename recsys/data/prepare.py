@@ -54,7 +54,7 @@ def _natural_positions(ids: pl.Series) -> np.ndarray:
     return by_string[np.argsort(lengths, kind="stable")].astype(np.int64)
 
 
-def _factorize(values: pl.Series) -> tuple[np.ndarray, pl.Series]:
+def _factorize(values: pl.Series, hashes: np.ndarray | None = None) -> tuple[np.ndarray, pl.Series]:
     """(each value's code, the distinct values, null among them when present): codes index the distinct values.
 
     Grouped by hash, then checked value by value. The rows are put in hash order by one numpy
@@ -62,12 +62,13 @@ def _factorize(values: pl.Series) -> tuple[np.ndarray, pl.Series]:
     faster than an argsort of the hashes or a hash table of the strings), each run of equal
     high bits a group, its first row the group's value. A row whose value is not its group's
     (two IDs sharing those bits: on 1M distinct IDs about one pair a run) is coded apart, by
-    an exact unique over those few rows.
+    an exact unique over those few rows. `hashes` (uint64, one per value) replaces `Series.hash`:
+    tests give colliding ones.
     """
     if values.is_empty():
         return np.zeros(0, dtype=np.int64), values.clear()
     shift = np.uint64(max(int(values.len() - 1).bit_length(), 1))
-    keys = values.hash().to_numpy() >> shift
+    keys = (values.hash().to_numpy() if hashes is None else hashes) >> shift
     keys <<= shift
     keys |= np.arange(values.len(), dtype=np.uint64)
     keys.sort()
