@@ -234,8 +234,15 @@ def parse_time(frame: pl.LazyFrame, column: str, unit: str, sample: pl.Series | 
         return frame.with_columns(pl.col(column).cast(pl.Datetime("ms")).dt.epoch("s").alias(name))
     steps = [name + "_text", name + "_number", name + "_iso", name + "_first"]
     text, number, iso, first = (pl.col(c) for c in steps)
-    frame = frame.with_columns(_text(column).alias(steps[0])).with_columns(
-        text.cast(pl.Float64, strict=False).alias(steps[1]))
+    frame = frame.with_columns(_text(column).alias(steps[0]))
+    layout = None if sample is None or unit in ("s", "ms") else _sample_layout(sample, unit)
+    if layout is not None:
+        # The sampled layout reads first, and only what it leaves goes on: nothing it reads is a number
+        # (each layout has a dash after the year), so the order changes no result, and most values skip
+        # the number and ISO steps.
+        frame = frame.with_columns(_layout_datetime(text, layout).alias(steps[3])).with_columns(
+            pl.when(first.is_null()).then(text).alias(steps[0]))
+    frame = frame.with_columns(text.cast(pl.Float64, strict=False).alias(steps[1]))
     seconds = {"s": number, "ms": number / 1000,
                "auto": pl.when(number.abs() >= MS_THRESHOLD).then(number / 1000).otherwise(number)}
     frame = frame.with_columns(seconds.get(unit, pl.lit(None, pl.Float64)).floor().cast(pl.Int64).alias(steps[1]))
@@ -243,10 +250,6 @@ def parse_time(frame: pl.LazyFrame, column: str, unit: str, sample: pl.Series | 
         return frame.rename({steps[1]: name}).drop(steps[0])
     # A number never reaches the ISO parsers; under auto it is what the value means.
     frame = frame.with_columns((text if unit == "iso" else pl.when(number.is_null()).then(text)).alias(steps[2]))
-    layout = None if sample is None else _sample_layout(sample, unit)
-    if layout is not None:
-        frame = frame.with_columns(_layout_datetime(iso, layout).alias(steps[3])).with_columns(
-            pl.when(first.is_null()).then(iso).alias(steps[2]))
     frame = frame.with_columns(_normal_iso(iso).alias(steps[2]))
     from_text = pl.coalesce(*([first] if layout is not None else []), *_iso_layouts(iso)).dt.epoch("s")
     return frame.with_columns(
