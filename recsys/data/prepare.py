@@ -207,7 +207,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
 
 def _prepare(config: PrepareConfig, raw: RawDataset, background: ThreadPoolExecutor) -> dict[str, Any]:
     fingerprint = background.submit(fingerprint_files, raw.files)
-    store = background.submit(open_store, config.dataset)
+    store = background.submit(open_store)
     paths = PreparedPaths.of(config.processed_dir, config.dataset)
     rejected: dict[str, int] = {}
 

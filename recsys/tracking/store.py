@@ -166,13 +166,13 @@ def experiment_id(dataset: str) -> str:
     return mlflow.create_experiment(dataset, artifact_location=location, tags=experiment_tags(dataset))
 
 
-def open_store(dataset: str) -> None:
-    """Do ahead what `start_run` does before it opens a run: open the store (sweeping it for dead runs), find or
-    make the dataset's experiment and resolve MLflow's run context (git). Commands run it in a thread while they
-    compute, so their run opens without waiting on the store."""
+def open_store() -> None:
+    """Do ahead what `start_run` does first: open the store (sweeping it for dead runs, see `configure`) and
+    resolve MLflow's run context (git). Commands run it in a thread while they compute, so that their run
+    opens without waiting on the store; no experiment is made until the run opens."""
     from mlflow.tracking.context.registry import resolve_tags
 
-    experiment_id(dataset)
+    configure()
     resolve_tags()
 
 

@@ -558,7 +558,7 @@ def import_dataset(config: ImportConfig) -> ImportReport:
     # and the MLflow store is opened meanwhile (its queries wait on sqlite more than they compute).
     with target.replace_atomically(config.overwrite) as staging, ThreadPoolExecutor(2) as background:
         fingerprint = background.submit(fingerprint_files, sources)
-        store = background.submit(open_store, config.dataset)
+        store = background.submit(open_store)
         catalogue = read_catalogue(config)
         # One pass over the log: kept rows straight to their table, skipped ones (few) beside them
         # with what their error needs. zstd level 1: the size of the default level 3, 20% less CPU.
