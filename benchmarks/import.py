@@ -109,6 +109,7 @@ def main() -> None:
     args.repeats = args.repeats or (2 if args.quick else 3)
     rows, users, items = (1_000_000, 100_000, 100_000) if args.quick else (10_000_000, 1_000_000, 100_000)
 
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="recsys-import-bench-") as tmp:
         root = Path(tmp)
         start = time.perf_counter()
@@ -153,6 +154,7 @@ def main() -> None:
         "import_rows_kept": runs["import"][0]["rows_kept"],
         "generate_seconds": round(generate_s, 1),
         "cpu_count": os.cpu_count(),
+        "load_average_1min_at_start": round(load_at_start, 2),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "polars": pl.__version__,
         "note": ("prepare uses the PrepareConfig defaults (k-core 5/5, leave-one-out): what a user gets; "

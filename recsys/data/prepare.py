@@ -9,6 +9,8 @@ Every input row is accounted for: rows read = rows kept + rows rejected, by reas
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,9 +19,10 @@ import polars as pl
 from recsys.config import PrepareConfig, to_dict
 from recsys.data.datasets import load_raw
 from recsys.data.paths import PreparedPaths
+from recsys.data.schema import RawDataset
 from recsys.files import write_json, write_parquet
 from recsys.tracking.inputs import log_frame
-from recsys.tracking.store import fingerprint_files, start_run
+from recsys.tracking.store import fingerprint_files, open_store, start_run
 
 SPLITS = ("train", "valid", "test")
 
@@ -51,26 +54,44 @@ def _natural_positions(ids: pl.Series) -> np.ndarray:
     return by_string[np.argsort(lengths, kind="stable")].astype(np.int64)
 
 
-def _factorize(values: pl.Series) -> tuple[np.ndarray, pl.Series]:
+def _factorize(values: pl.Series, hashes: np.ndarray | None = None) -> tuple[np.ndarray, pl.Series]:
     """(each value's code, the distinct values, null among them when present): codes index the distinct values.
 
-    Grouped by 64-bit hash (one sort of the hashes, not a hash table of strings: 3-5x faster on
-    10M IDs), then checked value by value; two IDs sharing a hash (odds about n^2 / 2^65) fall
-    back to polars' exact unique.
+    Grouped by hash, then checked value by value. The rows are put in hash order by one numpy
+    sort of packed keys (the hash's high bits above the row's position; on 10M IDs several times
+    faster than an argsort of the hashes or a hash table of the strings), each run of equal
+    high bits a group, its first row the group's value. A row whose value is not its group's
+    (two IDs sharing those bits: on 1M distinct IDs about one pair a run) is coded apart, by
+    an exact unique over those few rows. `hashes` (uint64, one per value) replaces `Series.hash`:
+    tests give colliding ones.
     """
     if values.is_empty():
         return np.zeros(0, dtype=np.int64), values.clear()
-    hashes = values.hash()
-    order = hashes.arg_sort()
-    sorted_hashes = hashes.gather(order).to_numpy()
-    starts = np.empty(sorted_hashes.size, dtype=bool)
+    shift = np.uint64(max(int(values.len() - 1).bit_length(), 1))
+    keys = (values.hash().to_numpy() if hashes is None else hashes) >> shift
+    keys <<= shift
+    keys |= np.arange(values.len(), dtype=np.uint64)
+    keys.sort()
+    order = (keys & ((np.uint64(1) << shift) - np.uint64(1))).view(np.int64)
+    keys >>= shift
+    starts = np.empty(keys.size, dtype=bool)
     starts[0] = True
-    np.not_equal(sorted_hashes[1:], sorted_hashes[:-1], out=starts[1:])
-    codes = np.empty(sorted_hashes.size, dtype=np.int64)
-    codes[order.to_numpy()] = np.cumsum(starts) - 1
-    distinct = values.gather(order.filter(pl.Series(starts)))
-    if distinct.gather(codes).eq_missing(values).all():
-        return codes, distinct
+    np.not_equal(keys[1:], keys[:-1], out=starts[1:])
+    del keys
+    codes = np.empty(order.size, dtype=np.int64)
+    codes[order] = np.cumsum(starts) - 1
+    distinct = values.gather(order[starts])
+    apart = (~distinct.gather(codes).eq_missing(values)).arg_true()
+    if apart.len():
+        # Equal IDs have equal hashes, so an ID coded apart equals no group's value: new codes after theirs.
+        extra_codes, extra = _exact_factorize(values.gather(apart))
+        codes[apart.to_numpy()] = distinct.len() + extra_codes
+        distinct = distinct.append(extra)
+    return codes, distinct
+
+
+def _exact_factorize(values: pl.Series) -> tuple[np.ndarray, pl.Series]:
+    """`_factorize` by polars' exact unique (a hash table of the values): codes in first-seen order, null last."""
     distinct = values.unique(maintain_order=True)
     codes = values.cast(pl.Enum(distinct.drop_nulls())).to_physical().cast(pl.Int64)
     return codes.fill_null(distinct.len() - 1).to_numpy(), distinct.drop_nulls().extend_constant(
@@ -86,7 +107,8 @@ def _time_order(frame: pl.DataFrame) -> np.ndarray | None:
         t0, l0 = int(ts.min()), int(line.min())  # type: ignore[arg-type]
         t_span, l_span = int(ts.max()) - t0 + 1, int(line.max()) - l0 + 1  # type: ignore[arg-type]
         if t_span * l_span < 1 << 63:  # one packed key: (timestamp, line) in 64 bits
-            key = (ts.to_numpy() - t0).astype(np.uint64) * np.uint64(l_span) + (line.to_numpy() - l0).astype(np.uint64)
+            key = (ts.to_numpy() - t0) * l_span  # int64: the span check keeps it below 2^63
+            key += line.to_numpy() - l0
             if bool((key[1:] >= key[:-1]).all()):
                 return None
             return np.argsort(key, kind="stable")
@@ -113,21 +135,25 @@ def _first_of_pairs(users: np.ndarray, items: np.ndarray, n_items: int) -> np.nd
 def k_core(users: np.ndarray, items: np.ndarray, min_user: int, min_item: int) -> tuple[np.ndarray, int]:
     """Drop users and items below their minimum interaction counts until none is left; (kept positions, rounds).
 
-    `users` and `items` are integer codes, one per interaction. A round counts every user and
-    item (np.bincount) and keeps the interactions whose user and item both reach their minimum;
-    the last round is the one that removes nothing.
+    `users` and `items` are integer codes, one per interaction. A round drops the interactions of
+    every user and item below its minimum (counted once by np.bincount, then lowered by what each
+    round drops); the last round is the one that removes nothing.
     """
-    kept = np.arange(users.size)
+    users, items = users.astype(np.intp, copy=False), items.astype(np.intp, copy=False)  # no cast per gather
     n_users, n_items = (int(codes.max()) + 1 if codes.size else 0 for codes in (users, items))
+    user_count, item_count = np.bincount(users, minlength=n_users), np.bincount(items, minlength=n_items)
+    alive = np.ones(users.size, dtype=bool)
     rounds = 0
     while True:
         rounds += 1
-        user_ok = np.bincount(users, minlength=n_users) >= min_user
-        item_ok = np.bincount(items, minlength=n_items) >= min_item
-        keep = user_ok[users] & item_ok[items]
-        if keep.all():
-            return kept, rounds
-        kept, users, items = kept[keep], users[keep], items[keep]
+        # Rows are marked dead, not compressed away: after the first round a round drops few rows.
+        drop = np.flatnonzero((user_count < min_user)[users] | (item_count < min_item)[items])
+        drop = drop[alive[drop]]
+        if drop.size == 0:
+            return np.flatnonzero(alive), rounds
+        alive[drop] = False
+        user_count -= np.bincount(users[drop], minlength=n_users)
+        item_count -= np.bincount(items[drop], minlength=n_items)
 
 
 def assign_splits(indexed: pl.DataFrame, config: PrepareConfig) -> pl.DataFrame:
@@ -140,12 +166,12 @@ def assign_splits(indexed: pl.DataFrame, config: PrepareConfig) -> pl.DataFrame:
     train, valid, test = (SPLITS.index(name) for name in ("train", "valid", "test"))
     if config.split == "leave-one-out":
         users = indexed.get_column("user_idx").to_numpy()
-        counts = np.bincount(users)
-        n = counts[users]
-        from_end = n - 1 - (np.arange(users.size) - (np.cumsum(counts) - counts)[users])
         split = np.full(users.size, train, dtype=np.uint8)
-        split[(n >= 3) & (from_end == 0)] = test
-        split[(n >= 3) & (from_end == 1)] = valid
+        if users.size:
+            last = np.flatnonzero(np.append(users[1:] != users[:-1], True))  # each user's last row
+            last = last[np.diff(last, prepend=-1) >= 3]
+            split[last] = test
+            split[last - 1] = valid
         return indexed.with_columns(pl.Series("split", split))
     quantile = pl.int_range(pl.len()) / pl.len()
     test_start = 1.0 - config.test_fraction
@@ -158,6 +184,11 @@ def assign_splits(indexed: pl.DataFrame, config: PrepareConfig) -> pl.DataFrame:
     return indexed.with_columns(split.alias("split"))
 
 
+def _write_tables(tables: dict[Path, pl.DataFrame]) -> None:
+    for path, table in tables.items():
+        write_parquet(table, path)
+
+
 def run_name(config: PrepareConfig) -> str:
     """The prepare run's name: its split and filters (`prepare leave-one-out u5 i5`)."""
     name = f"prepare {config.split} u{config.min_user_interactions} i{config.min_item_interactions}"
@@ -167,6 +198,16 @@ def run_name(config: PrepareConfig) -> str:
 def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Prepare one dataset; returns the meta written beside the outputs (plus the MLflow run ID)."""
     raw = load_raw(config.dataset, config.raw_dir, config.on_bad_lines)
+    # Independent steps run on a second core: the inputs' hash and the MLflow store's opening (file reads
+    # and sqlite waits) beside the work, the video IDs' coding beside the users', the tables' writing
+    # beside the run's logging. numpy and polars release the GIL.
+    with ThreadPoolExecutor(4) as background:
+        return _prepare(config, raw, background)
+
+
+def _prepare(config: PrepareConfig, raw: RawDataset, background: ThreadPoolExecutor) -> dict[str, Any]:
+    fingerprint = background.submit(fingerprint_files, raw.files)
+    store = background.submit(open_store)
     paths = PreparedPaths.of(config.processed_dir, config.dataset)
     rejected: dict[str, int] = {}
 
@@ -180,6 +221,9 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     events = raw.interactions.select(
         "user_id", "item_id", "timestamp", "line", *(["weight"] if config.min_weight is not None else []),
     ).collect(engine="streaming")
+    coding_items = background.submit(_factorize, events.get_column("item_id"))
+    # A log in time order (as exports usually are) stays in order when rows are dropped: checked meanwhile.
+    ordering = background.submit(_time_order, events.select("timestamp", "line"))
     user_codes, user_ids = _factorize(events.get_column("user_id"))
     natural = _natural_positions(user_ids)
     user_ids = user_ids.gather(natural)  # a missing ID (null) sorts first
@@ -189,15 +233,19 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         user_ids = user_ids.drop_nulls()
         rank[natural[0]] = user_ids.len()  # the code of a missing user ID, after every real one
     no_user = user_ids.len()
+    # Each distinct video ID is looked up in the catalogue once, not once per view.
+    item_codes, item_values = coding_items.result()
+    video_codes = item_values.cast(pl.Enum(video_ids), strict=False).to_physical().cast(pl.Int64)
     coded = events.select(
-        pl.Series("user", rank[user_codes].astype(np.uint32)),
-        pl.col("item_id").cast(pl.Enum(video_ids), strict=False).to_physical().cast(pl.UInt32).alias("item"),
+        pl.Series("user", rank[user_codes]),  # int64 codes: numpy indexes with them without a cast
+        video_codes.gather(item_codes).alias("item"),
         "timestamp", "line", *(["weight"] if config.min_weight is not None else []),
     )
-    del events
+    del events, user_codes, item_codes
     rows_read = coded.height
 
-    in_catalogue = coded.filter(pl.col("item").is_not_null())
+    # (a filter copies every column, even when it keeps every row)
+    in_catalogue = coded.filter(pl.col("item").is_not_null()) if coded.get_column("item").null_count() else coded
     rejected["names a video missing from the items table"] = rows_read - in_catalogue.height
     ever_watched = np.bincount(in_catalogue.get_column("item").to_numpy(), minlength=video_ids.len()) > 0
     coded = in_catalogue
@@ -206,7 +254,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         rejected[f"weight below min_weight={config.min_weight:g}"] = in_catalogue.height - coded.height
     before = coded.height
 
-    order = _time_order(coded)
+    order = None if ordering.result() is None else _time_order(coded)
     if order is not None:
         coded = coded[order]
     users, items = coded.get_column("user").to_numpy(), coded.get_column("item").to_numpy()
@@ -256,45 +304,48 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     popularity = pl.DataFrame({"item_idx": np.arange(item_df.height, dtype=np.int64), "count": train_count})
     items_out = item_df.with_columns(popularity.get_column("count").alias("train_count"))
 
-    for name, table in tables.items():
-        write_parquet(table, getattr(paths, name))
-    write_parquet(user_df, paths.user_map)
-    write_parquet(item_df.select("item_idx", "item_id"), paths.item_map)
-    write_parquet(items_out, paths.items)
-    write_parquet(popularity, paths.popularity)
-
-    cold_test = int((train_count[tables["test"].get_column("item_idx").to_numpy()] == 0).sum())
-    meta: dict[str, Any] = {
-        "dataset": config.dataset,
-        "n_users": user_df.height,
-        "n_items": item_df.height,
-        "counts": {
-            "rows_read": rows_read,
-            "interactions": kept_count,
-            "users": user_df.height,
-            "items": item_df.height,
-            "items_without_train_interactions": int((train_count == 0).sum()),
-            **{name: table.height for name, table in tables.items()},
-            "cold_start_test_targets": cold_test,
-        },
-        "rejected": rejected,
-        "skipped_lines": raw.rejected,
-        "items_without_title": item_df.filter(pl.col("title") == "").height,
-        "duplicate_item_rows": duplicate_items,
-        "k_core_rounds": rounds,
-        "config": to_dict(config),
-        "input_fingerprint": fingerprint_files(raw.files),
-    }
-    write_json(paths.meta, meta)
-
-    with start_run(config.dataset, "prepare", to_dict(config), {"raw_files": meta["input_fingerprint"]},
+    store.result()
+    with start_run(config.dataset, "prepare", to_dict(config), {"raw_files": fingerprint.result()},
                    run_name=run_name(config)) as run:
         import mlflow
 
-        # The indexed watch log with its split column (unknown videos, repeats and k-core removed): what the
-        # splits are cut from.
+        # The tables are written on the other threads (train alone: the largest) while the run logs the
+        # indexed watch log with its split column (unknown videos, repeats and k-core removed): what the
+        # splits are cut from. meta.json, written last, says the outputs are complete.
+        writes = [background.submit(write_parquet, tables["train"], paths.train),
+                  background.submit(_write_tables, {paths.valid: tables["valid"], paths.test: tables["test"]}),
+                  background.submit(_write_tables, {
+                      paths.user_map: user_df, paths.item_map: item_df.select("item_idx", "item_id"),
+                      paths.items: items_out, paths.popularity: popularity})]
         indexed_log = pl.concat([table.with_columns(pl.lit(name).alias("split")) for name, table in tables.items()])
         log_frame(indexed_log, config.dataset, "interactions", config.raw_dir / config.dataset)
+        del indexed_log
+        for write in writes:
+            write.result()
+
+        cold_test = int((train_count[tables["test"].get_column("item_idx").to_numpy()] == 0).sum())
+        meta: dict[str, Any] = {
+            "dataset": config.dataset,
+            "n_users": user_df.height,
+            "n_items": item_df.height,
+            "counts": {
+                "rows_read": rows_read,
+                "interactions": kept_count,
+                "users": user_df.height,
+                "items": item_df.height,
+                "items_without_train_interactions": int((train_count == 0).sum()),
+                **{name: table.height for name, table in tables.items()},
+                "cold_start_test_targets": cold_test,
+            },
+            "rejected": rejected,
+            "skipped_lines": raw.rejected,
+            "items_without_title": item_df.filter(pl.col("title") == "").height,
+            "duplicate_item_rows": duplicate_items,
+            "k_core_rounds": rounds,
+            "config": to_dict(config),
+            "input_fingerprint": fingerprint.result(),
+        }
+        write_json(paths.meta, meta)
         mlflow.log_metrics({f"count.{k}": v for k, v in meta["counts"].items()})
         mlflow.log_metrics({"rejected.total": sum(rejected.values())})
         mlflow.log_artifact(str(paths.meta))

@@ -166,6 +166,16 @@ def experiment_id(dataset: str) -> str:
     return mlflow.create_experiment(dataset, artifact_location=location, tags=experiment_tags(dataset))
 
 
+def open_store() -> None:
+    """Do ahead what `start_run` does first: open the store (sweeping it for dead runs, see `configure`) and
+    resolve MLflow's run context (git). Commands run it in a thread while they compute, so that their run
+    opens without waiting on the store; no experiment is made until the run opens."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    configure()
+    resolve_tags()
+
+
 def fingerprint_files(paths: Iterable[Path]) -> str:
     """A sha256 over the names, sizes and contents of files: equal inputs give equal fingerprints."""
     digest = hashlib.sha256()
