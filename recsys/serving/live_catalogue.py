@@ -149,7 +149,7 @@ def add_videos(config: CatalogueAddConfig) -> UpdateResult:
 
     started = time.perf_counter()
     served = served_model(config.dataset, config.processed_dir, config.version, config.alias)
-    catalogue = read_catalogue(config)  # type: ignore[arg-type]  # the catalogue options of `data import`
+    catalogue = read_catalogue(config)  # the catalogue options of `data import`
     if catalogue.items.is_empty():
         raise DataFormatError(f"{config.items}: no video is left to add ({catalogue.skipped})")
     with tempfile.TemporaryDirectory(prefix="recsys-catalogue-") as tmp:
@@ -245,7 +245,7 @@ def _new_content(config: CatalogueAddConfig, new: pl.DataFrame, source: str) -> 
 
 def add_views(config: ViewsAddConfig) -> UpdateResult:
     """Append the watch events of `config.interactions` to the served model; see the module docstring."""
-    from recsys.data.importers.files import _check_skips, _watch_log, scan_table, table_format
+    from recsys.data.importers.files import check_skips, scan_table, table_format, watch_log
 
     started = time.perf_counter()
     served = served_model(config.dataset, config.processed_dir, config.version, config.alias)
@@ -254,11 +254,11 @@ def add_views(config: ViewsAddConfig) -> UpdateResult:
         bundle = EditableBundle(served, Path(tmp) / "bundle")
         items = pl.read_parquet(bundle.paths.items, columns=["item_idx", "item_id"]).sort("item_idx")
         log = scan_table(config.interactions, table_format(config.interactions, config.format))
-        rows = _watch_log(config, log, items["item_id"]).collect()  # type: ignore[arg-type]  # `data import` options
+        rows = watch_log(config, log, items["item_id"]).collect()
         if rows.is_empty():
             raise DataFormatError(f"{config.interactions}: holds no views (only a header?)")
         counts = {reason: n for reason, n in rows.group_by("_skip").len().iter_rows()}
-        _check_skips(config, log, rows.lazy().filter(pl.col("_skip").is_not_null()), counts)  # type: ignore[arg-type]
+        check_skips(config, log, rows.lazy().filter(pl.col("_skip").is_not_null()), counts)
         kept = rows.filter(pl.col("_skip").is_null())
         if kept.is_empty():
             raise DataFormatError(f"{config.interactions}: no view is left to add "

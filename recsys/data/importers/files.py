@@ -16,11 +16,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import polars as pl
 
-from recsys.config import ImportConfig, to_dict
+from recsys.config import ImportConfig, WatchLogOptions, to_dict
 from recsys.data.canonical import CanonicalFolder, write_manifest
 from recsys.data.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA
 from recsys.errors import DataFormatError, MissingInputError
@@ -322,6 +322,16 @@ def _sample_layout(sample: pl.Series, unit: str) -> tuple[str, bool] | None:
 # The catalogue
 
 
+class CatalogueOptions(Protocol):
+    """What reading a catalogue needs from a config (`ImportConfig`, `CatalogueAddConfig`)."""
+
+    items: Path | None
+    media_root: Path | None
+    items_format: str
+    item_column: str
+    on_bad_rows: str
+
+
 @dataclass
 class Catalogue:
     """The imported catalogue (canonical items, video paths relative to the media root) and what was skipped."""
@@ -343,7 +353,7 @@ def _bad(table: Table, reason: str, at: int, value: Any, on_bad_rows: str, skipp
     skipped[key] = skipped.get(key, 0) + count
 
 
-def read_catalogue(config: ImportConfig) -> Catalogue:
+def read_catalogue(config: CatalogueOptions) -> Catalogue:
     """The items file (or the --media-root folder) as canonical items, every path checked to stay in the root."""
     media_root = None if config.media_root is None else config.media_root.resolve()
     if media_root is not None and not media_root.is_dir():
@@ -480,7 +490,7 @@ def _container_title(path: Path) -> str:
 # The watch log
 
 
-def _watch_log(config: ImportConfig, table: Table, catalogue_ids: pl.Series) -> pl.LazyFrame:
+def watch_log(config: WatchLogOptions, table: Table, catalogue_ids: pl.Series) -> pl.LazyFrame:
     """Every row with its canonical columns and `_skip`, the reason it is skipped (null when kept)."""
     user = table.column(config.user_column, "user ID", "--user-column")
     item = table.column(config.item_column, "video ID", "--item-column")
@@ -519,7 +529,7 @@ def _sample(table: Table, column: str, rows: int = 1000) -> pl.Series | None:
         return None
 
 
-def _check_skips(config: ImportConfig, table: Table, staged: pl.LazyFrame, counts: dict[str, int]) -> None:
+def check_skips(config: WatchLogOptions, table: Table, staged: pl.LazyFrame, counts: dict[str, int]) -> None:
     """Raise the error for the first bad row whose reason is an error under the settings (none when skipping)."""
     errors = [r for r in (MISSING_USER, MISSING_ITEM, BAD_TIME, BAD_WEIGHT) if config.on_bad_rows == "error"]
     if config.strict:
@@ -562,7 +572,7 @@ def import_dataset(config: ImportConfig) -> ImportReport:
         catalogue = read_catalogue(config)
         # One pass over the log: kept rows straight to their table, skipped ones (few) beside them
         # with what their error needs. zstd level 1: the size of the default level 3, 20% less CPU.
-        rows = _watch_log(config, log, catalogue.items.get_column("item_id"))
+        rows = watch_log(config, log, catalogue.items.get_column("item_id"))
         skipped_file = staging / "_skipped.parquet"
         _collect_all(log, [
             rows.filter(pl.col("_skip").is_null()).select(list(INTERACTIONS_SCHEMA))
@@ -578,7 +588,7 @@ def import_dataset(config: ImportConfig) -> ImportReport:
         rows_read = sum(counts.values())
         if rows_read == 0:
             raise DataFormatError(f"{log.path}: holds no views (only a header?)")
-        _check_skips(config, log, skipped, counts)
+        check_skips(config, log, skipped, counts)
         kept_count = counts.pop(None, 0)
         skipped_file.unlink()
         if kept_count == 0:
