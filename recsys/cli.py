@@ -238,8 +238,8 @@ def _recommend(config: cfg.RecommendConfig) -> None:
     recommender = _model_recommender(config)
     if config.all_users:
         assert config.out is not None  # checked by RecommendConfig
-        rows = write_all_users(recommender, config.out, config.k, config.exclude_seen, config.batch_size)
-        print(f"{config.dataset}: top-{config.k} of {len(recommender.user_lookup)} users ({rows} rows) -> {config.out}")
+        rows, users = write_all_users(recommender, config.out, config.k, config.exclude_seen, config.batch_size)
+        print(f"{config.dataset}: top-{config.k} of {users} users ({rows} rows) -> {config.out}")
         return
     with _notes_to_stderr(UnknownUserWarning):  # the fallback ranking still goes to stdout
         ranking = recommender.recommend(config.user_id, config.k, config.exclude_seen, config.history, config.explain)

@@ -384,11 +384,11 @@ def similar(
 
 
 def write_all_users(recommender: Recommender, out: Path, k: int = 10, exclude_seen: bool = True,
-                    batch_size: int = 4096, progress: bool = True) -> int:
+                    batch_size: int = 4096, progress: bool = True) -> tuple[int, int]:
     """Every known user's top-k into the Parquet file `out` (user_id, rank, item_id, title, score).
 
     Users are ranked `batch_size` at a time and each batch is appended as it comes, so memory
-    holds one batch; the file appears whole or not at all. Returns the number of rows written.
+    holds one batch; the file appears whole or not at all. Returns (rows written, users ranked).
     """
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -397,7 +397,8 @@ def write_all_users(recommender: Recommender, out: Path, k: int = 10, exclude_se
 
     rows = 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp, tqdm(total=len(recommender.user_lookup), unit="user", disable=not progress,
+    users = len(recommender.user_lookup) + len(recommender.new_user_histories)
+    with atomic_path(out) as tmp, tqdm(total=users, unit="user", disable=not progress,
                                        desc=f"top-{k} of every user") as bar:
         writer = None
         for batch in recommender.recommend_all(k, exclude_seen, batch_size):
@@ -410,7 +411,7 @@ def write_all_users(recommender: Recommender, out: Path, k: int = 10, exclude_se
             pq.write_table(pl.DataFrame(schema=ALL_USERS_SCHEMA).to_arrow(), tmp)
         else:
             writer.close()
-    return rows
+    return rows, users
 
 
 def format_ranking(ranking: pl.DataFrame) -> str:
