@@ -13,9 +13,10 @@ version stays in the registry, loadable by its number. No gradient step is taken
   and appended to the catalogue; an ID already in it gets its new title and video.
 - **views** (`add_views`): the file is read as `data import` reads a watch log. Views of videos
   the served catalogue lacks are counted and skipped (`--strict`: an error). The views extend
-  their users' histories, which the user tower reads, and become fresh views
-  (`recsys.twotower.catalogue_update.with_views`); a user the model never trained on is ranked
-  from their added views instead of by popularity.
+  their users' histories, which the user tower reads; those after the training cut-off (the last
+  training view) become fresh views, and a video without training views is folded in from its
+  viewers (`recsys.twotower.catalogue_update.with_views`). A user the model never trained on is
+  ranked from their added views instead of by popularity.
 
 The updated bundle carries the added views (`PreparedPaths.added_views`: user_id, item_idx,
 timestamp), so `recommend`, `similar`, the notebooks and `recsys serve` answer from the same state.
