@@ -30,7 +30,7 @@ demo: install
 
 # ruff, then import-linter: the layering contract of pyproject.toml ([tool.importlinter]).
 lint: install
-	$(BIN)/ruff check recsys tests benchmarks
+	$(BIN)/ruff check recsys tests benchmarks notebooks
 	$(BIN)/lint-imports
 
 bench: install
