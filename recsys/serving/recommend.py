@@ -150,7 +150,7 @@ class Recommender:
     def watched_by(self, user_id: str) -> np.ndarray:
         """Everything a user has watched (known or added-views user), oldest first; empty for anyone else."""
         if user_id in self.user_lookup:
-            return self._watched(int(self.user_lookup[user_id]))
+            return self.histories[int(self.user_lookup[user_id])]
         return self.new_user_histories.get(user_id, np.zeros(0, dtype=np.int64))
 
     @cached_property
@@ -203,7 +203,7 @@ class Recommender:
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
         query = self._query(user_id, history)
-        ranking = self._rank([query], [k], exclude_seen)[0]
+        ranking = self._rank_table([query], np.array([k]), exclude_seen).drop("row")
         if not explain:
             return ranking
         if query is None:
@@ -253,10 +253,6 @@ class Recommender:
             names = pl.Series("user_id", user_ids[users].tolist(), dtype=pl.String)
             yield table.select(names.gather(table["row"]), pl.exclude("row"))
 
-    def _watched(self, user_idx: int) -> np.ndarray:
-        """A known user's whole watch history (item_idx, oldest first)."""
-        return self.histories[user_idx]
-
     def _query(self, user_id: str | None, history: Sequence[str]) -> tuple[int, np.ndarray] | None:
         """(user_idx, watched item_idx) the model ranks for; None: the popularity fallback.
 
@@ -267,7 +263,7 @@ class Recommender:
             raise ConfigError("give a user ID, a history of watched video IDs, or both")
         if user_id is not None and user_id in self.user_lookup:
             user_idx = int(self.user_lookup[user_id])
-            return user_idx, np.concatenate([self._watched(user_idx), extra])
+            return user_idx, np.concatenate([self.histories[user_idx], extra])
         if user_id is not None and user_id in self.new_user_histories:  # a new user with added views
             return UNKNOWN_USER, np.concatenate([self.new_user_histories[user_id], extra])
         if user_id is not None:
@@ -279,14 +275,6 @@ class Recommender:
                 stacklevel=3,
             )
         return (UNKNOWN_USER, extra) if len(extra) else None  # nothing watched, so nothing to exclude
-
-    def _rank(self, queries: list[tuple[int, np.ndarray] | None], ks: Sequence[int], exclude_seen: bool
-              ) -> list[pl.DataFrame]:
-        """The ranking of each query, one frame each (see `_rank_table`)."""
-        table = self._rank_table(queries, np.asarray(ks, dtype=np.int64), exclude_seen)
-        parts = table.partition_by("row", as_dict=True, include_key=False)
-        empty = table.clear().drop("row")
-        return [parts.get((row,), empty) for row in range(len(queries))]
 
     def _rank_table(self, queries: list[tuple[int, np.ndarray] | None], ks: np.ndarray, exclude_seen: bool
                     ) -> pl.DataFrame:
@@ -355,6 +343,7 @@ class Recommender:
             schema={name: kind for name, kind in RANKED_SCHEMA.items() if name != "row"},
         )
 
+
 def recommend(
     dataset: str,
     user_id: str | None = None,
@@ -385,7 +374,8 @@ def similar(
 
 def write_all_users(recommender: Recommender, out: Path, k: int = 10, exclude_seen: bool = True,
                     batch_size: int = 4096, progress: bool = True) -> tuple[int, int]:
-    """Every known user's top-k into the Parquet file `out` (user_id, rank, item_id, title, score).
+    """Every user's top-k (`Recommender.recommend_all`) into the Parquet file `out` (user_id, rank, item_id,
+    title, score).
 
     Users are ranked `batch_size` at a time and each batch is appended as it comes, so memory
     holds one batch; the file appears whole or not at all. Returns (rows written, users ranked).
@@ -396,7 +386,6 @@ def write_all_users(recommender: Recommender, out: Path, k: int = 10, exclude_se
     from recsys.files import atomic_path
 
     rows = 0
-    out.parent.mkdir(parents=True, exist_ok=True)
     users = len(recommender.user_lookup) + len(recommender.new_user_histories)
     with atomic_path(out) as tmp, tqdm(total=users, unit="user", disable=not progress,
                                        desc=f"top-{k} of every user") as bar:

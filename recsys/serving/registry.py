@@ -36,15 +36,32 @@ def champion_uri(dataset: str) -> str:
     return f"models:/{model_name(dataset)}@{CHAMPION}"
 
 
-def champion_version(dataset: str) -> Any | None:
-    """The champion's ModelVersion, or None when the dataset has no registered champion yet."""
+def registered_version(dataset: str, version: str | None = None, alias: str = CHAMPION) -> Any:
+    """The ModelVersion named by `version` (a number), else by `alias`; a MissingInputError says how to make one."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    configure()
+    store = configure()
+    client = MlflowClient()
+    name = model_name(dataset)
     try:
-        return MlflowClient().get_model_version_by_alias(model_name(dataset), CHAMPION)
+        if version is not None:
+            return client.get_model_version(name, str(version))
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException:
+        what = f"version {version}" if version is not None else f"alias {alias!r}"
+        raise MissingInputError(
+            f"no registered model {name} with {what} in the store at {store}: train a model "
+            f"(`recsys train retrieval {dataset}`) and export it (`recsys export {dataset}`), or pass --run-id "
+            "to use a trained model that was never exported"
+        ) from None
+
+
+def champion_version(dataset: str) -> Any | None:
+    """The champion's ModelVersion, or None when the dataset has no registered champion yet."""
+    try:
+        return registered_version(dataset)
+    except MissingInputError:
         return None
 
 

@@ -14,13 +14,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from recsys.data.paths import PreparedPaths
-from recsys.errors import MissingInputError
 from recsys.serving.pyfunc_model import Ranker
-from recsys.serving.registry import CHAMPION, model_name
-from recsys.tracking.store import configure
+from recsys.serving.registry import CHAMPION, model_name, registered_version
 
 SERVED_DIR = "served"
 """Folder of a prepared dataset holding the downloaded bundles of registered versions."""
@@ -35,31 +32,6 @@ class ServedModel:
     dataset: str
     version: str
     bundle: Path
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{model_name(self.dataset)}/{self.version}"
-
-
-def registered_version(dataset: str, version: str | None = None, alias: str = CHAMPION) -> Any:
-    """The ModelVersion named by `version` (a number), else by `alias`; a MissingInputError says how to make one."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    store = configure()
-    client = MlflowClient()
-    name = model_name(dataset)
-    try:
-        if version is not None:
-            return client.get_model_version(name, str(version))
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        what = f"version {version}" if version is not None else f"alias {alias!r}"
-        raise MissingInputError(
-            f"no registered model {name} with {what} in the store at {store}: train a model "
-            f"(`recsys train retrieval {dataset}`) and export it (`recsys export {dataset}`), or pass --run-id "
-            "to use a trained model that was never exported"
-        ) from None
 
 
 def served_model(dataset: str, processed_dir: Path, version: str | None = None, alias: str = CHAMPION
