@@ -228,15 +228,15 @@ def _new_content(config: CatalogueAddConfig, new: pl.DataFrame, source: str) -> 
     rows = new.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("item_idx"))
     rows.select("item_idx", "item_id", "title", "text", "video_path").write_parquet(delta.items)
     write_json(delta.meta, {"dataset": config.dataset, "n_items": rows.height, "kind": "catalogue addition"})
-    layout = store_info["identity"]["layout"]
-    ingest(IngestConfig(
-        dataset=config.dataset, processed_dir=delta_dir, frames=layout["frames"], fps=layout["fps"],
-        frame_size=layout["frame_size"], max_pixels=store_info["identity"].get("max_pixels", 7680 * 4320),
-        sample_rate=layout["sample_rate"], n_mels=layout["n_mels"], n_fft=layout["n_fft"],
-        hop_length=layout["hop_length"], audio_seconds=layout["audio_seconds"],
-        titles=store_info.get("title_model", "MiniLM") is not None,  # as the dataset's store: with titles or not
-        title_cache=config.processed_dir / ".cache" / "titles", workers=config.workers,
-    ))
+    identity, layout = store_info["identity"], store_info["identity"]["layout"]
+    decoding = {name: layout[name] for name in ("frames", "fps", "frame_size", "sample_rate", "n_mels", "n_fft",
+                                                "hop_length", "audio_seconds")}
+    if "max_pixels" in identity:
+        decoding["max_pixels"] = identity["max_pixels"]
+    # As the dataset's store: with titles unless it was ingested without them (title_model None).
+    titles = "title_model" not in store_info or store_info["title_model"] is not None
+    ingest(IngestConfig(dataset=config.dataset, processed_dir=delta_dir, titles=titles, workers=config.workers,
+                        title_cache=config.processed_dir / ".cache" / "titles", **decoding))
     return embed_store(FeatureStore.open(delta.features), source, features)
 
 

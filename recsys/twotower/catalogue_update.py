@@ -28,16 +28,16 @@ from recsys.twotower.towers import TwoTower
 ITEM_ROWS = ("sparse.item_embeddings.embeddings.item.weight", "item_tower.content", "item_tower.known_items",
              "cluster_membership")
 """State entries with one row per catalogue video."""
-FOLDED = ("item_tower.folded_items", "item_tower.folded_sums", "item_tower.folded_counts")
+FOLDED = ("item_tower.folded_items", "item_tower.folded_sums")
 """State entries of the videos embedded from their viewers (`ItemTower` fold-in)."""
 
 
 def _grown(model: TwoTower, n_items: int, fresh: tuple[torch.Tensor, torch.Tensor],
-           folded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, **spec_changes: float) -> TwoTower:
+           folded: tuple[torch.Tensor, torch.Tensor] | None = None, **spec_changes: float) -> TwoTower:
     """A copy of `model` for `n_items` videos (new rows zero) holding the fresh views `fresh` and, when given,
-    the fold-in (items, viewer sums, counts) `folded`."""
+    the fold-in (items, viewer sums) `folded`."""
     tower = model.item_tower
-    folded = folded or (tower.folded_items, tower.folded_sums, tower.folded_counts)
+    folded = folded or (tower.folded_items, tower.folded_sums)
     spec = dataclasses.replace(model.spec, n_items=n_items, fresh_views=len(fresh[0]), folded_items=len(folded[0]),
                                **spec_changes)
     content = torch.zeros(n_items, spec.content_dim) if spec.content_dim else None
@@ -112,19 +112,14 @@ def with_views(model: TwoTower, users: np.ndarray, items: np.ndarray, histories:
     fresh_views = (torch.cat([model.fresh_view_users, torch.from_numpy(users[fresh])]),
                    torch.cat([model.fresh_view_items, torch.from_numpy(items[fresh])]))
     tower = model.item_tower
-    sums = dict(zip(tower.folded_items.tolist(), tower.folded_sums, strict=True))
-    counts = dict(zip(tower.folded_items.tolist(), tower.folded_counts.tolist(), strict=True))
     untrained = np.flatnonzero(~tower.known_items.numpy()[items])  # the views that fold a video in
+    states = [tower.folded_sums]  # the sums so far, then each new viewer just before the view (V', D)
     for start in range(0, len(untrained), batch_size):
         rows = untrained[start:start + batch_size]
         features = collate_histories(users[rows], None, [histories[r] for r in rows], model.spec.max_history)
-        states = model.user_embeddings(features) - typical_user  # (b, D) each viewer just before the view
-        for item, state in zip(items[rows].tolist(), states, strict=True):
-            sums[item] = sums[item] + state if item in sums else state.clone()
-            counts[item] = counts.get(item, 0.0) + 1.0
-    order = sorted(sums)
-    dim = model.spec.dim
-    folded = (torch.tensor(order, dtype=torch.long),
-              torch.stack([sums[i] for i in order]) if order else torch.zeros(0, dim),
-              torch.tensor([counts[i] for i in order], dtype=torch.float32))
+        states.append(model.user_embeddings(features) - typical_user)
+    viewed = torch.cat([tower.folded_items, torch.from_numpy(items[untrained])])
+    order, inverse = torch.unique(viewed, return_inverse=True)  # sorted, as `ItemTower` looks them up
+    sums = torch.zeros(len(order), model.spec.dim).index_add_(0, inverse, torch.cat(states))
+    folded = (order, sums)
     return _grown(model, model.spec.n_items, fresh_views, folded, fold_in_prior=prior)

@@ -90,10 +90,8 @@ def embedding_parts(scorer: TwoTowerScorer, items: np.ndarray) -> np.ndarray:
     ], dim=1)  # (n, 3, D)
     length = parts.sum(1).norm(dim=-1).clamp_min(1e-12)  # (n,) the norm F.normalize divides by
     parts = parts / length[:, None, None]
-    if len(tower.folded_items):  # embedded from its viewers: their sum joins the collaborative (ID) part
-        place = torch.searchsorted(tower.folded_items, ids).clamp(max=len(tower.folded_items) - 1)
-        folded = tower.folded_items[place] == ids  # (n,)
-        viewers = tower.folded_sums[place] * folded[:, None]  # (n, D), zero for the others
+    folded, viewers = tower.viewers_of(ids)  # (n,), (n, D)
+    if bool(folded.any()):  # embedded from its viewers: their sum joins the collaborative (ID) part
         prior = torch.tensor(tower.spec.fold_in_prior)
         scale = torch.where(folded, prior, torch.tensor(1.0))[:, None, None]  # (n, 1, 1)
         parts = parts * scale

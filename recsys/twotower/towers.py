@@ -116,10 +116,9 @@ class ItemTower(nn.Module):
         self.register_buffer("content", content if spec.content_dim else torch.zeros(spec.n_items, 0))
         self.register_buffer("known_items", known_items.bool())
         # Videos without training interactions that got views after training (`recsys views add`): sorted
-        # item_idx, the sum of their viewers' user embeddings (each just before the view) and the view count.
+        # item_idx and the sum of their viewers' user embeddings (each just before the view).
         self.register_buffer("folded_items", torch.zeros(spec.folded_items, dtype=torch.long))
         self.register_buffer("folded_sums", torch.zeros(spec.folded_items, spec.dim))
-        self.register_buffer("folded_counts", torch.zeros(spec.folded_items))
         self.content_proj = (
             nn.Sequential(
                 nn.Linear(spec.content_dim, spec.dim * 2),
@@ -161,14 +160,18 @@ class ItemTower(nn.Module):
         be placed by its viewers as much as by its content.
         """
         out = F.normalize(self.represent(ids, id_embedding), dim=-1)
-        if not len(self.folded_items):
-            return out
-        place = torch.searchsorted(self.folded_items, ids).clamp(max=len(self.folded_items) - 1)  # (B,)
-        folded = self.folded_items[place] == ids  # (B,)
+        folded, viewers = self.viewers_of(ids)  # (B,), (B, D)
         if not bool(folded.any()):
             return out
-        viewers = self.folded_sums[place]  # (B, D)
         return torch.where(folded.unsqueeze(-1), F.normalize(self.spec.fold_in_prior * out + viewers, dim=-1), out)
+
+    def viewers_of(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(folded (B,) bool, viewer sums (B, D), zero where not folded) of items `ids` (B,)."""
+        if not len(self.folded_items):
+            return torch.zeros(len(ids), dtype=torch.bool), torch.zeros(len(ids), self.spec.dim)
+        place = torch.searchsorted(self.folded_items, ids).clamp(max=len(self.folded_items) - 1)  # (B,)
+        folded = self.folded_items[place] == ids  # (B,)
+        return folded, self.folded_sums[place] * folded.unsqueeze(-1)
 
     def scored_as_new(self) -> torch.Tensor:
         """(N,) bool: videos scored as new (`recsys.twotower.new_videos`): no training interactions, no fold-in."""
