@@ -618,7 +618,8 @@ class RecommendConfig:
     format: Literal["table", "json", "csv"] = field(default="table", metadata={"aliases": ("--output",)})
     """Print an aligned table, one JSON list of rows, or CSV"""
     all_users: bool = False
-    """Rank for every known user and write the top-k of each into --out (Parquet), in user batches"""
+    """Rank for every user (new users with added views too) and write the top-k of each into --out (Parquet), in
+    user batches"""
     out: Path | None = None
     """Parquet file that --all-users writes (user_id, rank, item_id, title, score)"""
     batch_size: int = 4096
