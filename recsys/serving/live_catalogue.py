@@ -37,15 +37,15 @@ import polars as pl
 import torch
 
 from recsys.config import CatalogueAddConfig, IngestConfig, ViewsAddConfig, to_dict
-from recsys.data.histories import UNKNOWN_USER, train_counts
+from recsys.data.histories import UNKNOWN_USER
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.files import read_json, write_json
 from recsys.serving.pyfunc_model import RANKER_FILE, Ranker
 from recsys.serving.served_model import ServedModel, served_model
 
-TYPICAL_USERS = 4096
-"""Users whose mean embedding is taken out of a new video's viewers when it is folded in (a sample of them)."""
+POPULATION_USERS = 4096
+"""Users sampled to stand for every viewer when a new video's embedding is fitted to its views."""
 ADDITIONS_DIR = "additions"
 """Folder of a prepared dataset where `catalogue add` decodes each batch of new videos."""
 
@@ -283,6 +283,19 @@ def training_cutoff(paths: PreparedPaths) -> int:
     return int(pl.scan_parquet(paths.train).select(pl.col("timestamp").max()).collect().item())
 
 
+def _population(recommender: Any, scorer: Any, new_views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, D) embeddings of a sample of users and (S,) the views each stands for: together, every view of the
+    log and of `new_views` more (`recsys.twotower.catalogue_update.fit_fold_in`). Each user's share is
+    their history's length."""
+    histories = recommender.histories
+    sample = np.random.default_rng(0).permutation(len(histories))[:POPULATION_USERS]
+    lengths = np.array([len(histories[u]) for u in sample], np.float64)
+    total = sum(len(h) for h in histories) + new_views
+    weights = lengths * total / max(lengths.sum(), 1.0)
+    embeddings = scorer.user_embeddings(sample, [histories[u] for u in sample])  # (S, D)
+    return torch.from_numpy(embeddings), torch.from_numpy(weights.astype(np.float32))
+
+
 def _apply_views(bundle: EditableBundle, views: pl.DataFrame) -> int:
     """Append `views` (user_id, item_idx, timestamp; time order) to the bundle's added views and its model;
     the number of them that are fresh (after the training cut-off)."""
@@ -300,13 +313,10 @@ def _apply_views(bundle: EditableBundle, views: pl.DataFrame) -> int:
             before = recommender.watched_by(user_id)
         histories.append(before)
         so_far[user_id] = np.append(before, item)
-    sample = np.random.default_rng(0).permutation(len(recommender.histories))[:TYPICAL_USERS]
-    typical = scorer.user_embeddings(sample, [recommender.histories[u] for u in sample]).mean(0)  # (D,)
+    population, population_views = _population(recommender, scorer, len(views))
     fresh = views["timestamp"].to_numpy() > training_cutoff(bundle.paths)
-    counts = train_counts(bundle.paths)
-    prior = float(counts[counts > 0].mean()) if (counts > 0).any() else 1.0  # a watched video's training views
-    grown = with_views(scorer.model, users, views["item_idx"].to_numpy(), histories, torch.from_numpy(typical),
-                       fresh, prior)
+    grown = with_views(scorer.model, users, views["item_idx"].to_numpy(), histories, population, population_views,
+                       fresh)
     bundle.save_model(grown, scorer.info)
     file = bundle.paths.added_views
     earlier = pl.read_parquet(file) if file.exists() else pl.DataFrame(schema=ADDED_VIEWS_SCHEMA)

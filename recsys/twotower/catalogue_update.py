@@ -20,24 +20,26 @@ import dataclasses
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from recsys.twotower.new_videos import content_clusters
 from recsys.twotower.sparse import collate_histories
 from recsys.twotower.towers import TwoTower
+from recsys.twotower.validation import catalogue_embeddings
 
 ITEM_ROWS = ("sparse.item_embeddings.embeddings.item.weight", "item_tower.content", "item_tower.known_items",
              "cluster_membership")
 """State entries with one row per catalogue video."""
-FOLDED = ("item_tower.folded_items", "item_tower.folded_sums")
+FOLDED = ("item_tower.folded_items", "item_tower.folded_sums", "item_tower.folded_viewer_sums")
 """State entries of the videos embedded from their viewers (`ItemTower` fold-in)."""
 
 
 def _grown(model: TwoTower, n_items: int, fresh: tuple[torch.Tensor, torch.Tensor],
-           folded: tuple[torch.Tensor, torch.Tensor] | None = None, **spec_changes: float) -> TwoTower:
+           folded: tuple[torch.Tensor, ...] | None = None, **spec_changes: float) -> TwoTower:
     """A copy of `model` for `n_items` videos (new rows zero) holding the fresh views `fresh` and, when given,
-    the fold-in (items, viewer sums) `folded`."""
+    the fold-in (items, collaborative parts, viewer sums) `folded`."""
     tower = model.item_tower
-    folded = folded or (tower.folded_items, tower.folded_sums)
+    folded = folded or (tower.folded_items, tower.folded_sums, tower.folded_viewer_sums)
     spec = dataclasses.replace(model.spec, n_items=n_items, fresh_views=len(fresh[0]), folded_items=len(folded[0]),
                                **spec_changes)
     content = torch.zeros(n_items, spec.content_dim) if spec.content_dim else None
@@ -94,32 +96,131 @@ def with_videos(model: TwoTower, content: np.ndarray, rows: np.ndarray) -> TwoTo
     return grown
 
 
+FOLD_IN_STEPS = 100
+"""Most L-BFGS iterations of `fit_fold_in`."""
+
+
+def fit_fold_in(content: torch.Tensor, viewer_sums: torch.Tensor, prior: float, population: torch.Tensor,
+                population_views: torch.Tensor, others: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(F, D) collaborative parts s of F folded-in videos: each embedding e = normalise(prior c + s) is the
+    most likely one under the softmax the model was trained with, the rest of the catalogue held fixed.
+
+    content (F, D): the videos' content-only embeddings c (unit norm); viewer_sums (F, D): the sum of
+    their viewers' user embeddings; population (S, D) with population_views (S,): users standing for
+    every view of the log (a sample, each weighted by the views it stands for); others (M, D): the
+    embeddings of every other video. Each video's embedding maximises, on the unit sphere,
+
+        (prior c + viewer_sums) . e / T - sum_u views_u log(Z_u + exp(u . e / T))
+
+    the log likelihood of its views under the softmax over the catalogue (temperature T; Z_u: the
+    other videos' share of user u's partition), with its content counting as `prior` views. Its
+    viewers pull it towards them, and every user pushes it away by as much as the model expects them
+    to watch it, so a video is not lifted for everyone like its viewers, as a bare sum of their
+    embeddings is (that over-promoted new videos for other users). At the maximum e is parallel to
+    the gradient prior c + s, with s = viewer_sums - sum_u views_u p_u(e) u: s is returned, scaled so
+    that normalise(prior c + s) gives e exactly.
+    """
+    if not len(viewer_sums):
+        return viewer_sums
+    rest = torch.logsumexp(population @ others.T / temperature, dim=1) if len(others) else \
+        torch.full((len(population),), float("-inf"))  # (S,) log partition over the other videos
+    pull = prior * content + viewer_sums  # (F, D)
+    with torch.enable_grad():
+        direction = pull.clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS([direction], max_iter=FOLD_IN_STEPS, line_search_fn="strong_wolfe")
+
+        def loss() -> torch.Tensor:
+            optimizer.zero_grad()
+            embedding = F.normalize(direction, dim=-1)
+            logits = population @ embedding.T / temperature  # (S, F)
+            push = (population_views[:, None] * torch.logaddexp(rest[:, None], logits)).sum(0)  # (F,)
+            value = (push - (pull * embedding).sum(1) / temperature).sum()
+            value.backward()
+            return value
+
+        optimizer.step(loss)
+    embedding = F.normalize(direction.detach(), dim=-1)  # (F, D)
+    logits = population @ embedding.T / temperature
+    expected = torch.exp(logits - torch.logaddexp(rest[:, None], logits)) * population_views[:, None]  # (S, F)
+    gradient = pull - expected.T @ population  # (F, D) prior c + s at the maximum
+    return gradient.norm(dim=1, keepdim=True) * embedding - prior * content
+
+
+FOLD_IN_PRIORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+"""Views a folded-in video's content may count as; `pick_fold_in_prior` picks one on held-out views."""
+DEFAULT_FOLD_IN_PRIOR = 1.0
+"""What content counts as when no video has two views to validate on: as much as one view."""
+
+
+def pick_fold_in_prior(content: torch.Tensor, viewer_sums: torch.Tensor, viewed: torch.Tensor,
+                       view_states: torch.Tensor, population: torch.Tensor, population_views: torch.Tensor,
+                       others: torch.Tensor, temperature: float) -> float:
+    """The prior of `FOLD_IN_PRIORS` under which folded-in videos best predict a viewer held out of their views.
+
+    content (F, D), viewer_sums (F, D): the videos' content-only embeddings and the sums of their
+    viewers; viewed (V,): the video (row of those) of each of the update's views, in time order, and
+    view_states (V, D): the viewer's user embedding at that view (the rest as in `fit_fold_in`). The
+    last view of each video with two or more in the update is held out; each prior fits those videos
+    without it and is scored by the mean log probability the held-out viewers then give them under
+    the catalogue softmax: the content weight that best tells who watches a video next, read from the
+    added views themselves. `DEFAULT_FOLD_IN_PRIOR` when no video has two views.
+    """
+    last = torch.full((len(viewer_sums),), -1, dtype=torch.long).scatter_reduce_(
+        0, viewed, torch.arange(len(viewed)), reduce="amax")  # (F,) each video's last view
+    validated = torch.nonzero(torch.bincount(viewed, minlength=len(viewer_sums)) >= 2).squeeze(1)  # (Q,)
+    if not len(validated):
+        return DEFAULT_FOLD_IN_PRIOR
+    held_out = view_states[last[validated]]  # (Q, D)
+    content, viewer_sums = content[validated], viewer_sums[validated] - held_out
+    rest = torch.logsumexp(held_out @ others.T / temperature, dim=1)  # (Q,)
+
+    def held_out_log_likelihood(prior: float) -> float:
+        sums = fit_fold_in(content, viewer_sums, prior, population, population_views, others, temperature)
+        logit = (held_out * F.normalize(prior * content + sums, dim=-1)).sum(1) / temperature  # (Q,)
+        return float((logit - torch.logaddexp(rest, logit)).mean())
+
+    return max(FOLD_IN_PRIORS, key=held_out_log_likelihood)
+
+
 @torch.no_grad()
 def with_views(model: TwoTower, users: np.ndarray, items: np.ndarray, histories: list[np.ndarray],
-               typical_user: torch.Tensor, fresh: np.ndarray, prior: float, batch_size: int = 4096) -> TwoTower:
+               population: torch.Tensor, population_views: torch.Tensor, fresh: np.ndarray,
+               batch_size: int = 4096) -> TwoTower:
     """The model with V more views: `users` (V,) user_idx (-1: a user the model does not know), `items` (V,)
     item_idx, each viewer's history before the view (item_idx, oldest first), and `fresh` (V,) bool: the
     views after the training cut-off, which join the fresh views (the others only fold videos in).
-    `prior`: the views a folded-in video's content counts as (`TwoTowerSpec.fold_in_prior`).
+    `population` (S, D) and `population_views` (S,): user embeddings standing for every view (see `fit_fold_in`).
 
     A video without training interactions is folded in from its viewers (`ItemTower.forward`): the
-    user embedding of each viewer just before the view, less `typical_user` (D,), the mean user
-    embedding, joins the video's sum. What its viewers share with everyone says nothing about the
-    video (it would lift it for every user); what sets them apart does: the first step of fitting
-    the video's embedding to its views under the training softmax.
+    user embedding of each viewer just before the view joins the video's viewer sum, and its
+    embedding is fitted to all its viewers so far (`fit_fold_in`), its content counting as
+    the views `pick_fold_in_prior` picks on held-out views (`TwoTowerSpec.fold_in_prior`).
     """
     users, items = users.astype(np.int64), items.astype(np.int64)
     fresh_views = (torch.cat([model.fresh_view_users, torch.from_numpy(users[fresh])]),
                    torch.cat([model.fresh_view_items, torch.from_numpy(items[fresh])]))
     tower = model.item_tower
     untrained = np.flatnonzero(~tower.known_items.numpy()[items])  # the views that fold a video in
-    states = [tower.folded_sums]  # the sums so far, then each new viewer just before the view (V', D)
+    states = [tower.folded_viewer_sums]  # the sums so far, then each new viewer just before the view (V', D)
     for start in range(0, len(untrained), batch_size):
         rows = untrained[start:start + batch_size]
         features = collate_histories(users[rows], None, [histories[r] for r in rows], model.spec.max_history)
-        states.append(model.user_embeddings(features) - typical_user)
+        states.append(model.user_embeddings(features))
     viewed = torch.cat([tower.folded_items, torch.from_numpy(items[untrained])])
     order, inverse = torch.unique(viewed, return_inverse=True)  # sorted, as `ItemTower` looks them up
-    sums = torch.zeros(len(order), model.spec.dim).index_add_(0, inverse, torch.cat(states))
-    folded = (order, sums)
-    return _grown(model, model.spec.n_items, fresh_views, folded, fold_in_prior=prior)
+    states = torch.cat(states)
+    viewer_sums = torch.zeros(len(order), model.spec.dim).index_add_(0, inverse, states)
+    if not len(order):  # nothing to fold in (every video viewed had training views)
+        return _grown(model, model.spec.n_items, fresh_views)
+    nothing = torch.zeros(0, dtype=torch.long), torch.zeros(0, model.spec.dim), torch.zeros(0, model.spec.dim)
+    unfolded = _grown(model, model.spec.n_items, fresh_views, nothing)
+    embeddings = catalogue_embeddings(unfolded)  # (N, D): the videos to fold in from content alone, as yet
+    content_only = F.normalize(unfolded.item_tower.represent(torch.arange(model.spec.n_items), None), dim=-1)
+    others = torch.ones(len(embeddings), dtype=torch.bool)
+    others[order] = False
+    old = len(tower.folded_items)
+    prior = pick_fold_in_prior(content_only[order], viewer_sums, inverse[old:], states[old:], population,
+                               population_views, embeddings[others], model.spec.temperature)
+    sums = fit_fold_in(content_only[order], viewer_sums, prior, population, population_views, embeddings[others],
+                       model.spec.temperature)
+    return _grown(model, model.spec.n_items, fresh_views, (order, sums, viewer_sums), fold_in_prior=prior)

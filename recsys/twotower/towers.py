@@ -70,7 +70,9 @@ class TwoTowerSpec:
     folded_items: int = 0
     """Videos without training interactions embedded from the viewers they got since (`ItemTower`, `views add`)"""
     fold_in_prior: float = 0.0
-    """Views a folded-in video's content embedding counts as: the mean training views of a watched video"""
+    """Views a folded-in video's content embedding counts as (`recsys.twotower.catalogue_update.pick_fold_in_prior`)"""
+    temperature: float = _config_default("temperature")
+    """`RetrievalConfig.temperature`: the softmax over the catalogue that the model was trained under"""
 
     @classmethod
     def from_config(cls, config: RetrievalConfig, n_users: int, n_items: int, content_dim: int = 0,
@@ -84,7 +86,7 @@ class TwoTowerSpec:
             item_id_dropout=config.item_id_dropout if content_dim else 0.0,
             content_dim=content_dim, content_source=content_source,
             taste_clusters=config.taste_clusters if content_dim else 0,
-            fresh_views=fresh_views if config.fresh_views else 0,
+            fresh_views=fresh_views if config.fresh_views else 0, temperature=config.temperature,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,9 +118,12 @@ class ItemTower(nn.Module):
         self.register_buffer("content", content if spec.content_dim else torch.zeros(spec.n_items, 0))
         self.register_buffer("known_items", known_items.bool())
         # Videos without training interactions that got views after training (`recsys views add`): sorted
-        # item_idx and the sum of their viewers' user embeddings (each just before the view).
+        # item_idx, the collaborative part of their embedding fitted to their viewers
+        # (`recsys.twotower.catalogue_update.fit_fold_in`) and the sum of those viewers' user embeddings
+        # (each just before the view), which the next update refits from.
         self.register_buffer("folded_items", torch.zeros(spec.folded_items, dtype=torch.long))
         self.register_buffer("folded_sums", torch.zeros(spec.folded_items, spec.dim))
+        self.register_buffer("folded_viewer_sums", torch.zeros(spec.folded_items, spec.dim))
         self.content_proj = (
             nn.Sequential(
                 nn.Linear(spec.content_dim, spec.dim * 2),

@@ -50,7 +50,7 @@ WEIGHTS_FILE = "weights.safetensors"
 MODEL_FILE = "model.json"
 FORMAT_VERSION = 1
 LATER_BUFFERS = ("cluster_membership", "fresh_view_users", "fresh_view_items", "item_tower.folded_items",
-                 "item_tower.folded_sums")
+                 "item_tower.folded_sums", "item_tower.folded_viewer_sums")
 """Buffers added to the model after format 1: a model saved before them keeps their empty default."""
 NEW_VIDEO_SCORING = "new_video_scoring"
 """Key of the training summary (model.json "info") holding the fitted `NewVideoScoring`."""
