@@ -148,9 +148,10 @@ class UserState:
 
     @classmethod
     def concat(cls, states: list[UserState]) -> UserState:
-        shares = [state.log_shares for state in states]
+        """The states of several batches of users, one after the other."""
+        shares = [state.log_shares for state in states if state.log_shares is not None]
         return cls(torch.cat([state.embeddings for state in states]), torch.cat([state.users for state in states]),
-                   None if any(s is None for s in shares) else torch.cat(shares))  # type: ignore[arg-type]
+                   torch.cat(shares) if len(shares) == len(states) else None)
 
 
 def log_cluster_shares(membership: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
