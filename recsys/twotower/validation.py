@@ -69,7 +69,7 @@ def validate(model: TwoTower, batches: Iterable[RetrievalBatch], scoring: NewVid
 
     `scoring`: the coefficients of the score; None for the default (cosine alone), as in training.
     """
-    scoring = scoring or NewVideoScoring()
+    scoring = scoring if scoring is not None else NewVideoScoring()
     was_training = model.training
     model.eval()
     items = ItemState.of(model, catalogue_embeddings(model))
