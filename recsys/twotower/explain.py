@@ -1,16 +1,17 @@
 """Why a video got its score: the score of `TwoTowerScorer` split into the terms that make it.
 
-The ranking score of a video i for a user is `user_vectors(u) . item_vectors()[i]`
-(`recsys.twotower.trained_model`). Its columns are three groups of terms:
+The ranking score of a video i for a user is `user_vectors(u) . item_vectors()[i]`, the
+inner-product form of the score of `recsys.twotower.scoring`. Its columns are three groups of terms:
 
-- the embedding columns: w_i * u . e_i, where w_i is 1 for a watched video and the fitted
-  `NewVideoScoring.weight` for a new one. The item embedding is
-  e_i = normalize(LayerNorm(a_i + c_i)) with a_i the ID embedding (zero for a video never seen in
-  training) and c_i the projected content embedding. LayerNorm is linear once its statistics are
-  fixed: LayerNorm(a + c) = g * (a - mean a) / s + g * (c - mean c) / s + beta with s the standard
-  deviation of a + c. So e_i splits exactly into an ID part, a content part and a part shared by
-  every video (beta), each divided by the same norm. A video embedded from its viewers since
-  training (`ItemTower` fold-in) has their user embeddings in its ID part;
+- the embedding columns: w_i * u . e_i, where w_i is the coefficient of the cosine
+  (`recsys.twotower.scoring.Coefficients`: 1 for a watched video, the fitted weight for a new
+  one). The item embedding is e_i = normalize(LayerNorm(a_i + c_i)) with a_i the ID embedding
+  (zero for a video never seen in training) and c_i the projected content embedding. LayerNorm is
+  linear once its statistics are fixed: LayerNorm(a + c) = g * (a - mean a) / s
+  + g * (c - mean c) / s + beta with s the standard deviation of a + c. So e_i splits exactly into an ID part, a
+  content part and a part shared by every video (beta), each divided by the same norm. A video
+  embedded from its viewers since training (`ItemTower` fold-in) has their user embeddings in its
+  ID part;
 - the cluster-taste columns (new videos only): the user's taste for the group of videos the
   video's content and first viewers point to (`recsys.twotower.new_videos`);
 - the last column: fresh_weight * fresh popularity, plus the new-video offset `bias`.
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from recsys.twotower.scoring import Coefficients
 from recsys.twotower.sparse import ITEM_TABLE
 from recsys.twotower.trained_model import TwoTowerScorer
 
@@ -106,17 +108,16 @@ def score_terms(scorer: TwoTowerScorer, user_vectors: np.ndarray, items: np.ndar
     b, k = items.shape
     d = scorer.dim
     vectors = scorer.item_vectors()[items.reshape(-1)].reshape(b, k, -1)  # (B, k, D')
-    scoring = scorer.new_video_scoring
-    new = scorer.model.item_tower.scored_as_new().numpy()[items]  # (B, k)
-    weight = np.where(new, scoring.weight, 1.0)  # (B, k)
+    new = scorer.item_state().new[torch.from_numpy(items)]  # (B, k)
+    coefficients = Coefficients.of(new, scorer.new_video_scoring)
+    weight, bias = coefficients.weight.numpy(), coefficients.bias.numpy()  # (B, k)
     parts = embedding_parts(scorer, items.reshape(-1)).reshape(b, k, 3, d)  # (B, k, 3, D)
     dots = np.einsum("bd,bkpd->bkp", user_vectors[:, :d], parts) * weight[..., None]  # (B, k, 3)
     taste = np.einsum("bc,bkc->bk", user_vectors[:, d:-1], vectors[..., d:-1])  # (B, k), zero when no clusters
-    bias = np.where(new, scoring.bias, 0.0)  # (B, k)
     return ScoreTerms(
         collaborative=(dots[..., 0] + taste).astype(np.float32),
         content=dots[..., 1].astype(np.float32),
         popularity=(vectors[..., -1] - bias).astype(np.float32),
         offset=(dots[..., 2] + bias).astype(np.float32),
-        from_content=new,
+        from_content=new.numpy(),
     )

@@ -11,7 +11,8 @@ are videos the same user watched too. With content and IDs, a second loss of the
 (weight `content_only_weight`) scores every target from its content alone, as if nobody had
 watched it: ID dropout hides a few IDs at random, this trains the content path on every target,
 which is what new videos are ranked by. Validation ranks the whole catalogue for every validation
-user (a fixed sample of them on large datasets), excluding their training items, and reports
+user (a fixed sample of them on large datasets) by the served score (`recsys.twotower.scoring`,
+with its default coefficients until they are fitted), excluding their training items, and reports
 NDCG@10 and HR@10, which drive checkpointing and early stopping.
 
 Videos nobody watched in training never appear as targets, so the loss cannot tell how often users
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.twotower.batch import RetrievalBatch
+from recsys.twotower.scoring import ItemState, NewVideoScoring
 from recsys.twotower.sparse import collate
 from recsys.twotower.towers import TwoTower
 from recsys.twotower.validation import VAL_METRIC, catalogue_embeddings, ranking_metrics
@@ -150,7 +152,7 @@ class RetrievalModule(L.LightningModule):
         self.hparams["spec"] = model.spec.to_dict()
         self.objective = RetrievalObjective(model, item_probabilities, temperature, logq_correction,
                                             uniform_negatives, content_only_weight)
-        self._val_items: torch.Tensor | None = None
+        self._val_items: ItemState | None = None
 
     @property
     def model(self) -> TwoTower:
@@ -172,11 +174,13 @@ class RetrievalModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation: full ranking
     def on_validation_epoch_start(self) -> None:
-        self._val_items = catalogue_embeddings(self.model, self.device, self.hparams.eval_chunk)
+        embeddings = catalogue_embeddings(self.model, self.device, self.hparams.eval_chunk)  # (N, D)
+        self._val_items = ItemState.of(self.model, embeddings)
 
     def validation_step(self, batch: RetrievalBatch, batch_idx: int) -> None:
         assert self._val_items is not None
-        ndcg, hit = ranking_metrics(self.model.user_embeddings(batch.features), self._val_items, batch)  # (B,), (B,)
+        # The served score, with the coefficients in force during training (they are fitted after it).
+        ndcg, hit = ranking_metrics(self.model, self._val_items, batch, NewVideoScoring())  # (B,), (B,)
         self.log(VAL_METRIC, ndcg.mean(), prog_bar=True, batch_size=len(batch))
         self.log("val_hr_10", hit.mean(), batch_size=len(batch))
 

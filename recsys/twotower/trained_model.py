@@ -17,13 +17,10 @@ reads the item embeddings for content distillation: the two stages meet through 
 and `score(...)`, all numpy in and out. A user index of -1 means "a user the model has never
 seen": such a user is embedded from their history alone.
 
-A watched video's score is the cosine of user and item embedding. A video without training
-interactions is scored as `recsys.twotower.new_videos` describes: its content cosine, the user's
-taste for the cluster its content points to, its popularity among the views since the training
-cut-off (`recsys.twotower.fresh_views`), and an offset; a watched video's score may get its fresh
-popularity too. The coefficients are fitted on the validation split at the end of training.
-`item_vectors()` and `user_vectors(...)` carry those terms as more dimensions, so that an
-inner-product index ranks exactly by the score.
+The score is the one of `recsys.twotower.scoring`, with the coefficients fitted on the validation
+split at the end of training (`recsys.twotower.new_videos`, kept in model.json). The scorer ranks
+by its inner-product form, `user_vectors(...) @ item_vectors().T` plus the corrections at each
+user's own fresh views, so that an inner-product index ranks exactly by the score.
 """
 
 from __future__ import annotations
@@ -40,9 +37,15 @@ from recsys.content.embedding_files import ITEM_EMBEDDINGS_FILE, LATEST_FILE, la
 from recsys.data.histories import UNKNOWN_USER
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.files import atomic_path, read_json, write_json
-from recsys.twotower.fresh_views import FreshViews
-from recsys.twotower.new_videos import NewVideoScoring, log_cluster_shares, own_view_taste_changes
-from recsys.twotower.sparse import HISTORY_FEATURE, collate_histories
+from recsys.twotower.scoring import (
+    ItemState,
+    NewVideoScoring,
+    UserState,
+    item_vectors,
+    own_view_corrections,
+    user_vectors,
+)
+from recsys.twotower.sparse import collate_histories
 from recsys.twotower.towers import TwoTower, TwoTowerSpec
 from recsys.twotower.validation import catalogue_embeddings
 
@@ -78,7 +81,7 @@ class TwoTowerScorer:
         self.batch_size = batch_size
         self._items = item_embeddings
         self._vectors: np.ndarray | None = None
-        self._fresh: FreshViews | None = None
+        self._item_state: ItemState | None = None
 
     @property
     def n_items(self) -> int:
@@ -106,6 +109,11 @@ class TwoTowerScorer:
         Only the last `max_history` items of each history are read. An unknown user with an empty
         history still gets an embedding (the model's prior), so the caller decides about fallbacks.
         """
+        return self.user_state(user_idx, histories, taste=False).embeddings.numpy().astype(np.float32)
+
+    @torch.inference_mode()
+    def user_state(self, user_idx: np.ndarray, histories: list[np.ndarray], taste: bool) -> UserState:
+        """What the score reads of B users (see `user_embeddings`); their cluster shares only with `taste`."""
         users = np.asarray(user_idx, dtype=np.int64).reshape(-1)
         if len(users) != len(histories):
             raise ValueError(f"{len(users)} user indices but {len(histories)} histories")
@@ -117,91 +125,64 @@ class TwoTowerScorer:
             history = np.asarray(history)
             if history.size and (history.min() < 0 or history.max() >= self.n_items):
                 raise DataFormatError(f"history item index out of range: the catalogue has items 0..{self.n_items - 1}")
+        if not len(users):
+            empty = torch.zeros(0, self.model.cluster_membership.shape[1]) if taste else None
+            return UserState(torch.zeros(0, self.dim), torch.zeros(0, dtype=torch.long), empty)
         chunks = []
         for start in range(0, len(users), self.batch_size):
             stop = start + self.batch_size
             features = collate_histories(users[start:stop], None, histories[start:stop], self.spec.max_history)
-            chunks.append(self.model.user_embeddings(features).numpy())  # (b, D)
-        if not chunks:
-            return np.zeros((0, self.dim), np.float32)
-        return np.concatenate(chunks).astype(np.float32)
+            chunks.append(UserState.of(self.model, features, taste))
+        return UserState.concat(chunks)
 
     @property
     def new_video_scoring(self) -> NewVideoScoring:
-        """How videos without training interactions are scored (plain cosine for models without it)."""
+        """The coefficients of the score (the default, cosine alone, for models without them)."""
         if NEW_VIDEO_SCORING in self.info:
             return NewVideoScoring.from_dict(self.info[NEW_VIDEO_SCORING])
         return NewVideoScoring(bias=float(self.info.get(LEGACY_COLD_ITEM_BIAS, 0.0)))
 
-    def _uses_taste(self) -> bool:
-        return self.new_video_scoring.taste_weight > 0
+    @torch.inference_mode()
+    def item_state(self) -> ItemState:
+        """What the score reads of the catalogue, read once."""
+        if self._item_state is None:
+            self._item_state = ItemState.of(self.model, torch.from_numpy(self.item_embeddings()))
+        return self._item_state
 
-    @property
-    def fresh_views(self) -> FreshViews:
-        """The model's fresh views (`recsys.twotower.fresh_views`), read once."""
-        if self._fresh is None:
-            self._fresh = self.model.fresh_views()
-        return self._fresh
-
-    def _fresh_weights(self) -> np.ndarray:
-        """(N,) weight of each video's fresh popularity in its score (new and watched videos differ)."""
-        scoring = self.new_video_scoring
-        new = self.model.item_tower.scored_as_new().numpy()
-        return np.where(new, scoring.fresh_weight, scoring.watched_fresh_weight).astype(np.float32)
-
+    @torch.inference_mode()
     def item_vectors(self) -> np.ndarray:
-        """float32 (n_items, D [+ K] + 1): the item side of the score (see the module docstring).
+        """float32 (n_items, D [+ K] + 1): the item side of the score (`recsys.twotower.scoring.item_vectors`).
 
-        A watched video: [e, 0, watched_fresh_weight fresh]. A new video: [weight e, taste_weight
-        membership, fresh_weight fresh + bias]; the K membership columns only when the model uses
-        the taste term. Built once: `score` reads it for every batch of users.
+        Built once: `score` reads it for every batch of users.
         """
         if self._vectors is None:
-            scoring = self.new_video_scoring
-            new = self.model.item_tower.scored_as_new().numpy()[:, None]  # (N, 1)
-            parts = [self.item_embeddings() * np.where(new, scoring.weight, 1.0)]  # (N, D)
-            if self._uses_taste():
-                parts.append(self.model.cluster_membership.numpy() * new * scoring.taste_weight)  # (N, K)
-            fresh = self.fresh_views.popularity.numpy()[:, None]  # (N, 1)
-            parts.append(new * scoring.bias + self._fresh_weights()[:, None] * fresh)  # (N, 1)
-            self._vectors = np.hstack(parts).astype(np.float32)
+            self._vectors = item_vectors(self.item_state(), self.new_video_scoring).numpy().astype(np.float32)
         return self._vectors
 
     @torch.inference_mode()
     def user_vectors(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        """float32 (B, D [+ K] + 1): user embeddings [, log cluster shares], then 1.
+        """float32 (B, D [+ K] + 1): the user side of the score (`recsys.twotower.scoring.user_vectors`).
 
-        `user_vectors(...) @ item_vectors().T` is the score.
+        `user_vectors(...) @ item_vectors().T` is the score but at the users' own fresh views.
         """
-        users = self.user_embeddings(user_idx, histories)  # (B, D)
-        parts = [users]
-        if self._uses_taste():
-            # The same last `max_history` views the user tower reads.
-            history = collate_histories(None, None, histories, self.spec.max_history).items[HISTORY_FEATURE]
-            shares = log_cluster_shares(self.model.cluster_membership, history.values(), history.lengths())
-            parts.append(shares.numpy())  # (B, K)
-        parts.append(np.ones((len(users), 1), np.float32))
-        return np.hstack(parts).astype(np.float32)
+        scoring = self.new_video_scoring
+        users = self.user_state(user_idx, histories, scoring.uses_taste())
+        return user_vectors(users, scoring).numpy().astype(np.float32)
 
+    @torch.inference_mode()
     def score(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         """float32 (B, n_items): the model's score of every item for each user (higher = better).
 
-        `user_vectors(...) @ item_vectors().T`, except that a user's own fresh views count neither
-        towards the fresh popularity of what they watched (`recsys.twotower.fresh_views`) nor towards
-        a new video's cluster membership (`recsys.twotower.new_videos`); that only changes the scores
-        of videos in the user's history, which a ranking for them excludes.
+        `user_vectors(...) @ item_vectors().T`, the product an item index ranks by, plus
+        `own_view_corrections`: a user's own fresh views count neither towards the fresh popularity
+        of what they watched nor towards a new video's cluster membership; that only changes the
+        scores of videos in the user's history, which a ranking for them excludes.
         """
-        users = self.user_vectors(user_idx, histories)  # (B, D [+ K] + 1)
-        scores = users @ self.item_vectors().T  # (B, N)
-        if self.spec.fresh_views:
-            rows, items, change = self.fresh_views.own_view_changes(torch.as_tensor(user_idx).long())
-            scores[rows.numpy(), items.numpy()] += self._fresh_weights()[items.numpy()] * change.numpy()
-            own_new = self.model.item_tower.scored_as_new()[items]
-            if self._uses_taste() and bool(own_new.any()):
-                rows, items = rows[own_new], items[own_new]
-                log_shares = torch.from_numpy(users[rows.numpy(), self.dim:-1])  # (V, K) from the user vectors
-                taste = own_view_taste_changes(self.model.cluster_membership[items], log_shares)  # (V,)
-                scores[rows.numpy(), items.numpy()] += self.new_video_scoring.taste_weight * taste.numpy()
+        scoring = self.new_video_scoring
+        users = self.user_state(user_idx, histories, scoring.uses_taste())
+        scores = user_vectors(users, scoring).numpy() @ self.item_vectors().T  # (B, N)
+        rows, items, change = own_view_corrections(users, self.item_state(), scoring)
+        scores[rows.numpy(), items.numpy()] += change.numpy()
         return scores
 
 

@@ -1,6 +1,8 @@
 """How the two-tower model is validated: full-ranking NDCG@K/HR@K of held-out targets (no Lightning).
 
-Checkpoint selection, early stopping and the new-video coefficient fit all rank with these.
+Checkpoint selection, early stopping and the new-video coefficient fit all rank with these, by the
+score that is served (`recsys.twotower.scoring`) with the coefficients in force at the time: the
+default `NewVideoScoring` during training, the fitted one after.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 
 from recsys.metrics import mask_pairs, metrics_from_ranks, target_ranks
 from recsys.twotower.batch import RetrievalBatch
+from recsys.twotower.scoring import ItemState, NewVideoScoring, UserState, score
 from recsys.twotower.sparse import collate
 from recsys.twotower.towers import TwoTower
 
@@ -40,10 +43,11 @@ def ndcg_and_hits(scores: torch.Tensor, batch: RetrievalBatch) -> tuple[torch.Te
     return metrics[f"ndcg@{K}"], metrics[f"hr@{K}"]
 
 
-def ranking_metrics(users: torch.Tensor, items: torch.Tensor, batch: RetrievalBatch
+def ranking_metrics(model: TwoTower, items: ItemState, batch: RetrievalBatch, scoring: NewVideoScoring
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NDCG@K and HR@K (B,) of each row's target in the full ranking of users (B, D) against items (N, D)."""
-    return ndcg_and_hits(users @ items.T, batch)
+    """NDCG@K and HR@K (B,) of each row's target in the full ranking of `items` by the served score."""
+    users = UserState.of(model, batch.features, scoring.uses_taste())
+    return ndcg_and_hits(score(users, items, scoring), batch)
 
 
 @torch.no_grad()
@@ -59,14 +63,19 @@ def catalogue_embeddings(model: TwoTower, device: torch.device | str = "cpu", ch
 
 
 @torch.no_grad()
-def validate(model: TwoTower, batches: Iterable[RetrievalBatch]) -> dict[str, float]:
-    """Mean NDCG@K and HR@K of a model (in eval mode) over validation batches (full ranking by cosine)."""
+def validate(model: TwoTower, batches: Iterable[RetrievalBatch], scoring: NewVideoScoring | None = None
+             ) -> dict[str, float]:
+    """Mean NDCG@K and HR@K of a model (in eval mode) over validation batches, full ranking by the score.
+
+    `scoring`: the coefficients of the score; None for the default (cosine alone), as in training.
+    """
+    scoring = scoring if scoring is not None else NewVideoScoring()
     was_training = model.training
     model.eval()
-    items = catalogue_embeddings(model)  # (N, D)
+    items = ItemState.of(model, catalogue_embeddings(model))
     ndcg_sum = hit_sum = rows = 0.0
     for batch in batches:
-        ndcg, hit = ranking_metrics(model.user_embeddings(batch.features), items, batch)  # (B,), (B,)
+        ndcg, hit = ranking_metrics(model, items, batch, scoring)  # (B,), (B,)
         ndcg_sum, hit_sum, rows = ndcg_sum + float(ndcg.sum()), hit_sum + float(hit.sum()), rows + len(batch)
     model.train(was_training)
     return {VAL_METRIC: ndcg_sum / max(rows, 1), "val_hr_10": hit_sum / max(rows, 1)}

@@ -7,13 +7,8 @@ import numpy as np
 import torch
 
 from recsys.twotower.batch import RetrievalBatch
-from recsys.twotower.new_videos import (
-    EPSILON,
-    add_fresh_viewers,
-    fit_membership,
-    log_cluster_shares,
-    own_view_taste_changes,
-)
+from recsys.twotower.new_videos import add_fresh_viewers, fit_membership
+from recsys.twotower.scoring import EPSILON, log_cluster_shares, own_view_taste_changes
 from recsys.twotower.sparse import HISTORY_FEATURE, collate
 
 
