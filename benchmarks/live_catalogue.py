@@ -134,6 +134,7 @@ def evaluate_by_id(scorer: Any, paths: Any, by_id: dict[str, Any], withheld: set
         histories=[np.array([item_idx[i] for i in h], dtype=np.int64) for h in by_id["histories"]],
         cold=np.array([t in withheld for t in by_id["targets"]]),
         n_items=items.height,
+        times=by_id["cases"].times,
     )
     metrics = evaluate_scorer(scorer, cases)
     return {"ndcg@10": metrics["ndcg@10"], "hr@10": metrics["hr@10"],

@@ -8,6 +8,9 @@ Follows the standard time-ordered leave-one-out protocol on the split written by
 Every item of the history is excluded from the ranking (a re-watched target itself stays
 rankable), every other item of the catalogue competes, including videos nobody watched in
 training. The cold-start slice is the targets whose item has no train interaction at all.
+A model that also reads other users' recent views (the two-tower model's fresh views: every
+validation interaction) ranks each test case as of the time of its target (`ScoresBefore`), so
+it never reads a view that came after the event it is asked to predict.
 Any model that can score all items for a batch of users (`Scorer`) is evaluated by the same code;
 a NaN or infinite score is an error, never the top (or bottom) of a ranking.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import polars as pl
@@ -44,6 +47,16 @@ class Scorer(Protocol):
         ...
 
 
+@runtime_checkable
+class ScoresBefore(Protocol):
+    """A scorer that reads other users' views besides the history: it ranks as of a time, from the views before it."""
+
+    def score_before(self, user_idx: np.ndarray, histories: Sequence[np.ndarray], before: np.ndarray | None
+                     ) -> np.ndarray:
+        """As `Scorer.score`, each row reading only other users' views before `before` (B,) (None: all)."""
+        ...
+
+
 @dataclass
 class EvalCases:
     """The held-out targets of one split, with what a model may see and what it must not rank."""
@@ -59,6 +72,8 @@ class EvalCases:
     """(U,) bool: the target was never interacted with in train (the cold-start slice)."""
     n_items: int
     """Catalogue size: every item is ranked."""
+    times: np.ndarray | None = None
+    """(U,) int64: when each target happened (a `ScoresBefore` scorer reads only views before it); None: unknown."""
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -72,6 +87,7 @@ class EvalCases:
             [self.histories[i] for i in rows],
             self.cold[rows],
             self.n_items,
+            None if self.times is None else self.times[rows],
         )
 
 
@@ -100,6 +116,7 @@ def load_cases(paths: PreparedPaths, split: Split = "test") -> EvalCases:
         histories=split_lists(cases["history"]),
         cold=train_counts(paths)[targets] == 0,
         n_items=n_items,
+        times=cases["timestamp"].to_numpy().astype(np.int64),
     )
 
 
@@ -124,7 +141,11 @@ def evaluate_scorer(
         rows = slice(start, start + batch_size)
         histories = cases.histories[rows]
         # A copy (B, N): it is masked in place below and must never write into a scorer's cache.
-        scores = torch.tensor(np.asarray(scorer.score(cases.user_idx[rows], histories)), dtype=torch.float32)
+        if cases.times is not None and isinstance(scorer, ScoresBefore):
+            raw = scorer.score_before(cases.user_idx[rows], histories, cases.times[rows])
+        else:
+            raw = scorer.score(cases.user_idx[rows], histories)
+        scores = torch.tensor(np.asarray(raw), dtype=torch.float32)
         if scores.shape != (len(histories), cases.n_items):
             raise ValueError(f"scorer returned shape {tuple(scores.shape)}, expected ({len(histories)}, "
                              f"{cases.n_items})")

@@ -316,7 +316,7 @@ def _apply_views(bundle: EditableBundle, views: pl.DataFrame) -> int:
     population, population_views = _population(recommender, scorer, len(views))
     fresh = views["timestamp"].to_numpy() > training_cutoff(bundle.paths)
     grown = with_views(scorer.model, users, views["item_idx"].to_numpy(), histories, population, population_views,
-                       fresh)
+                       views["timestamp"].to_numpy(), fresh)
     bundle.save_model(grown, scorer.info)
     file = bundle.paths.added_views
     earlier = pl.read_parquet(file) if file.exists() else pl.DataFrame(schema=ADDED_VIEWS_SCHEMA)

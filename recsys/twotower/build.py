@@ -120,7 +120,8 @@ def build_model(config: RetrievalConfig, data: RetrievalDataModule, content: Ite
     spec = TwoTowerSpec.from_config(config, data.n_users, data.n_items, content_dim, content.source,
                                     len(data.fresh_items))
     embedding = None if content.embedding is None else torch.from_numpy(content.embedding)
-    fresh = (torch.from_numpy(data.fresh_users), torch.from_numpy(data.fresh_items)) if config.fresh_views else None
+    fresh = (torch.from_numpy(data.fresh_users), torch.from_numpy(data.fresh_items),
+             torch.from_numpy(data.fresh_times)) if config.fresh_views else None
     return TwoTower(spec, content=embedding, known_items=torch.from_numpy(data.known_items), fresh_views=fresh)
 
 

@@ -34,7 +34,7 @@ FOLDED = ("item_tower.folded_items", "item_tower.folded_sums", "item_tower.folde
 """State entries of the videos embedded from their viewers (`ItemTower` fold-in)."""
 
 
-def _grown(model: TwoTower, n_items: int, fresh: tuple[torch.Tensor, torch.Tensor],
+def _grown(model: TwoTower, n_items: int, fresh: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
            folded: tuple[torch.Tensor, ...] | None = None, **spec_changes: float) -> TwoTower:
     """A copy of `model` for `n_items` videos (new rows zero) holding the fresh views `fresh` and, when given,
     the fold-in (items, collaborative parts, viewer sums) `folded`."""
@@ -47,7 +47,7 @@ def _grown(model: TwoTower, n_items: int, fresh: tuple[torch.Tensor, torch.Tenso
     state = grown.state_dict()
     replaced = dict(zip(FOLDED, folded, strict=True))
     for name, value in model.state_dict().items():
-        if name in ("fresh_view_users", "fresh_view_items"):
+        if name in ("fresh_view_users", "fresh_view_items", "fresh_view_times"):
             continue
         if name in ITEM_ROWS:
             state[name][: len(value)] = value
@@ -86,7 +86,8 @@ def with_videos(model: TwoTower, content: np.ndarray, rows: np.ndarray) -> TwoTo
     new_rows = np.sort(rows[rows >= n_old])
     if not np.array_equal(new_rows, np.arange(n_old, n_old + len(new_rows))):
         raise ValueError(f"new videos must take rows {n_old}..{n_old + len(new_rows) - 1}")
-    grown = _grown(model, n_old + len(new_rows), (model.fresh_view_users, model.fresh_view_items))
+    grown = _grown(model, n_old + len(new_rows), (model.fresh_view_users, model.fresh_view_items,
+                                                   model.fresh_view_times))
     index = torch.from_numpy(rows.astype(np.int64))
     grown.item_tower.content[index] = torch.from_numpy(content.astype(np.float32))
     unknown = rows[~grown.item_tower.known_items.numpy()[rows]]  # new, or existing but never trained on
@@ -184,10 +185,11 @@ def pick_fold_in_prior(content: torch.Tensor, viewer_sums: torch.Tensor, viewed:
 
 @torch.no_grad()
 def with_views(model: TwoTower, users: np.ndarray, items: np.ndarray, histories: list[np.ndarray],
-               population: torch.Tensor, population_views: torch.Tensor, fresh: np.ndarray,
+               population: torch.Tensor, population_views: torch.Tensor, times: np.ndarray, fresh: np.ndarray,
                batch_size: int = 4096) -> TwoTower:
     """The model with V more views: `users` (V,) user_idx (-1: a user the model does not know), `items` (V,)
-    item_idx, each viewer's history before the view (item_idx, oldest first), and `fresh` (V,) bool: the
+    item_idx, each viewer's history before the view (item_idx, oldest first), `times` (V,) when they
+    happened, and `fresh` (V,) bool: the
     views after the training cut-off, which join the fresh views (the others only fold videos in).
     `population` (S, D) and `population_views` (S,): user embeddings standing for every view (see `fit_fold_in`).
 
@@ -198,7 +200,8 @@ def with_views(model: TwoTower, users: np.ndarray, items: np.ndarray, histories:
     """
     users, items = users.astype(np.int64), items.astype(np.int64)
     fresh_views = (torch.cat([model.fresh_view_users, torch.from_numpy(users[fresh])]),
-                   torch.cat([model.fresh_view_items, torch.from_numpy(items[fresh])]))
+                   torch.cat([model.fresh_view_items, torch.from_numpy(items[fresh])]),
+                   torch.cat([model.fresh_view_times, torch.from_numpy(times[fresh].astype(np.int64))]))
     tower = model.item_tower
     untrained = np.flatnonzero(~tower.known_items.numpy()[items])  # the views that fold a video in
     states = [tower.folded_viewer_sums]  # the sums so far, then each new viewer just before the view (V', D)

@@ -155,6 +155,7 @@ class RetrievalDataModule(L.LightningDataModule):
         # Every validation interaction, before any sampling: the model's fresh views (recsys.twotower.fresh_views).
         self.fresh_users = valid.get_column("user_idx").to_numpy().astype(np.int64)
         self.fresh_items = valid.get_column("item_idx").to_numpy().astype(np.int64)
+        self.fresh_times = valid.get_column("timestamp").to_numpy().astype(np.int64)
         if 0 < self.validation_users < len(valid):
             valid = valid.sample(self.validation_users, seed=self.seed).sort("user_idx")
         self.valid_users = valid.get_column("user_idx").to_numpy().astype(np.int64)

@@ -12,6 +12,9 @@ share, with one pseudo-view per video so that a video nobody has watched yet is 
 with c_i the fresh views of video i, T all fresh views and N the catalogue size (0 for a video
 with an average share, negative below it).
 
+At test time a user's ranking reads only the fresh views before their test event
+(`popularity_before`): other users' validation views may come later, and those are the future.
+
 A user's own fresh views do not count when ranking for that user: it is what other people watch
 now that the term stands for. This changes nothing in serving or at test time, where a user's own
 views are in their history and never recommended, but it is what keeps validation honest: there
@@ -30,14 +33,38 @@ def fresh_popularity(counts: torch.Tensor, total: int) -> torch.Tensor:
 
 
 class FreshViews:
-    """The fresh (user, item) views of a catalogue of `n_items` videos, and the popularity they give."""
+    """The fresh (user, item, time) views of a catalogue of `n_items` videos, and the popularity they give."""
 
-    def __init__(self, users: torch.Tensor, items: torch.Tensor, n_items: int) -> None:
+    def __init__(self, users: torch.Tensor, items: torch.Tensor, n_items: int,
+                 times: torch.Tensor | None = None) -> None:
         order = torch.argsort(users, stable=True)
         self.users = users[order]  # (E,) sorted, for each user's range
         self.items = items[order]  # (E,)
         self.counts = torch.bincount(items, minlength=n_items).float()  # (N,)
         self.popularity = fresh_popularity(self.counts, len(items))  # (N,)
+        times = torch.zeros(len(items), dtype=torch.long) if times is None else times.long()
+        by_time = torch.argsort(times, stable=True)
+        self.times_in_order = times[by_time]  # (E,) ascending
+        self.items_in_order = items[by_time]  # (E,)
+
+    def popularity_before(self, before: torch.Tensor) -> torch.Tensor:
+        """(B, N) fresh popularity of every video from the fresh views before each time `before` (B,) only.
+
+        One pass over the views in time order, each row taking the counts when its time comes: the
+        cost is the (B, N) output, not B passes over the views.
+        """
+        n_items = len(self.counts)
+        out = torch.empty(len(before), n_items)
+        seen = torch.searchsorted(self.times_in_order, before.long())  # (B,) views strictly before each time
+        counts = torch.zeros(n_items)
+        done = 0
+        for row in torch.argsort(seen).tolist():
+            upto = int(seen[row])
+            if upto > done:
+                counts.index_add_(0, self.items_in_order[done:upto], torch.ones(upto - done))
+                done = upto
+            out[row] = fresh_popularity(counts, done)
+        return out
 
     def own_view_changes(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, items, change of fresh popularity): leaving out each row's own fresh views.

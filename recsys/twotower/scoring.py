@@ -291,6 +291,16 @@ def user_vectors(users: UserState, scoring: NewVideoScoring) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
+def later_view_corrections(items: ItemState, scoring: NewVideoScoring, before: torch.Tensor) -> torch.Tensor:
+    """(B, N) what `user_vectors @ item_vectors.T` must lose for each of B rankings made at time `before` (B,):
+    the fresh views from then on are the future, so f_i fresh_i is read from the earlier ones only
+    (`FreshViews.popularity_before`). The test protocol ranks so; serving needs none (every view is past)."""
+    if items.fresh is None or not scoring.uses_fresh():
+        return torch.zeros(len(before), len(items.new))
+    coefficients = Coefficients.of(items.new, scoring)
+    return coefficients.fresh * (items.fresh.popularity_before(before) - items.fresh.popularity)
+
+
 def own_view_corrections(users: UserState, items: ItemState, scoring: NewVideoScoring
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, items, change) (V,): what `user_vectors @ item_vectors.T` misses at each user's own fresh views."""

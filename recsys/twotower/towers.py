@@ -238,7 +238,7 @@ class TwoTower(nn.Module):
 
     def __init__(self, spec: TwoTowerSpec, content: torch.Tensor | None = None,
                  known_items: torch.Tensor | None = None,
-                 fresh_views: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 fresh_views: tuple[torch.Tensor, ...] | None = None) -> None:
         super().__init__()
         if not spec.use_ids and not spec.content_dim:
             raise ValueError("a two-tower model needs ID embeddings, content, or both")
@@ -249,18 +249,21 @@ class TwoTower(nn.Module):
         self.user_tower = UserTower(spec)
         # Filled after training (`recsys.twotower.new_videos.fit_new_videos`); saved with the weights.
         self.register_buffer("cluster_membership", torch.zeros(spec.n_items, spec.taste_clusters))
-        # (user, item) of each fresh view: read by the scoring of every video, saved with the weights.
+        # (user, item, time) of each fresh view: read by the scoring of every video, saved with the weights.
+        # `fresh_views`: (users, items) or (users, items, times); without times every view counts as time 0.
         empty = torch.zeros(spec.fresh_views, dtype=torch.long)
-        users, items = fresh_views or (empty, empty.clone())
-        if not len(users) == len(items) == spec.fresh_views:
+        users, items, *times = fresh_views or (empty, empty.clone())
+        times = times[0] if times else torch.zeros(len(users), dtype=torch.long)
+        if not len(users) == len(items) == len(times) == spec.fresh_views:
             raise ValueError(f"the spec holds {spec.fresh_views} fresh views, got {len(users)} users, "
-                             f"{len(items)} items")
+                             f"{len(items)} items, {len(times)} times")
         self.register_buffer("fresh_view_users", users.long())
         self.register_buffer("fresh_view_items", items.long())
+        self.register_buffer("fresh_view_times", times.long())
 
     def fresh_views(self) -> FreshViews:
         """The fresh views this model holds, and the popularity they give each video."""
-        return FreshViews(self.fresh_view_users, self.fresh_view_items, self.spec.n_items)
+        return FreshViews(self.fresh_view_users, self.fresh_view_items, self.spec.n_items, self.fresh_view_times)
 
     def _users(self, emb: SparseEmbeddings, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         tokens = self.item_tower.represent(emb.history_ids, emb.history)  # (B, T, D)

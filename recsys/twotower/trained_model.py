@@ -42,6 +42,7 @@ from recsys.twotower.scoring import (
     NewVideoScoring,
     UserState,
     item_vectors,
+    later_view_corrections,
     own_view_corrections,
     user_vectors,
 )
@@ -52,8 +53,8 @@ from recsys.twotower.validation import catalogue_embeddings
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_FILE = "model.json"
 FORMAT_VERSION = 1
-LATER_BUFFERS = ("cluster_membership", "fresh_view_users", "fresh_view_items", "item_tower.folded_items",
-                 "item_tower.folded_sums", "item_tower.folded_viewer_sums")
+LATER_BUFFERS = ("cluster_membership", "fresh_view_users", "fresh_view_items", "fresh_view_times",
+                 "item_tower.folded_items", "item_tower.folded_sums", "item_tower.folded_viewer_sums")
 """Buffers added to the model after format 1: a model saved before them keeps their empty default."""
 NEW_VIDEO_SCORING = "new_video_scoring"
 """Key of the training summary (model.json "info") holding the fitted `NewVideoScoring`."""
@@ -171,7 +172,14 @@ class TwoTowerScorer:
 
     @torch.inference_mode()
     def score(self, user_idx: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        """float32 (B, n_items): the model's score of every item for each user (higher = better).
+        """float32 (B, n_items): the model's score of every item for each user now (higher = better)."""
+        return self.score_before(user_idx, histories, None)
+
+    @torch.inference_mode()
+    def score_before(self, user_idx: np.ndarray, histories: list[np.ndarray], before: np.ndarray | None
+                     ) -> np.ndarray:
+        """float32 (B, n_items): the model's score of every item for each user at times `before` (B,), reading
+        only the fresh views before each (`later_view_corrections`); None: now, every fresh view.
 
         `user_vectors(...) @ item_vectors().T`, the product an item index ranks by, plus
         `own_view_corrections`: a user's own fresh views count neither towards the fresh popularity
@@ -183,6 +191,8 @@ class TwoTowerScorer:
         scores = user_vectors(users, scoring).numpy() @ self.item_vectors().T  # (B, N)
         rows, items, change = own_view_corrections(users, self.item_state(), scoring)
         scores[rows.numpy(), items.numpy()] += change.numpy()
+        if before is not None:
+            scores += later_view_corrections(self.item_state(), scoring, torch.as_tensor(before)).numpy()
         return scores
 
 

@@ -182,3 +182,29 @@ def test_a_nan_or_infinite_score_is_an_error_not_the_top_of_a_ranking(paths: Pre
         evaluate_scorer(scorer, cases, batch_size=256, name="broken")
     with pytest.raises(InvalidScoreError, match=r"scorer 'BrokenScores' returned"):
         evaluate_scorer(scorer, cases)
+
+
+class TimedScorer:
+    """Ranks by a fixed order, and records the times it was asked to rank at."""
+
+    def __init__(self, n_items: int) -> None:
+        self.n_items = n_items
+        self.asked: list[int] = []
+
+    def score(self, user_idx: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        raise AssertionError("a scorer that reads other users' views must be asked as of a time")
+
+    def score_before(self, user_idx: np.ndarray, histories: Sequence[np.ndarray], before: np.ndarray | None
+                     ) -> np.ndarray:
+        assert before is not None
+        self.asked.extend(before.tolist())
+        return np.tile(-np.arange(self.n_items, dtype=np.float32), (len(user_idx), 1))
+
+
+def test_a_scorer_reading_other_users_views_ranks_each_test_case_as_of_its_target_time(paths: PreparedPaths) -> None:
+    cases = load_cases(paths, "test")
+    scorer = TimedScorer(cases.n_items)
+    evaluate_scorer(scorer, cases, batch_size=7)
+    test = pl.read_parquet(paths.test)
+    assert scorer.asked == test["timestamp"].to_list()  # each case at its own target's time, in case order
+    assert len(set(scorer.asked)) > 1

@@ -51,3 +51,19 @@ def test_target_ranks_match_the_full_ranking_with_exclusions_and_ties() -> None:
         full[:, new] = new_scores
         expected = rank_of_targets(full, targets, batch.exclude_rows, batch.exclude_items)
         assert torch.equal(ranks.ranks(new_scores), expected)
+
+
+def test_popularity_before_a_time_counts_only_the_earlier_fresh_views() -> None:
+    generator = torch.Generator().manual_seed(1)
+    users = torch.randint(0, 20, (200,), generator=generator)
+    items = torch.randint(0, 15, (200,), generator=generator)
+    times = torch.randint(0, 50, (200,), generator=generator)
+    fresh = FreshViews(users, items, n_items=15, times=times)
+    before = torch.tensor([0, 25, 49, 50, 10, 25])
+    got = fresh.popularity_before(before)
+    for row, t in enumerate(before.tolist()):
+        earlier = items[times < t]
+        by_hand = FreshViews(users[times < t], earlier, n_items=15).popularity  # the fresh views up to then
+        torch.testing.assert_close(got[row], by_hand)
+    torch.testing.assert_close(got[3], fresh.popularity)  # after the last view: all of them
+    torch.testing.assert_close(got[0], torch.zeros(15))  # before the first: an even share for every video

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from recsys.twotower.batch import RetrievalBatch
-from recsys.twotower.scoring import NewVideoScoring, score, score_inputs
+from recsys.twotower.fresh_views import FreshViews
+from recsys.twotower.scoring import Coefficients, NewVideoScoring, score, score_inputs
 from recsys.twotower.sparse import collate_histories
 from recsys.twotower.towers import TwoTower, TwoTowerSpec
 from recsys.twotower.trained_model import NEW_VIDEO_SCORING, TwoTowerScorer
@@ -85,3 +86,18 @@ def test_the_validation_metric_is_the_ndcg_of_the_served_ranking(scoring: NewVid
     validated = validate(model, [batch], scoring)[VAL_METRIC]
     assert validated == pytest.approx(served_ndcg(scorer_of(model, scoring)), abs=1e-6)
     assert 0 < validated < 1
+
+
+def test_a_ranking_made_before_some_fresh_views_reads_only_the_earlier_ones() -> None:
+    model = hand_made_model()
+    model.fresh_view_times.copy_(torch.tensor([10, 20, 30, 40, 50]))
+    scorer = scorer_of(model, SCORING)
+    now = scorer.score(USERS, HISTORIES)
+    np.testing.assert_array_equal(scorer.score_before(USERS, HISTORIES, np.full(len(USERS), 51)), now)
+    early = scorer.score_before(USERS, HISTORIES, np.full(len(USERS), 25))  # the views at 30, 40 and 50 not yet
+    items = scorer.item_state()
+    earlier = FreshViews(torch.tensor(FRESH_USERS[:2]), torch.tensor(FRESH_ITEMS[:2]), N_ITEMS).popularity
+    coefficients = Coefficients.of(items.new, SCORING)
+    expected = now + (coefficients.fresh * (earlier - items.fresh.popularity)).numpy()[None, :]
+    np.testing.assert_allclose(early, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(early, now)
