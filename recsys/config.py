@@ -419,7 +419,7 @@ class RetrievalConfig:
     patience: int = 3
     """Stop after this many epochs without a better validation NDCG@10"""
     validation_users: int = 10_000
-    """Users whose validation target is ranked each epoch (a fixed seeded sample; 0: every user)"""
+    """Users in each half of the validation split (checkpoints; coefficients): a fixed seeded sample, 0: all"""
     seed: int = 0
     """Random seed of initialisation, shuffling and dropout"""
     resume: str | None = field(default=None, metadata={"const": RESUME_LATEST})

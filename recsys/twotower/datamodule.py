@@ -10,9 +10,12 @@ target is scored from exactly the items the user watched before it (at least
 That is how sequential recommenders train (GRU4Rec, SASRec): one pass over a sequence trains
 all its steps, where one history per target would repeat the same encoder work up to
 `max_history` times. Validation rows are the valid targets, with the user's train history; the
-user's train items are excluded from the full ranking. On large datasets validation ranks a fixed
-seeded sample of `validation_users` users, the same every epoch: ranking every user's whole
-catalogue each epoch would cost more than the training pass.
+user's train items are excluded from the full ranking. The validation users are split in two
+disjoint halves by a seeded permutation: one picks the checkpoint, stops training and scores the
+champion (`val_dataloader`), the other fits the score's coefficients (`fit_dataloader`), so the
+coefficients are never chosen on the users that then judge the model. On large datasets each half
+is a fixed seeded sample of at most `validation_users` users, the same every epoch: ranking every
+user's whole catalogue each epoch would cost more than the training pass.
 """
 
 from __future__ import annotations
@@ -156,10 +159,15 @@ class RetrievalDataModule(L.LightningDataModule):
         self.fresh_users = valid.get_column("user_idx").to_numpy().astype(np.int64)
         self.fresh_items = valid.get_column("item_idx").to_numpy().astype(np.int64)
         self.fresh_times = valid.get_column("timestamp").to_numpy().astype(np.int64)
-        if 0 < self.validation_users < len(valid):
-            valid = valid.sample(self.validation_users, seed=self.seed).sort("user_idx")
-        self.valid_users = valid.get_column("user_idx").to_numpy().astype(np.int64)
-        self.valid_items = valid.get_column("item_idx").to_numpy().astype(np.int64)
+        order = np.random.default_rng(self.seed).permutation(len(valid))
+        halves = order[: len(order) // 2], order[len(order) // 2:]  # checkpoint users, coefficient-fit users
+        if self.validation_users:
+            halves = tuple(half[: self.validation_users] for half in halves)
+        users = valid.get_column("user_idx").to_numpy().astype(np.int64)
+        items = valid.get_column("item_idx").to_numpy().astype(np.int64)
+        checkpoint, fit = (np.sort(half) for half in halves)  # rows of `valid`, in user order
+        self.valid_users, self.valid_items = users[checkpoint], items[checkpoint]
+        self.fit_users, self.fit_items = users[fit], items[fit]
 
     @property
     def windows_per_batch(self) -> int:
@@ -237,6 +245,13 @@ class RetrievalDataModule(L.LightningDataModule):
         return DataLoader(
             order, batch_size=self.eval_batch_size, shuffle=False,
             collate_fn=lambda rows: self.eval_batch(self.valid_users[rows], self.valid_items[rows]),
+        )
+
+    def fit_dataloader(self) -> DataLoader:
+        """The other half of the validation users (disjoint from `val_dataloader`'s): they fit the coefficients."""
+        return DataLoader(
+            np.arange(len(self.fit_users)), batch_size=self.eval_batch_size, shuffle=False,
+            collate_fn=lambda rows: self.eval_batch(self.fit_users[rows], self.fit_items[rows]),
         )
 
     def fresh_view_dataloader(self) -> DataLoader:

@@ -54,7 +54,7 @@ from recsys.twotower.new_videos import fit_new_videos, new_video_metrics
 from recsys.twotower.plots import log_retrieval_plots
 from recsys.twotower.sparse import ITEM_TABLE, USER_TABLE
 from recsys.twotower.trained_model import MODEL_FILE, NEW_VIDEO_SCORING, WEIGHTS_FILE, models_dir, save_trained
-from recsys.twotower.validation import VAL_METRIC
+from recsys.twotower.validation import VAL_METRIC, validate
 
 
 def sharders() -> list[ModuleSharder[nn.Module]]:
@@ -147,8 +147,8 @@ def train_rank(config: RetrievalConfig, rank: int, world_size: int, device: torc
     # The same TwoTower, unsharded: DMP's state keys are those of the wrapped RetrievalObjective.
     full = build_model(config, data, content)
     full.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-    scoring, scored_ndcg, metrics = fit_new_videos(full, data.val_dataloader(), data.fresh_view_dataloader(),
-                                                     config.seed)
+    scoring, scored_ndcg, _ = fit_new_videos(full, data.fit_dataloader(), data.fresh_view_dataloader(), config.seed)
+    metrics = validate(full, data.val_dataloader())  # the checkpoint half of the validation users, as in training
     history[-1].update(metrics)
     info = {"best_val_ndcg_10": metrics[VAL_METRIC], "epochs": config.max_epochs, "content_source": content.source,
             NEW_VIDEO_SCORING: scoring.to_dict(), "sharded": {"world_size": world_size, "plan": str(plan)},

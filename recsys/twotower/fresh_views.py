@@ -5,9 +5,10 @@ sign of its popularity (content says what it is about, not how many people will 
 watched one, whether it is rising or fading. The model is given the validation interactions as
 fresh views: they are in every user's history at test time and in serving, and training never
 read them. Each video's fresh popularity is the log of its share of fresh views against an even
-share, with one pseudo-view per video so that a video nobody has watched yet is not impossible:
+share, with p pseudo-views per video (`TwoTowerSpec.fresh_pseudo_views`, 1) so that a video nobody has
+watched yet is not impossible:
 
-    fresh_popularity_i = log(N * (c_i + 1) / (T + N))
+    fresh_popularity_i = log(N * (c_i + p) / (T + p N))
 
 with c_i the fresh views of video i, T all fresh views and N the catalogue size (0 for a video
 with an average share, negative below it).
@@ -26,22 +27,23 @@ from __future__ import annotations
 import torch
 
 
-def fresh_popularity(counts: torch.Tensor, total: int) -> torch.Tensor:
-    """log(N (c_i + 1) / (T + N)) of fresh view counts (..., N), T = `total` fresh views."""
+def fresh_popularity(counts: torch.Tensor, total: int, pseudo_views: float = 1.0) -> torch.Tensor:
+    """log(N (c_i + p) / (T + p N)) of fresh view counts (..., N), T = `total` fresh views, p = `pseudo_views`."""
     n_items = counts.shape[-1]
-    return torch.log(n_items * (counts + 1.0) / (total + n_items))
+    return torch.log(n_items * (counts + pseudo_views) / (total + pseudo_views * n_items))
 
 
 class FreshViews:
     """The fresh (user, item, time) views of a catalogue of `n_items` videos, and the popularity they give."""
 
     def __init__(self, users: torch.Tensor, items: torch.Tensor, n_items: int,
-                 times: torch.Tensor | None = None) -> None:
+                 times: torch.Tensor | None = None, pseudo_views: float = 1.0) -> None:
         order = torch.argsort(users, stable=True)
         self.users = users[order]  # (E,) sorted, for each user's range
         self.items = items[order]  # (E,)
+        self.pseudo_views = pseudo_views
         self.counts = torch.bincount(items, minlength=n_items).float()  # (N,)
-        self.popularity = fresh_popularity(self.counts, len(items))  # (N,)
+        self.popularity = fresh_popularity(self.counts, len(items), pseudo_views)  # (N,)
         times = torch.zeros(len(items), dtype=torch.long) if times is None else times.long()
         by_time = torch.argsort(times, stable=True)
         self.times_in_order = times[by_time]  # (E,) ascending
@@ -63,7 +65,7 @@ class FreshViews:
             if upto > done:
                 counts.index_add_(0, self.items_in_order[done:upto], torch.ones(upto - done))
                 done = upto
-            out[row] = fresh_popularity(counts, done)
+            out[row] = fresh_popularity(counts, done, self.pseudo_views)
         return out
 
     def own_view_changes(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,7 +82,8 @@ class FreshViews:
         offsets = torch.arange(len(rows)) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
         items = self.items[starts[rows] + offsets]  # (V,)
         counts = self.counts[items]  # (V,) >= 1: each includes the row's own view
-        change = torch.log(counts / (counts + 1.0))  # (V,) log(c) - log(c + 1): one pseudo-view remains
+        p = self.pseudo_views
+        change = torch.log((counts - 1.0 + p) / (counts + p))  # (V,) one view fewer: the pseudo-views remain
         return rows, items, change
 
     def popularity_for(self, users: torch.Tensor) -> torch.Tensor:

@@ -107,8 +107,8 @@ def content_clusters(watched_content: np.ndarray, labels: np.ndarray, content: n
     return out
 
 
-def add_fresh_viewers(membership: torch.Tensor, new: torch.Tensor, fresh_batches: Iterable[RetrievalBatch]
-                      ) -> torch.Tensor:
+def add_fresh_viewers(membership: torch.Tensor, new: torch.Tensor, fresh_batches: Iterable[RetrievalBatch],
+                      half_life: float) -> torch.Tensor:
     """(N, K) memberships with each new video's updated by the cluster shares of its fresh viewers.
 
     fresh_batches: one row per fresh view, the viewer's history before it and the viewed video as
@@ -118,7 +118,7 @@ def add_fresh_viewers(membership: torch.Tensor, new: torch.Tensor, fresh_batches
     evidence = torch.zeros_like(membership)  # (N, K) sum of log(share + EPSILON) over each video's viewers
     for batch in fresh_batches:
         history = batch.features.items[HISTORY_FEATURE]
-        log_shares = log_cluster_shares(membership, history.values(), history.lengths())  # (B, K)
+        log_shares = log_cluster_shares(membership, history.values(), history.lengths(), half_life)  # (B, K)
         of_new = new[batch.targets]  # (B,)
         evidence.index_add_(0, batch.targets[of_new], log_shares[of_new])
     updated = membership.clone()
@@ -126,23 +126,36 @@ def add_fresh_viewers(membership: torch.Tensor, new: torch.Tensor, fresh_batches
     return updated
 
 
+FITTED_TERMS = ("cold bias", "taste clusters", "fresh sharpening", "fresh popularity")
+"""Terms of the score that the fit can leave out (`fit_new_videos(without=...)`), for ablations: the new
+videos' offset, the taste term, the sharpening of new videos' memberships by their fresh viewers, and
+fresh popularity."""
+
+
 def fit_new_videos(model: TwoTower, batches: Iterable[RetrievalBatch], fresh_batches: Iterable[RetrievalBatch],
-                   seed: int = 0) -> tuple[NewVideoScoring, float, dict[str, float]]:
+                   seed: int = 0, without: frozenset[str] = frozenset()
+                   ) -> tuple[NewVideoScoring, float, dict[str, float]]:
     """Cluster memberships (written into `model.cluster_membership`), then `fit_new_video_scoring`.
 
     Memberships need content (new videos are read from it), new videos and `spec.taste_clusters` > 0;
     `fresh_batches` (the model's fresh views, see `add_fresh_viewers`) sharpen those of new videos.
+    `without`: terms of `FITTED_TERMS` to leave out (their coefficients stay 0, their memberships unfitted).
     """
+    unknown = set(without) - set(FITTED_TERMS)
+    if unknown:
+        raise ValueError(f"unknown score terms {sorted(unknown)}; the fit can leave out {list(FITTED_TERMS)}")
     known = model.item_tower.known_items.numpy()
-    if model.spec.taste_clusters and model.spec.content_dim and not known.all():
+    model.cluster_membership.zero_()
+    if model.spec.taste_clusters and model.spec.content_dim and not known.all() and "taste clusters" not in without:
         model.eval()
         items = catalogue_embeddings(model).numpy()  # (N, D)
         content = model.item_tower.content.numpy()  # (N, C)
         membership = torch.from_numpy(fit_membership(items, known, content, model.spec.taste_clusters, seed))
-        if model.spec.fresh_views and membership.any():
-            membership = add_fresh_viewers(membership, torch.from_numpy(~known), fresh_batches)
+        if model.spec.fresh_views and membership.any() and "fresh sharpening" not in without:
+            membership = add_fresh_viewers(membership, torch.from_numpy(~known), fresh_batches,
+                                           model.spec.taste_half_life)
         model.cluster_membership.copy_(membership)
-    return fit_new_video_scoring(model, batches)
+    return fit_new_video_scoring(model, batches, without)
 
 
 class TargetRanks:
@@ -193,16 +206,16 @@ class TargetRanks:
         return metrics_from_ranks(self.ranks(new_scores), (K,))[f"ndcg@{K}"]
 
 
-def scoring_grid(has_new: bool, has_taste: bool, has_fresh: bool) -> list[NewVideoScoring]:
-    """Every scoring `fit_new_video_scoring` tries: terms without their inputs stay at 0."""
-    new_points = itertools.product(WEIGHTS, TASTE_WEIGHTS if has_taste else (0.0,), BIASES,
+def scoring_grid(has_new: bool, has_taste: bool, has_fresh: bool, has_bias: bool = True) -> list[NewVideoScoring]:
+    """Every scoring `fit_new_video_scoring` tries: terms without their inputs (or left out) stay at 0."""
+    new_points = itertools.product(WEIGHTS, TASTE_WEIGHTS if has_taste else (0.0,), BIASES if has_bias else (0.0,),
                                    FRESH_WEIGHTS if has_fresh else (0.0,)) if has_new else [(1.0, 0.0, 0.0, 0.0)]
     return [NewVideoScoring(*point, watched_fresh_weight=watched)
             for point in new_points for watched in (WATCHED_FRESH_WEIGHTS if has_fresh else (0.0,))]
 
 
 @torch.no_grad()
-def fit_new_video_scoring(model: TwoTower, batches: Iterable[RetrievalBatch]
+def fit_new_video_scoring(model: TwoTower, batches: Iterable[RetrievalBatch], without: frozenset[str] = frozenset()
                           ) -> tuple[NewVideoScoring, float, dict[str, float]]:
     """(best scoring, its validation NDCG@K, validation NDCG@K and HR@K of the plain model) from one pass.
 
@@ -211,12 +224,14 @@ def fit_new_video_scoring(model: TwoTower, batches: Iterable[RetrievalBatch]
     `NewVideoScoring` (cosine alone). The terms are read once per batch; the scorings of one
     watched_fresh_weight share the watched videos' scores (`TargetRanks`), so each grid point
     re-scores only the new videos' columns. A catalogue without new videos or fresh views gets the
-    default scoring and NaN.
+    default scoring and NaN. `without`: terms of `FITTED_TERMS` whose coefficients stay 0.
     """
     model.eval()
     items = ItemState.of(model, catalogue_embeddings(model))
-    has_new, has_taste, has_fresh = bool(items.new.any()), items.has_taste(), items.fresh is not None
-    grid = scoring_grid(has_new, has_taste, has_fresh) if has_new or has_fresh else []
+    has_new = bool(items.new.any())
+    has_taste = items.has_taste() and "taste clusters" not in without
+    has_fresh = items.fresh is not None and "fresh popularity" not in without
+    grid = scoring_grid(has_new, has_taste, has_fresh, "cold bias" not in without) if has_new or has_fresh else []
     ndcg_sums = dict.fromkeys(grid, 0.0)
     plain = [0.0, 0.0]  # NDCG sum, HR sum
     rows = 0

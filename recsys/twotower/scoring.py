@@ -9,7 +9,7 @@ with, from the fitted `NewVideoScoring`,
 
 - cos(u, e_i): user tower and item tower embeddings, both of unit length;
 - m_i: the video's cluster membership, share_u: the recency-weighted share of each cluster in the
-  user's history (HALF_LIFE); how memberships are fitted and why a new video needs the taste term
+  user's history (`TwoTowerSpec.taste_half_life`); how memberships are fitted and why a new video needs the taste term
   is in `recsys.twotower.new_videos`;
 - fresh_i: the video's popularity among the views since the training cut-off
   (`recsys.twotower.fresh_views`).
@@ -43,8 +43,6 @@ from recsys.twotower.fresh_views import FreshViews
 from recsys.twotower.sparse import HISTORY_FEATURE, SparseFeatures
 from recsys.twotower.towers import TwoTower
 
-HALF_LIFE = 20.0
-"""Views after which a history item counts half as much towards the user's cluster shares."""
 EPSILON = 0.01
 """Floor of every cluster share: a cluster the user never watched is unlikely, not impossible."""
 MIN_PROBABILITY = 1e-9
@@ -143,7 +141,8 @@ class UserState:
         log_shares = None
         if taste:
             history = features.items[HISTORY_FEATURE]
-            log_shares = log_cluster_shares(model.cluster_membership, history.values(), history.lengths())
+            log_shares = log_cluster_shares(model.cluster_membership, history.values(), history.lengths(),
+                                            model.spec.taste_half_life)
         return cls(model.user_embeddings(features), features.row_users(), log_shares)
 
     @classmethod
@@ -154,15 +153,17 @@ class UserState:
                    torch.cat(shares) if len(shares) == len(states) else None)
 
 
-def log_cluster_shares(membership: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def log_cluster_shares(membership: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                       half_life: float) -> torch.Tensor:
     """(B, K) log(recency-weighted share of each cluster + EPSILON) of B histories.
 
-    values: the histories concatenated, each oldest first; lengths (B,): their lengths.
+    values: the histories concatenated, each oldest first; lengths (B,): their lengths; a view
+    `half_life` views older than the newest counts half as much (inf: every view alike).
     """
     rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)  # (V,)
     bounds = torch.cumsum(lengths, 0)  # (B,) one past each history
     age = bounds[rows] - 1 - torch.arange(len(values))  # (V,) 0 for the newest view
-    recency = 0.5 ** (age.double() / HALF_LIFE)  # (V,)
+    recency = 0.5 ** (age.double() / half_life)  # (V,)
     weighted = torch.cat([recency[:, None] * membership[values].double(), recency[:, None]], 1)  # (V, K + 1)
     # Per-history sums as differences of one running sum (float64: exact enough, and no scatter over V rows).
     running = torch.cat([torch.zeros(1, weighted.shape[1], dtype=torch.float64), torch.cumsum(weighted, 0)])

@@ -71,6 +71,10 @@ class TwoTowerSpec:
     """Videos without training interactions embedded from the viewers they got since (`ItemTower`, `views add`)"""
     fold_in_prior: float = 0.0
     """Views a folded-in video's content embedding counts as (`recsys.twotower.catalogue_update.pick_fold_in_prior`)"""
+    taste_half_life: float = 20.0
+    """Views after which a history view counts half as much towards the user's cluster shares (inf: all equal)"""
+    fresh_pseudo_views: float = 1.0
+    """Views every video is given in its fresh popularity, so one nobody watched yet is not impossible"""
     temperature: float = _config_default("temperature")
     """`RetrievalConfig.temperature`: the softmax over the catalogue that the model was trained under"""
 
@@ -263,7 +267,8 @@ class TwoTower(nn.Module):
 
     def fresh_views(self) -> FreshViews:
         """The fresh views this model holds, and the popularity they give each video."""
-        return FreshViews(self.fresh_view_users, self.fresh_view_items, self.spec.n_items, self.fresh_view_times)
+        return FreshViews(self.fresh_view_users, self.fresh_view_items, self.spec.n_items, self.fresh_view_times,
+                          self.spec.fresh_pseudo_views)
 
     def _users(self, emb: SparseEmbeddings, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         tokens = self.item_tower.represent(emb.history_ids, emb.history)  # (B, T, D)

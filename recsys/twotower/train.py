@@ -205,7 +205,7 @@ def _train(config: RetrievalConfig, paths: PreparedPaths) -> RetrievalResult:
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
         best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
-        scoring, scored_ndcg, _ = fit_new_videos(model, data.val_dataloader(), data.fresh_view_dataloader(),
+        scoring, scored_ndcg, _ = fit_new_videos(model, data.fit_dataloader(), data.fresh_view_dataloader(),
                                                      config.seed)
         info: dict[str, Any] = {
             "best_val_ndcg_10": best,

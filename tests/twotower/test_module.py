@@ -224,6 +224,20 @@ def test_validation_ranks_a_fixed_sample_of_users_when_asked(topic_data: Prepare
     assert len(pairs) > 10
 
 
+def test_the_coefficients_are_fitted_on_validation_users_disjoint_from_those_picking_the_checkpoint(
+        topic_data: PreparedPaths) -> None:
+    every = RetrievalDataModule(topic_data, validation_users=0)
+    every.setup("fit")
+    checkpoint, fit = set(every.valid_users.tolist()), set(every.fit_users.tolist())
+    assert not checkpoint & fit  # no user judges the model whose coefficients they fitted
+    assert checkpoint | fit == set(every.fresh_users.tolist()) and abs(len(checkpoint) - len(fit)) <= 1
+    assert sum(len(batch) for batch in every.fit_dataloader()) == len(fit)
+    capped = RetrievalDataModule(topic_data, validation_users=10)
+    capped.setup("fit")
+    assert len(capped.valid_users) == len(capped.fit_users) == 10
+    assert not set(capped.valid_users.tolist()) & set(capped.fit_users.tolist())
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -295,11 +309,11 @@ def test_fresh_views_lift_the_new_videos_that_other_people_watch_now(trained: Re
     # Content tells each user's new video; only the fresh views tell which of them people watch.
     topics = item_topics(topic_data)
     new_video_of_topic = {topics[i]: i for i in np.flatnonzero(~data.known_items)}
-    user_topics = topics[data.valid_items]
-    targets = np.where(user_topics < 3, [new_video_of_topic[t] for t in user_topics], data.valid_items)
-    batch = data.eval_batch(data.valid_users, targets)
+    user_topics = topics[data.fresh_items]
+    targets = np.where(user_topics < 3, [new_video_of_topic[t] for t in user_topics], data.fresh_items)
+    batch = data.eval_batch(data.fresh_users, targets)
     model = scorer.model
-    model.fresh_view_users.copy_(torch.from_numpy(data.valid_users))
+    model.fresh_view_users.copy_(torch.from_numpy(data.fresh_users))
     model.fresh_view_items.copy_(torch.from_numpy(targets))
     with_fresh, ndcg, _ = fit_new_video_scoring(model, [batch])
     model.spec = replace(model.spec, fresh_views=0)
@@ -311,7 +325,7 @@ def test_fresh_views_lift_the_new_videos_that_other_people_watch_now(trained: Re
     scorer.info[NEW_VIDEO_SCORING] = with_fresh.to_dict()
     history = batch.features.items[HISTORY_FEATURE]
     histories = np.split(history.values().numpy(), np.cumsum(history.lengths().numpy())[:-1])
-    served = scorer.score(data.valid_users, histories)
+    served = scorer.score(data.fresh_users, histories)
     assert float(ndcg_and_hits(torch.from_numpy(served), batch)[0].mean()) == pytest.approx(ndcg, abs=1e-6)
 
 

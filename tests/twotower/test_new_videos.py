@@ -45,7 +45,7 @@ def test_cluster_shares_weigh_recent_views_more() -> None:
     membership = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])  # videos 0, 1 watched; 2 new
     values = torch.tensor([0, 0, 1, 2])  # history A = [0, 0, 1] (oldest first), history B = [2]
     lengths = torch.tensor([3, 1, 0])  # and an empty history C
-    shares = torch.exp(log_cluster_shares(membership, values, lengths)) - EPSILON  # (3, 2)
+    shares = torch.exp(log_cluster_shares(membership, values, lengths, 20.0)) - EPSILON  # (3, 2)
     half = 0.5 ** (1 / 20)
     a = torch.tensor([half**2 + half, 1.0]) / (half**2 + half + 1)
     torch.testing.assert_close(shares[0], a)
@@ -68,11 +68,11 @@ def test_fresh_viewers_sharpen_a_new_videos_cluster_and_a_users_own_view_comes_o
     new = torch.tensor([False, False, True, True])
     # Video 2's content leans to cluster 0, but its two fresh viewers watch cluster 1 (video 1) almost only.
     batch = fresh_view_batch([[1, 1, 1, 0], [1, 1]], viewed=[2, 2])
-    updated = add_fresh_viewers(membership, new, [batch])
+    updated = add_fresh_viewers(membership, new, [batch], 20.0)
     torch.testing.assert_close(updated[:2], membership[:2])  # watched videos keep theirs
     torch.testing.assert_close(updated[3], membership[3])  # nobody watched video 3 yet
     history = batch.features.items[HISTORY_FEATURE]
-    log_shares = log_cluster_shares(membership, history.values(), history.lengths())  # (2, 2)
+    log_shares = log_cluster_shares(membership, history.values(), history.lengths(), 20.0)  # (2, 2)
     by_hand = torch.softmax(torch.log(membership[2]) + log_shares.sum(0), dim=0)
     torch.testing.assert_close(updated[2], by_hand)
     assert updated[2, 1] > 0.99
