@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from recsys.config import ConfigError
+from recsys.content.title_encoder import TITLE_PROJECTION_FILE, load_title_projection
 from recsys.content.title_encoder import TitleEncoder as TitleProjection
-from recsys.content.title_encoder import load_title_projection
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.evaluation.search import Query, search_metrics
@@ -62,6 +62,9 @@ CONTENT_EMBEDDING_FILE = "content_embedding.npy"
 """The fused content embeddings `recsys train content` writes into the feature store."""
 SEARCH_JSON = "search.json"
 """Feature-store file holding a dataset's fitted lexical weight."""
+SEARCH_FILES = (CONTENT_EMBEDDING_FILE, TITLE_PROJECTION_FILE, SEARCH_JSON)
+"""The feature-store files search reads (besides the catalogue's titles and texts in items.parquet),
+which an exported bundle carries so that the served model searches too (`recsys.serving.pyfunc_model`)."""
 DEFAULT_LEXICAL_WEIGHT = 0.25
 """Weight of BM25 in the blend when none was fitted for the dataset. `benchmarks/search.py` fits 0.25
 on the --quick synthetic corpus and 0.4 to 0.6 on builds of the default one (its content model
@@ -85,6 +88,17 @@ class SearchWarning(UserWarning):
 def tokenize(texts: list[str]) -> list[list[str]]:
     """Lower-case word tokens without English stop words, one list per text (bm25s' tokenizer)."""
     return bm25s.tokenize(texts, stopwords=STOPWORDS, return_ids=False, show_progress=False)  # type: ignore[return-value]
+
+
+def check_query(query: str, strict: bool = False) -> None:
+    """ConfigError for an empty query; for one of only stop words a `SearchWarning` (`strict`: a ConfigError)."""
+    if not query.strip():
+        raise ConfigError("the search query is empty: give some words that say what the videos show, e.g. \"guitar\"")
+    if not tokenize([query])[0]:
+        words = f"the query {query!r} holds only stop words: no title words to match"
+        if strict:
+            raise ConfigError(f"{words}; add a word that says what the videos show, e.g. \"guitar\"")
+        warnings.warn(f"{words}, so the videos are ranked by content alone", SearchWarning, stacklevel=3)
 
 
 @dataclass
@@ -237,20 +251,19 @@ class VideoSearch:
         user_id: str | None = None,
         recommender: Recommender | None = None,
         rerank_depth: int | None = None,
+        strict: bool = False,
     ) -> pl.DataFrame:
         """The k best videos for `query`: rank, item_id, title, score, content_score, lexical_score.
 
-        With `user_id` (and the dataset's `recommender`), the best `rerank_depth` matches (default
-        3k) are ordered by the user's two-tower score, shown as `taste_score`. An empty query is a
-        ConfigError; a query of only stop words is ranked by content alone, with a `SearchWarning`.
+        With `user_id` (and a `recommender` whose catalogue holds these videos), the best
+        `rerank_depth` matches (default 3k) are ordered by the user's two-tower score, shown as
+        `taste_score`. An empty query is a ConfigError; a query of only stop words is ranked by
+        content alone, with a `SearchWarning`, or is a ConfigError too when `strict` (a REST
+        client sees no warning, so it gets the message instead of a fallback).
         """
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
-        if not query.strip():
-            raise ConfigError("the search query is empty: give some words, e.g. recsys search synth \"guitar\"")
-        if not tokenize([query])[0]:
-            warnings.warn(f"the query {query!r} holds only stop words: no title words to match, so the videos "
-                          "are ranked by content alone", SearchWarning, stacklevel=2)
+        check_query(query, strict)
         depth = max(k, rerank_depth or 3 * k) if user_id is not None else k
         with torch_threads(self.threads):
             ids, content, lexical = self._candidates(query, depth)
@@ -260,7 +273,8 @@ class VideoSearch:
             return frame.head(k)
         if recommender is None:
             raise ConfigError("re-ranking for a user needs the dataset's recommender (its two-tower model)")
-        taste = user_scores(recommender, user_id, ids)
+        # By external ID: the served model's catalogue may have grown since (`recsys catalogue add`).
+        taste = user_scores(recommender, user_id, recommender.item_indices(self.item_ids[ids].tolist()))
         if taste is None:
             return frame.head(k)
         order = np.argsort(-taste, kind="stable")[:k]

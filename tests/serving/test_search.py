@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import polars as pl
 import pytest
 import torch
@@ -13,15 +14,18 @@ import torch
 from recsys.cli import main
 from recsys.config import ConfigError, ContentConfig
 from recsys.content.title_encoder import TitleEncoder as TitleProjection
+from recsys.content.title_encoder import save_title_projection
 from recsys.content.train import train_content
 from recsys.data.paths import PreparedPaths
 from recsys.evaluation.search import Query, chance_metrics, search_metrics
 from recsys.media.feature_store import write_array
 from recsys.media.titles import TitleEncoder
+from recsys.serving.export import input_example, log_ranker
+from recsys.serving.pyfunc_model import Ranker, RequestError, write_bundle
 from recsys.serving.recommend import Recommender, UnknownUserWarning
 from recsys.serving.search import SearchWarning, VideoSearch, fit_lexical_weight, save_lexical_weight, tokenize
 from recsys.threads import torch_threads
-from recsys.twotower.trained_model import TwoTowerScorer
+from recsys.twotower.trained_model import TwoTowerScorer, save_trained
 from tests.content.content_store import write_store
 from tests.evaluation.grouped_data import build_prepared
 from tests.serving.test_explain import explained_model
@@ -210,3 +214,120 @@ def test_cli_search_table_json_and_errors(processed: Path, capsys: pytest.Captur
     assert "recsys: error: the search query is empty" in err and "Traceback" not in err
     assert main(["search", "movielens-100k", "cat", *base]) == 1
     assert "recsys data prepare movielens-100k" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Search through the exported model (the pyfunc `query` field) on the same catalogue
+
+
+RUN_ID = "run0"
+
+
+@pytest.fixture(scope="module")
+def bundle(paths: PreparedPaths, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of the grouped dataset with a two-tower model and the search files of `_untrained`'s engine."""
+    model, info = explained_model(paths)
+    save_trained(model, paths.root.parent, paths.root.name, RUN_ID, info)
+    torch.manual_seed(0)
+    n = pl.read_parquet(paths.items).height
+    paths.features.mkdir(exist_ok=True)
+    write_array(paths.features, "content_embedding", np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32))
+    save_title_projection(TitleProjection(8, hidden_dim=16), paths.features)
+    save_lexical_weight(paths.features, 0.3, "test")
+    return write_bundle(tmp_path_factory.mktemp("bundle") / "bundle", paths.root.parent, paths.root.name, RUN_ID)
+
+
+@pytest.fixture(scope="module")
+def served_ranker(bundle: Path) -> Ranker:
+    return Ranker(bundle)
+
+
+def _cli_search(paths: PreparedPaths, query: str, k: int, user_id: str | None = None) -> pl.DataFrame:
+    """What `recsys search` answers with the dataset's own files (the user's taste from run `RUN_ID`)."""
+    engine = VideoSearch.load(paths.root.name, paths.root.parent)
+    recommender = Recommender.load(paths.root.name, paths.root.parent, RUN_ID) if user_id is not None else None
+    return engine.search(query, k, user_id, recommender)
+
+
+def test_a_query_row_returns_the_search_results_of_the_cli(served_ranker: Ranker, paths: PreparedPaths) -> None:
+    for query in ("group 3", "video 12", "zebra"):
+        answer = served_ranker.rank(pd.DataFrame({"query": [query], "k": [5]}))
+        expected = _cli_search(paths, query, 5)
+        assert answer["item_id"].to_list() == expected["item_id"].to_list(), query
+        assert answer["rank"].to_list() == [1, 2, 3, 4, 5] and (answer["query"] == query).all()
+        np.testing.assert_allclose(answer["score"].to_numpy(), expected["score"].to_numpy(), atol=1e-6)
+        assert answer["user_id"].is_null().all() and answer["taste_score"].is_null().all()
+
+
+def test_a_query_row_with_a_user_is_re_ranked_by_their_taste(served_ranker: Ranker, paths: PreparedPaths) -> None:
+    answer = served_ranker.rank(pd.DataFrame({"user_id": ["3"], "query": ["group"], "k": [4]}))
+    expected = _cli_search(paths, "group", 4, user_id="3")
+    assert answer["item_id"].to_list() == expected["item_id"].to_list()
+    assert answer["taste_score"].is_sorted(descending=True) and (answer["user_id"] == "3").all()
+    assert answer["item_id"].to_list() != _cli_search(paths, "group", 4)["item_id"].to_list(), "the taste reorders"
+
+
+def test_search_and_recommendation_rows_are_answered_in_request_order(served_ranker: Ranker) -> None:
+    request = pd.DataFrame({"user_id": ["3", None, "5"], "query": [None, "group 3", None], "k": [2, 3, 2]})
+    answer = served_ranker.rank(request)
+    assert answer["user_id"].to_list() == ["3", "3", None, None, None, "5", "5"]
+    assert answer["query"].to_list() == [None, None, "group 3", "group 3", "group 3", None, None]
+    alone = served_ranker.rank(pd.DataFrame({"user_id": ["3", "5"], "k": [2, 2]}))
+    assert answer.filter(pl.col("query").is_null())["item_id"].to_list() == alone["item_id"].to_list()
+    assert alone.columns == ["user_id", "rank", "item_id", "score", "title"], "recommendations alone: as before"
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"query": "   "}, "row 0: the search query is empty: give some words"),
+    ({"query": "the of and"}, "row 0: the query 'the of and' holds only stop words: no title words to match; add"),
+    ({"query": 7}, "row 0: query must be a string of words, got 7"),
+    ({"user_id": "3", "query": "group", "history": ["1"]}, "row 0: a search .query. re-ranks by the user's own"),
+    ({"k": 3}, "no user_id column .nor a query column"),
+])
+def test_bad_query_rows_get_one_line_request_errors(served_ranker: Ranker, row: dict[str, object],
+                                                    message: str) -> None:
+    with pytest.raises(RequestError, match=message) as caught:
+        served_ranker.rank(pd.DataFrame([row]))
+    assert "\n" not in str(caught.value)
+
+
+def test_rest_search_answers_from_the_logged_model_alone(bundle: Path, paths: PreparedPaths, tmp_path: Path) -> None:
+    """Through MLflow: the model logged from the bundle, loaded back and asked over JSON as the server does."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    with mlflow.start_run():
+        logged = log_ranker(bundle, input_example(paths))
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    schema = model.metadata.get_input_schema()
+    body = json.dumps({"dataframe_records": [{"query": "group 3", "k": 4}, {"user_id": "3", "query": "group"}]})
+    answer = scoring_server.invocations(body, "application/json", model, schema)
+    assert answer.status == 200 and "NaN" not in answer.response, "nulls are JSON null"
+    rows = pl.DataFrame(json.loads(answer.response)["predictions"])
+    assert rows.filter(pl.col("user_id").is_null())["item_id"].to_list() == \
+        _cli_search(paths, "group 3", 4)["item_id"].to_list()
+    assert rows.filter(pl.col("user_id") == "3")["item_id"].to_list() == \
+        _cli_search(paths, "group", 10, user_id="3")["item_id"].to_list()
+    with pytest.raises(MlflowException, match="the search query is empty"):
+        scoring_server.invocations(json.dumps({"dataframe_records": [{"query": ""}]}), "application/json", model,
+                                   schema)
+
+
+def test_cli_search_with_a_user_ranks_with_the_registered_version(
+    served_ranker: Ranker, paths: PreparedPaths, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import recsys.serving.served_model as served_model
+
+    def registered(dataset: str, processed_dir: Path, version: str | None, alias: str, index: str | None) -> Ranker:
+        assert (dataset, version, alias) == (paths.root.name, None, "champion")
+        served_ranker.version = "7"
+        return served_ranker
+
+    monkeypatch.setattr(served_model, "load_ranker", registered)
+    base = ["--processed-dir", str(paths.root.parent), "--output", "json"]
+    assert main(["search", paths.root.name, "group", "-k", "4", "--user-id", "3", *base]) == 0
+    out, err = capsys.readouterr()
+    assert "model: models:/recsys-movielens-100k/7 (alias champion)" in err
+    served = served_ranker.rank(pd.DataFrame({"user_id": ["3"], "query": ["group"], "k": [4]}))
+    assert [row["item_id"] for row in json.loads(out)] == served["item_id"].to_list()
