@@ -78,7 +78,7 @@ def signature() -> object:
         ColSpec(DataType.string, "title"),
         *(ColSpec(kind, name, required=False) for kind, name in (
             (DataType.string, "query"), (DataType.double, "content_score"), (DataType.double, "lexical_score"),
-            (DataType.double, "taste_score"))),
+            (DataType.double, "taste_score"), (DataType.double, "start_s"), (DataType.double, "end_s"))),
     ])
     return ModelSignature(inputs=inputs, outputs=outputs)
 

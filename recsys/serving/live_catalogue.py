@@ -41,6 +41,7 @@ from recsys.data.histories import UNKNOWN_USER, train_counts
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.files import read_json, write_json
+from recsys.media.feature_store import write_array
 from recsys.serving.pyfunc_model import RANKER_FILE, Ranker
 from recsys.serving.served_model import ServedModel, served_model
 
@@ -216,24 +217,40 @@ def _write_items(bundle: EditableBundle, items: pl.DataFrame, new: pl.DataFrame)
 
 def _write_search_content(bundle: EditableBundle, rows: np.ndarray, fused: np.ndarray | None, store: FeatureStore,
                           features: Path) -> None:
-    """Give the new `rows` (item_idx) their fused content embedding in the bundle's search files, if it has them.
+    """Give the new `rows` (item_idx) their fused content embedding (and their windows and length) in the
+    bundle's search files, if it has them.
 
     `fused` (M, C): already computed (a model that reads fused content), else embedded from `store`.
     """
-    from recsys.content.embed_items import embed_store
+    from recsys.content.embed_items import embed_store, trained_encoder
+    from recsys.content.windows import ClipWindows, embed_windows, read_windows, write_windows
     from recsys.serving.search import CONTENT_EMBEDDING_FILE
 
-    path = bundle.paths.features / CONTENT_EMBEDDING_FILE
+    folder = bundle.paths.features
+    path = folder / CONTENT_EMBEDDING_FILE
     if not path.exists():  # exported without a content model: the version cannot search anyway
         return
     if fused is None:
         fused = embed_store(store, "fused", features)  # (M, C)
     old = np.load(path)  # (N, C)
-    grown = np.zeros((int(pl.read_parquet(bundle.paths.items, columns=["item_idx"]).height), old.shape[1]),
-                     dtype=np.float32)  # (N', C)
+    n = int(pl.read_parquet(bundle.paths.items, columns=["item_idx"]).height)
+    grown = np.zeros((n, old.shape[1]), dtype=np.float32)  # (N', C)
     grown[: len(old)] = old
     grown[rows] = fused
-    np.save(path, grown)
+    write_array(folder, CONTENT_EMBEDDING_FILE.removesuffix(".npy"), grown)
+    windows = read_windows(folder)
+    if windows is None:  # a bundle of a content model trained before windows were written
+        return
+    new = embed_windows(trained_encoder(features), store)  # item_idx: rows of `store`
+    kept = ~np.isin(windows.item_idx, rows)  # an updated video's old windows go
+    seconds = np.full(n, np.nan, dtype=np.float32)
+    seconds[: len(windows.seconds)] = windows.seconds
+    seconds[rows] = new.seconds
+    write_windows(folder, ClipWindows(
+        item_idx=np.concatenate([windows.item_idx[kept], rows[new.item_idx]]),
+        start_s=np.concatenate([windows.start_s[kept], new.start_s]),
+        end_s=np.concatenate([windows.end_s[kept], new.end_s]),
+        vectors=np.concatenate([windows.vectors[kept], new.vectors]), seconds=seconds))
 
 
 def _decode_new(config: CatalogueAddConfig, new: pl.DataFrame, source: str) -> FeatureStore:

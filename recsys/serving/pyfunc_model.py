@@ -17,6 +17,7 @@ bundle/
       content_embedding.npy           every video's fused content embedding
       title_projection.safetensors    the trained projection of a query's MiniLM embedding
       search.json                     the fitted lexical weight (when one was fitted)
+      window_embedding.npy windows.parquet clip_seconds.npy    per-window embeddings, clip lengths (spans)
 ```
 
 `Ranker` answers request tables from a bundle; `RankingModel` wraps it as an MLflow
@@ -28,9 +29,10 @@ watch log (plus `history`), watched videos excluded; an unknown user is ranked f
 gets the most popular videos (score = number of training views) when there is none.
 
 A row with a `query` is a text search (`recsys.serving.search.VideoSearch`, what `recsys search`
-runs, over the bundle's `features/`): its rows add query, content_score and lexical_score, and,
-when the row has a `user_id`, taste_score, by which the best matches are re-ranked (score stays
-the search blend, as in `recsys search --user-id`). `user_id` is optional in such a row.
+runs, over the bundle's `features/`): its rows add query, content_score, lexical_score, the
+matching time span start_s and end_s, and, when the row has a `user_id`, taste_score, by which
+the best matches are re-ranked (score stays the search blend, as in `recsys search --user-id`).
+`user_id` is optional in such a row.
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ REQUEST_DEADLINE: ContextVar[float | None] = ContextVar("recsys_request_deadline
 """`time.monotonic()` by which the request being answered must be done (set by the serving app)."""
 
 
-SEARCH_PARTS = ("content_score", "lexical_score", "taste_score")
-"""What a search row's score is made of (`recsys.serving.search`), as columns of its answer rows."""
+SEARCH_COLUMNS = ("content_score", "lexical_score", "taste_score", "start_s", "end_s")
+"""What a search row's answer adds (`recsys.serving.search`): the parts of its score and where in the clip it
+matches."""
 
 
 class RequestError(RecsysError, ValueError):
@@ -267,7 +270,7 @@ class Ranker:
         except ConfigError as err:
             raise RequestError(f"row {row}: {err}") from None
         parts = [(pl.col(c) if c in found.columns else pl.lit(None)).cast(pl.Float64).alias(c)
-                 for c in SEARCH_PARTS]  # taste_score: null without a user (or for one the model does not know)
+                 for c in SEARCH_COLUMNS]  # taste_score: null without a user (or for one the model does not know)
         return found.select(pl.lit(row, pl.Int64).alias("row"), pl.lit(request.user_id, pl.String).alias("user_id"),
                             "rank", "item_id", pl.col("score").cast(pl.Float64), "title",
                             pl.lit(request.query, pl.String).alias("query"), *parts)

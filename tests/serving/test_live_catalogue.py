@@ -151,6 +151,13 @@ def test_a_new_video_is_decoded_from_its_file(live: Live, tmp_path: Path, shared
                           how="diagonal_relaxed")
     clip = manifests.filter(pl.col("item_id") == "hike-clip").row(0, named=True)
     assert clip["status"] == "ok" and clip["n_frames"] > 0
+    # The 2 s clip is longer than the store's 1 s window: search of the new version returns where it matches.
+    served = load_ranker(NAME, live.processed_dir, version=result.version)
+    found = served.rank(pd.DataFrame({"query": ["mountain trail"], "k": [len(TOPICS) * 10 + 1]}))
+    span = found.filter(pl.col("item_id") == "hike-clip").row(0, named=True)
+    assert 0.0 <= span["start_s"] and span["end_s"] - span["start_s"] == pytest.approx(1.0, abs=0.05)
+    assert span["end_s"] <= clip["duration"] + 1e-3
+    assert found.filter(pl.col("item_id") == "hike-0").row(0, named=True)["start_s"] is None, "no video: no span"
     # The same batch again resumes its store: nothing is decoded twice.
     again = add_videos(CatalogueAddConfig(NAME, items=items, media_root=media, processed_dir=live.processed_dir,
                                           version=live.version, workers=1))

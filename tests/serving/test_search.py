@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +14,20 @@ import torch
 
 from recsys.cli import main
 from recsys.config import ConfigError, ContentConfig
+from recsys.content.embed_items import trained_encoder
 from recsys.content.title_encoder import TitleEncoder as TitleProjection
 from recsys.content.title_encoder import save_title_projection
 from recsys.content.train import train_content
+from recsys.content.windows import embed_windows, window_starts, write_windows
 from recsys.data.paths import PreparedPaths
 from recsys.evaluation.search import Query, chance_metrics, search_metrics
-from recsys.media.feature_store import write_array
+from recsys.media.feature_store import MANIFEST, SOURCES, FeatureStore, write_array
 from recsys.media.titles import TitleEncoder
 from recsys.serving.export import input_example, log_ranker
 from recsys.serving.pyfunc_model import Ranker, RequestError, write_bundle
 from recsys.serving.recommend import Recommender, UnknownUserWarning
 from recsys.serving.search import SearchWarning, VideoSearch, fit_lexical_weight, save_lexical_weight, tokenize
+from recsys.synthetic.render import write_mp4
 from recsys.threads import torch_threads
 from recsys.twotower.trained_model import TwoTowerScorer, save_trained
 from tests.content.content_store import write_store
@@ -257,6 +261,7 @@ def test_a_query_row_returns_the_search_results_of_the_cli(served_ranker: Ranker
         assert answer["rank"].to_list() == [1, 2, 3, 4, 5] and (answer["query"] == query).all()
         np.testing.assert_allclose(answer["score"].to_numpy(), expected["score"].to_numpy(), atol=1e-6)
         assert answer["user_id"].is_null().all() and answer["taste_score"].is_null().all()
+        assert answer["start_s"].is_null().all(), "no clip lengths in this store: no spans"
 
 
 def test_a_query_row_with_a_user_is_re_ranked_by_their_taste(served_ranker: Ranker, paths: PreparedPaths) -> None:
@@ -331,3 +336,64 @@ def test_cli_search_with_a_user_ranks_with_the_registered_version(
     assert "model: models:/recsys-movielens-100k/7 (alias champion)" in err
     served = served_ranker.rank(pd.DataFrame({"user_id": ["3"], "query": ["group"], "k": [4]}))
     assert [row["item_id"] for row in json.loads(out)] == served["item_id"].to_list()
+
+
+# --------------------------------------------------------------------------------------------
+# Time spans: where in a clip longer than one window the query matches
+
+
+def test_windows_cover_a_clip_half_overlapping_to_its_end() -> None:
+    assert window_starts(6, 6).tolist() == [0] and window_starts(4, 6).tolist() == [0]
+    assert window_starts(24, 6).tolist() == [0, 3, 6, 9, 12, 15, 18]
+    assert window_starts(14, 6).tolist() == [0, 3, 6, 8], "the last window ends with the clip"
+
+
+def _two_topic_clip(path: Path, seconds: float = 6.0, fps: int = 8, size: int = 128, rate: int = 16_000) -> Path:
+    """A clip that looks and sounds like topic 0 of the tiny store (a red square moving right, a tone in mel
+    band 0) for its first half, then like topic 2 (blue, moving left, mel band 8): the store's look at 4x
+    its size (decoded back to 32 px); tone and noise at the store's -20 and -60 dB."""
+    import librosa
+
+    n = int(seconds * fps)
+    side, speed = size * 6 // 32, size * 3 // 32 * 4 / fps  # the store's 6 px square, 3 px per frame at 4 fps
+    frames = np.zeros((n, size, size, 3), np.uint8)
+    for step in range(n):
+        channel, direction = (2, -1) if step >= n // 2 else (0, 1)
+        x = int(10 + direction * speed * step) % (size - side)
+        frames[step, 50 : 50 + side, x : x + side, channel] = 255
+    centres = librosa.mel_frequencies(16 + 2, fmin=0, fmax=rate / 2)[1:-1]  # the store's 16 mel bands
+    t = np.arange(int(seconds * rate)) / rate
+    phase = 2 * np.pi * np.cumsum(np.where(t < seconds / 2, centres[0], centres[8])) / rate  # no click between
+    audio = 0.015 * np.sin(phase) + np.random.default_rng(0).normal(0, 5e-4, t.size)
+    return write_mp4(path, frames, fps, audio.astype(np.float32), rate)
+
+
+@pytest.mark.slow
+def test_a_long_clip_returns_the_span_that_shows_the_query(processed: Path, tmp_path: Path) -> None:
+    root = tmp_path / "processed"
+    shutil.copytree(processed, root)
+    features = PreparedPaths.of(root, DATASET).features
+    clip_item = 8  # a topic-2 video ("rocket galaxy astronaut #8"), now 6 s long: 4 windows of 1.5 s
+    clip = _two_topic_clip(tmp_path / "clip.mp4")
+    pl.DataFrame({"item_idx": np.arange(N_ITEMS), "item_id": [f"item{i}" for i in range(N_ITEMS)],
+                  "video_path": [str(clip) if i == clip_item else None for i in range(N_ITEMS)]}
+                 ).write_parquet(features / SOURCES)
+    manifest = pl.read_parquet(features / MANIFEST)
+    manifest.with_columns(pl.when(pl.col("item_idx") == clip_item).then(6.0).otherwise(pl.col("duration"))
+                          .alias("duration")).write_parquet(features / MANIFEST)
+    windows = embed_windows(trained_encoder(features), FeatureStore.open(features))
+    assert windows.item_idx.tolist() == [clip_item] * 7  # 1.5 s windows every 0.75 s over 6 s
+    assert windows.start_s[0] == 0.0 and windows.end_s[-1] == pytest.approx(6.0)
+    write_windows(features, windows)
+
+    engine = VideoSearch.load(DATASET, root)
+    spans = {}
+    for query in ("astronaut in space", "guitar"):
+        found = engine.search(query, k=N_ITEMS).filter(pl.col("item_id") == f"item{clip_item}").row(0, named=True)
+        spans[query] = (found["start_s"], found["end_s"])
+        assert found["end_s"] - found["start_s"] == pytest.approx(1.5, abs=0.01)
+    assert spans["astronaut in space"][0] >= 3.0 - 0.75, spans  # the blue half (at most half a window before it)
+    assert spans["guitar"][1] <= 3.0 + 0.75, spans
+    # A clip of one window spans all of it.
+    other = engine.search("kitten", k=3).row(0, named=True)
+    assert other["start_s"] == 0.0 and other["end_s"] == pytest.approx(windows.seconds[int(other["item_id"][4:])])
