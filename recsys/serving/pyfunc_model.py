@@ -223,7 +223,8 @@ class Ranker:
                     raise RequestError(f"this {self.dataset} model was exported without a trained content model, "
                                        "so it cannot search by query: train one (`recsys train content "
                                        f"{self.dataset}`) and export again")
-                self._search = VideoSearch.load(self.dataset, self.bundle)
+                # A served model answers many queries: its query encoder runs traced (same vectors, faster).
+                self._search = VideoSearch.load(self.dataset, self.bundle, traced_queries=True)
             return self._search
 
     def rank(self, frame: Any, deadline: float | None = None) -> pl.DataFrame:

@@ -133,10 +133,14 @@ class VideoSearch:
         query_cache_size: int = 1024,
         threads: int = QUERY_THREADS,
         windows: ClipWindows | None = None,
+        traced_queries: bool = False,
     ) -> None:
         """`content` (N, D): fused content embeddings, row i = item_ids[i]; `texts`: what BM25 reads per video.
 
         `windows`: the per-window embeddings and durations of the clips, for the spans (None: no spans).
+        `traced_queries`: embed queries by MiniLM's forward traced per token count, which gives the same
+        vectors faster once each count was traced (~0.3 s the first time): for long-lived searches
+        such as the served model's (`recsys.media.titles.SentenceModel.traced_forward`).
 
         `query_cache_size`: distinct query texts whose embedding is kept (least recently used out; 0: none).
         `threads`: torch/OpenMP threads a query runs on (0: the process setting), see `QUERY_THREADS`.
@@ -156,7 +160,7 @@ class VideoSearch:
         self.content = content / np.maximum(np.linalg.norm(content, axis=1, keepdims=True), 1e-12)  # (N, D)
         self.projection = projection.eval()
         self.lexical_weight = lexical_weight
-        self.sentences = sentences or SentenceEncoder(cache_dir=None)
+        self.sentences = sentences or SentenceEncoder(cache_dir=None, traced=traced_queries)
         self.index_kind: IndexKind = index_kind
         self.candidates = candidates
         self.query_cache_size = query_cache_size
@@ -171,7 +175,7 @@ class VideoSearch:
 
     @classmethod
     def load(cls, dataset: str, processed_dir: Path = Path("data/processed"), lexical_weight: float | None = None,
-             index_kind: IndexKind = "auto") -> VideoSearch:
+             index_kind: IndexKind = "auto", traced_queries: bool = False) -> VideoSearch:
         """The search of a prepared dataset whose content model is trained (`recsys train content`)."""
         paths = PreparedPaths.of(processed_dir, dataset).require()
         folder = paths.features
@@ -188,7 +192,8 @@ class VideoSearch:
             fitted = folder / SEARCH_JSON
             lexical_weight = float(read_json(fitted)["lexical_weight"]) if fitted.exists() else DEFAULT_LEXICAL_WEIGHT
         return cls(items["item_id"].to_numpy(), np.array(titles), texts, np.load(folder / CONTENT_EMBEDDING_FILE),
-                   load_title_projection(folder), lexical_weight, index_kind=index_kind, windows=read_windows(folder))
+                   load_title_projection(folder), lexical_weight, index_kind=index_kind, windows=read_windows(folder),
+                   traced_queries=traced_queries)
 
     @cached_property
     def index(self) -> ItemIndex:
