@@ -92,8 +92,9 @@ class SentenceModel:
 
         A query's forward on a few tokens is mostly Python: the traced graph runs the same kernels in
         the same order from TorchScript's interpreter, so the floats are identical (tested), in ~0.6 of
-        the time (2.5 against 4.1 ms for 3 tokens, 4.2 against 6.8 for 8, one thread, in a one-off
-        check; `benchmarks/search.py`, `latency.query_encoder.traced_1_thread`). Each token count
+        the time: p50 2.9 against 4.5 ms on the benchmark's queries, one thread, and a 1M-video search
+        8.6 against 10.0 ms (`benchmarks/results/search.json`, `latency.query_encoder.traced_1_thread`,
+        `latency.cold_traced`). Each token count
         is traced once per process on its first use (~0.2-0.4 s), hence only for long-lived searches
         (`VideoSearch(traced_queries=True)`, the served model), not for one query from the CLI.
         `torch.jit.trace` is deprecated in torch 2.14 for `torch.export`/`torch.compile`: an exported

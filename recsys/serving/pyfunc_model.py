@@ -37,6 +37,7 @@ the best matches are re-ranked (score stays the search blend, as in `recsys sear
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -247,7 +248,9 @@ class Ranker:
                                                          [requests[r].k for r in wanted],
                                                          [requests[r].history or () for r in wanted])
         except ConfigError as err:
-            raise RequestError(str(err)) from None
+            # Its rows are counted among the recommendation rows: name the request's row instead.
+            message = re.sub(r"^row (\d+):", lambda m: f"row {wanted[int(m.group(1))]}:", str(err))
+            raise RequestError(message) from None
         check_deadline(deadline)
         users = pl.Series("user_id", [requests[r].user_id for r in wanted], dtype=pl.String)
         answer = ranked.select(pl.Series("row", wanted, dtype=pl.Int64).gather(ranked["row"]),

@@ -280,6 +280,9 @@ def test_search_and_recommendation_rows_are_answered_in_request_order(served_ran
     alone = served_ranker.rank(pd.DataFrame({"user_id": ["3", "5"], "k": [2, 2]}))
     assert answer.filter(pl.col("query").is_null())["item_id"].to_list() == alone["item_id"].to_list()
     assert alone.columns == ["user_id", "rank", "item_id", "score", "title"], "recommendations alone: as before"
+    with pytest.raises(RequestError, match="^row 2: unknown history video ID"):  # the request's row, not the 2nd
+        served_ranker.rank(pd.DataFrame({"user_id": ["3", None, "5"], "query": [None, "group", None],
+                                         "history": [None, None, ["nosuch"]]}))
 
 
 @pytest.mark.parametrize(("row", "message"), [
