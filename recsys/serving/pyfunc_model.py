@@ -264,10 +264,12 @@ class Ranker:
     def _search_row(self, row: int, request: Request, deadline: float | None) -> pl.DataFrame:
         """The search results of one query row: row, user_id, rank, item_id, score, title, query and the score parts."""
         from recsys.serving.recommend import UnknownUserWarning
+        from recsys.serving.search import check_query
 
         assert request.query is not None
         check_deadline(deadline)
         try:
+            check_query(request.query, strict=True)  # a bad query is the client's to fix, whatever the model
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UnknownUserWarning)  # an unknown user gets the plain matches
                 found = self.search.search(request.query, request.k, request.user_id, self.recommender, strict=True)
