@@ -25,6 +25,7 @@ from recsys.errors import RecsysError
 if TYPE_CHECKING:
     import polars as pl
 
+    from recsys.serving.index import IndexKind
     from recsys.serving.recommend import Recommender
 
 
@@ -206,16 +207,18 @@ def _evaluate(config: cfg.EvaluateConfig) -> None:
     print(format_results(table, config.ks))
 
 
-def _model_recommender(config: cfg.RecommendConfig | cfg.SimilarConfig) -> Recommender:
+def _model_recommender(config: cfg.RecommendConfig | cfg.SimilarConfig | cfg.SearchConfig,
+                       index: IndexKind | None) -> Recommender:
     """The recommender of the registered version the config names (as `recsys serve` loads it), or of a
-    trained model folder with --run-id; says on stderr which model ranks."""
+    trained model folder with --run-id; says on stderr which model ranks. `index`: its item index
+    (None: the exported one)."""
     from recsys.serving.recommend import Recommender
     from recsys.serving.served_model import load_ranker
 
     if config.run_id is not None:
         print(f"recsys: model: trained run {config.run_id} (not from the registry)", file=sys.stderr)
-        return Recommender.load(config.dataset, config.processed_dir, config.run_id, config.index or "auto")
-    ranker = load_ranker(config.dataset, config.processed_dir, config.version, config.alias, config.index)
+        return Recommender.load(config.dataset, config.processed_dir, config.run_id, index or "auto")
+    ranker = load_ranker(config.dataset, config.processed_dir, config.version, config.alias, index)
     chosen = f"version {config.version}" if config.version is not None else f"alias {config.alias}"
     print(f"recsys: model: models:/recsys-{config.dataset}/{ranker.version} ({chosen})", file=sys.stderr)
     return ranker.recommender
@@ -235,7 +238,7 @@ def _print_ranking(ranking: pl.DataFrame, style: str) -> None:
 def _recommend(config: cfg.RecommendConfig) -> None:
     from recsys.serving.recommend import UnknownUserWarning, write_all_users
 
-    recommender = _model_recommender(config)
+    recommender = _model_recommender(config, config.index)
     if config.all_users:
         assert config.out is not None  # checked by RecommendConfig
         rows, users = write_all_users(recommender, config.out, config.k, config.exclude_seen, config.batch_size)
@@ -248,17 +251,16 @@ def _recommend(config: cfg.RecommendConfig) -> None:
 
 def _similar(config: cfg.SimilarConfig) -> None:
     assert config.item_id is not None  # checked by SimilarConfig
-    _print_ranking(_model_recommender(config).similar(config.item_id, config.k), config.format)
+    _print_ranking(_model_recommender(config, config.index).similar(config.item_id, config.k), config.format)
 
 
 def _search(config: cfg.SearchConfig) -> None:
-    from recsys.serving.recommend import Recommender, UnknownUserWarning
+    from recsys.serving.recommend import UnknownUserWarning
     from recsys.serving.search import SearchWarning, VideoSearch, format_matches
 
     engine = VideoSearch.load(config.dataset, config.processed_dir, config.lexical_weight)
-    recommender = None
-    if config.user_id is not None:
-        recommender = Recommender.load(config.dataset, config.processed_dir, config.run_id)
+    # The user's taste is the served model's score, as `recommend` and REST search rank with it.
+    recommender = _model_recommender(config, None) if config.user_id is not None else None
     with _notes_to_stderr(SearchWarning), _notes_to_stderr(UnknownUserWarning):  # the fallback still goes to stdout
         ranking = engine.search(config.query, config.k, config.user_id, recommender, config.rerank_depth)
     print(ranking.write_json() if config.output == "json" else format_matches(ranking))

@@ -661,8 +661,13 @@ class SearchConfig:
     """Weight of the BM25 title match in the blend (0: content only, 1: titles only); unset: the fitted one"""
     processed_dir: Path = Path("data/processed")
     """Folder holding the prepared datasets and their trained models"""
+    alias: str = "champion"
+    """With --user-id: registry alias of the model version whose two-tower score re-ranks (what `recsys serve`
+    serves)"""
+    version: str | None = None
+    """With --user-id: registry version number to use instead of the alias"""
     run_id: str | None = None
-    """Training run of the two-tower model used with --user-id; unset: the newest"""
+    """With --user-id: use a trained model folder (a training run ID) instead of the registry"""
     output: Literal["table", "json"] = "table"
     """Print an aligned table, or one JSON list of rows"""
 

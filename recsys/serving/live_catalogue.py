@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -41,8 +41,12 @@ from recsys.data.histories import UNKNOWN_USER
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.files import read_json, write_json
+from recsys.media.feature_store import write_array
 from recsys.serving.pyfunc_model import RANKER_FILE, Ranker
 from recsys.serving.served_model import ServedModel, served_model
+
+if TYPE_CHECKING:
+    from recsys.media.feature_store import FeatureStore
 
 POPULATION_USERS = 4096
 """Users sampled to stand for every viewer when a new video's embedding is fitted to its views."""
@@ -146,7 +150,9 @@ def _publish(bundle: EditableBundle, step: str, config: Any, result: UpdateResul
 
 def add_videos(config: CatalogueAddConfig) -> UpdateResult:
     """Decode, embed and add the videos of `config.items` to the served model; see the module docstring."""
+    from recsys.content.embed_items import embed_store
     from recsys.data.importers.files import read_catalogue
+    from recsys.twotower.catalogue_update import with_videos
 
     started = time.perf_counter()
     served = served_model(config.dataset, config.processed_dir, config.version, config.alias)
@@ -166,14 +172,17 @@ def add_videos(config: CatalogueAddConfig) -> UpdateResult:
         new = new.with_columns(pl.col("video_path").map_elements(
             lambda p: str(media_root / p) if media_root is not None else p, return_dtype=pl.String))
         scorer = bundle.scorer()
-        content = _new_content(config, new, scorer.spec.content_source)  # (M, C)
-        from recsys.twotower.catalogue_update import with_videos
-
+        source = scorer.spec.content_source
+        store = _decode_new(config, new, source)
+        features = PreparedPaths.of(config.processed_dir, config.dataset).features
+        content = embed_store(store, source, features)  # (M, C)
         try:
             grown = with_videos(scorer.model, content, new["item_idx"].to_numpy())
         except ValueError as err:
             raise DataFormatError(f"{config.dataset} v{served.version}: {err}") from None
         _write_items(bundle, items, new)
+        _write_search_content(bundle, new["item_idx"].to_numpy(), content if source == "fused" else None, store,
+                              features)
         bundle.save_model(grown, scorer.info)
         added, updated = int(fresh.sum()), int((~fresh).sum())
         bundle.note({"kind": "videos", "added": added, "updated": updated, "source": str(config.items)})
@@ -206,9 +215,46 @@ def _write_items(bundle: EditableBundle, items: pl.DataFrame, new: pl.DataFrame)
     write_json(bundle.paths.meta, meta)
 
 
-def _new_content(config: CatalogueAddConfig, new: pl.DataFrame, source: str) -> np.ndarray:
-    """(M, C) content embeddings of the new rows: decoded in a store of their own, embedded like training's."""
-    from recsys.content.embed_items import embed_store
+def _write_search_content(bundle: EditableBundle, rows: np.ndarray, fused: np.ndarray | None, store: FeatureStore,
+                          features: Path) -> None:
+    """Give the new `rows` (item_idx) their fused content embedding (and their windows and length) in the
+    bundle's search files, if it has them.
+
+    `fused` (M, C): already computed (a model that reads fused content), else embedded from `store`.
+    """
+    from recsys.content.embed_items import embed_store, trained_encoder
+    from recsys.content.windows import ClipWindows, embed_windows, read_windows, write_windows
+    from recsys.serving.search import CONTENT_EMBEDDING_FILE
+
+    folder = bundle.paths.features
+    path = folder / CONTENT_EMBEDDING_FILE
+    if not path.exists():  # exported without a content model: the version cannot search anyway
+        return
+    if fused is None:
+        fused = embed_store(store, "fused", features)  # (M, C)
+    old = np.load(path)  # (N, C)
+    n = int(pl.read_parquet(bundle.paths.items, columns=["item_idx"]).height)
+    grown = np.zeros((n, old.shape[1]), dtype=np.float32)  # (N', C)
+    grown[: len(old)] = old
+    grown[rows] = fused
+    write_array(folder, CONTENT_EMBEDDING_FILE.removesuffix(".npy"), grown)
+    windows = read_windows(folder)
+    if windows is None:  # a bundle of a content model trained before windows were written
+        return
+    new = embed_windows(trained_encoder(features), store)  # item_idx: rows of `store`
+    kept = ~np.isin(windows.item_idx, rows)  # an updated video's old windows go
+    seconds = np.full(n, np.nan, dtype=np.float32)
+    seconds[: len(windows.seconds)] = windows.seconds
+    seconds[rows] = new.seconds
+    write_windows(folder, ClipWindows(
+        item_idx=np.concatenate([windows.item_idx[kept], rows[new.item_idx]]),
+        start_s=np.concatenate([windows.start_s[kept], new.start_s]),
+        end_s=np.concatenate([windows.end_s[kept], new.end_s]),
+        vectors=np.concatenate([windows.vectors[kept], new.vectors]), seconds=seconds))
+
+
+def _decode_new(config: CatalogueAddConfig, new: pl.DataFrame, source: str) -> FeatureStore:
+    """The new rows decoded in a feature store of their own, with the dataset's decoding settings."""
     from recsys.media.feature_store import FeatureStore
     from recsys.media.ingest import ingest
 
@@ -237,7 +283,7 @@ def _new_content(config: CatalogueAddConfig, new: pl.DataFrame, source: str) -> 
     titles = "title_model" not in store_info or store_info["title_model"] is not None
     ingest(IngestConfig(dataset=config.dataset, processed_dir=delta_dir, titles=titles, workers=config.workers,
                         title_cache=config.processed_dir / ".cache" / "titles", **decoding))
-    return embed_store(FeatureStore.open(delta.features), source, features)
+    return FeatureStore.open(delta.features)
 
 
 # --------------------------------------------------------------------------------------------

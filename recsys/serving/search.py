@@ -26,6 +26,10 @@ from bm25s' index (`bm25_matches`), and the blend scores only the union of both 
 Query embeddings are kept in a small LRU cache (`query_cache_size`), which helps repeated queries
 only; `benchmarks/search.py` reports cold (distinct) and warm latency apart, per stage.
 
+Each match also says where in the clip it matches (`start_s`, `end_s`): for a clip longer than
+one window, the span of its window nearest to the query (`recsys.content.windows`), else the whole
+clip; null for a video without one (or a store trained before windows were written).
+
 With a user, the best `rerank_depth` matches are re-ranked by the user's two-tower score (the
 one scorer, through `Recommender`); an unknown user gets the plain matches and a warning.
 """
@@ -47,8 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from recsys.config import ConfigError
+from recsys.content.title_encoder import TITLE_PROJECTION_FILE, load_title_projection
 from recsys.content.title_encoder import TitleEncoder as TitleProjection
-from recsys.content.title_encoder import load_title_projection
+from recsys.content.windows import WINDOW_FILES, ClipWindows, read_windows
 from recsys.data.paths import PreparedPaths
 from recsys.errors import DataFormatError, MissingInputError
 from recsys.evaluation.search import Query, search_metrics
@@ -62,6 +67,9 @@ CONTENT_EMBEDDING_FILE = "content_embedding.npy"
 """The fused content embeddings `recsys train content` writes into the feature store."""
 SEARCH_JSON = "search.json"
 """Feature-store file holding a dataset's fitted lexical weight."""
+SEARCH_FILES = (CONTENT_EMBEDDING_FILE, TITLE_PROJECTION_FILE, SEARCH_JSON, *WINDOW_FILES)
+"""The feature-store files search reads (besides the catalogue's titles and texts in items.parquet),
+which an exported bundle carries so that the served model searches too (`recsys.serving.pyfunc_model`)."""
 DEFAULT_LEXICAL_WEIGHT = 0.25
 """Weight of BM25 in the blend when none was fitted for the dataset. `benchmarks/search.py` fits 0.25
 on the --quick synthetic corpus and 0.4 to 0.6 on builds of the default one (its content model
@@ -85,6 +93,17 @@ class SearchWarning(UserWarning):
 def tokenize(texts: list[str]) -> list[list[str]]:
     """Lower-case word tokens without English stop words, one list per text (bm25s' tokenizer)."""
     return bm25s.tokenize(texts, stopwords=STOPWORDS, return_ids=False, show_progress=False)  # type: ignore[return-value]
+
+
+def check_query(query: str, strict: bool = False) -> None:
+    """ConfigError for an empty query; for one of only stop words a `SearchWarning` (`strict`: a ConfigError)."""
+    if not query.strip():
+        raise ConfigError("the search query is empty: give some words that say what the videos show, e.g. \"guitar\"")
+    if not tokenize([query])[0]:
+        words = f"the query {query!r} holds only stop words: no title words to match"
+        if strict:
+            raise ConfigError(f"{words}; add a word that says what the videos show, e.g. \"guitar\"")
+        warnings.warn(f"{words}, so the videos are ranked by content alone", SearchWarning, stacklevel=3)
 
 
 @dataclass
@@ -113,8 +132,15 @@ class VideoSearch:
         candidates: int = 100,
         query_cache_size: int = 1024,
         threads: int = QUERY_THREADS,
+        windows: ClipWindows | None = None,
+        traced_queries: bool = False,
     ) -> None:
         """`content` (N, D): fused content embeddings, row i = item_ids[i]; `texts`: what BM25 reads per video.
+
+        `windows`: the per-window embeddings and durations of the clips, for the spans (None: no spans).
+        `traced_queries`: embed queries by MiniLM's forward traced per token count, which gives the same
+        vectors faster once each count was traced (~0.3 s the first time): for long-lived searches
+        such as the served model's (`recsys.media.titles.SentenceModel.traced_forward`).
 
         `query_cache_size`: distinct query texts whose embedding is kept (least recently used out; 0: none).
         `threads`: torch/OpenMP threads a query runs on (0: the process setting), see `QUERY_THREADS`.
@@ -124,13 +150,17 @@ class VideoSearch:
                                   f"{len(content)} content embeddings: they must describe the same catalogue")
         if not 0.0 <= lexical_weight <= 1.0:
             raise ConfigError(f"lexical_weight must be between 0 and 1, got {lexical_weight}")
+        if windows is not None and len(windows.seconds) != len(item_ids):
+            raise DataFormatError(f"the clip durations cover {len(windows.seconds)} videos, the catalogue has "
+                                  f"{len(item_ids)}: train the content model again to rewrite them")
+        self.windows = windows
         self.item_ids = np.asarray(item_ids).astype(str)
         self.titles = np.asarray(titles).astype(str)
         content = np.asarray(content, dtype=np.float32)
         self.content = content / np.maximum(np.linalg.norm(content, axis=1, keepdims=True), 1e-12)  # (N, D)
         self.projection = projection.eval()
         self.lexical_weight = lexical_weight
-        self.sentences = sentences or SentenceEncoder(cache_dir=None)
+        self.sentences = sentences or SentenceEncoder(cache_dir=None, traced=traced_queries)
         self.index_kind: IndexKind = index_kind
         self.candidates = candidates
         self.query_cache_size = query_cache_size
@@ -145,7 +175,7 @@ class VideoSearch:
 
     @classmethod
     def load(cls, dataset: str, processed_dir: Path = Path("data/processed"), lexical_weight: float | None = None,
-             index_kind: IndexKind = "auto") -> VideoSearch:
+             index_kind: IndexKind = "auto", traced_queries: bool = False) -> VideoSearch:
         """The search of a prepared dataset whose content model is trained (`recsys train content`)."""
         paths = PreparedPaths.of(processed_dir, dataset).require()
         folder = paths.features
@@ -162,7 +192,8 @@ class VideoSearch:
             fitted = folder / SEARCH_JSON
             lexical_weight = float(read_json(fitted)["lexical_weight"]) if fitted.exists() else DEFAULT_LEXICAL_WEIGHT
         return cls(items["item_id"].to_numpy(), np.array(titles), texts, np.load(folder / CONTENT_EMBEDDING_FILE),
-                   load_title_projection(folder), lexical_weight, index_kind=index_kind)
+                   load_title_projection(folder), lexical_weight, index_kind=index_kind, windows=read_windows(folder),
+                   traced_queries=traced_queries)
 
     @cached_property
     def index(self) -> ItemIndex:
@@ -237,39 +268,41 @@ class VideoSearch:
         user_id: str | None = None,
         recommender: Recommender | None = None,
         rerank_depth: int | None = None,
+        strict: bool = False,
     ) -> pl.DataFrame:
         """The k best videos for `query`: rank, item_id, title, score, content_score, lexical_score.
 
-        With `user_id` (and the dataset's `recommender`), the best `rerank_depth` matches (default
-        3k) are ordered by the user's two-tower score, shown as `taste_score`. An empty query is a
-        ConfigError; a query of only stop words is ranked by content alone, with a `SearchWarning`.
+        With `user_id` (and a `recommender` whose catalogue holds these videos), the best
+        `rerank_depth` matches (default 3k) are ordered by the user's two-tower score, shown as
+        `taste_score`. An empty query is a ConfigError; a query of only stop words is ranked by
+        content alone, with a `SearchWarning`, or is a ConfigError too when `strict` (a REST
+        client sees no warning, so it gets the message instead of a fallback).
         """
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
-        if not query.strip():
-            raise ConfigError("the search query is empty: give some words, e.g. recsys search synth \"guitar\"")
-        if not tokenize([query])[0]:
-            warnings.warn(f"the query {query!r} holds only stop words: no title words to match, so the videos "
-                          "are ranked by content alone", SearchWarning, stacklevel=2)
+        check_query(query, strict)
         depth = max(k, rerank_depth or 3 * k) if user_id is not None else k
         with torch_threads(self.threads):
-            ids, content, lexical = self._candidates(query, depth)
+            q = self.query_vector(query)  # (D,)
+            ids, content, lexical = self._candidates(query, q, depth)
         frame = self._frame(ids, (1 - self.lexical_weight) * content + self.lexical_weight * lexical, content,
-                            lexical)
+                            lexical, q)
         if user_id is None:
             return frame.head(k)
         if recommender is None:
             raise ConfigError("re-ranking for a user needs the dataset's recommender (its two-tower model)")
-        taste = user_scores(recommender, user_id, ids)
+        # By external ID: the served model's catalogue may have grown since (`recsys catalogue add`).
+        taste = user_scores(recommender, user_id, recommender.item_indices(self.item_ids[ids].tolist()))
         if taste is None:
             return frame.head(k)
         order = np.argsort(-taste, kind="stable")[:k]
         return (frame[order.tolist()].with_columns(pl.Series("taste_score", taste[order], dtype=pl.Float32))
                 .with_columns(pl.int_range(1, len(order) + 1, dtype=pl.Int64).alias("rank")))
 
-    def _candidates(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The k best videos by the blend among the best by content and by BM25: ids, content, lexical."""
-        q = self.query_vector(query)  # (D,)
+    def _candidates(self, query: str, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The k best videos by the blend among the best by content and by BM25: ids, content, lexical.
+
+        q (D,): the query's unit embedding."""
         depth = min(len(self.item_ids), max(k, self.candidates))
         _, by_content = self.index.search(q[None].copy(), depth)  # (1, depth); the cached vector is read-only
         docs, raw = self.bm25_matches(tokenize([query])[0])  # (M,) each
@@ -294,7 +327,16 @@ class VideoSearch:
         best = np.lexsort((pool, -blended))[:k]  # best first, ties to the lower index
         return pool[best], content[best], lexical[best]
 
-    def _frame(self, ids: np.ndarray, scores: np.ndarray, content: np.ndarray, lexical: np.ndarray) -> pl.DataFrame:
+    def spans(self, ids: np.ndarray, q: np.ndarray) -> list[tuple[float, float] | None]:
+        """Where each video `ids` matches the unit query `q` (D,): (start_s, end_s) of its best window, the whole
+        clip, or None (no video, or no window files)."""
+        if self.windows is None:
+            return [None] * len(ids)
+        return [self.windows.span(int(i), q) for i in ids]
+
+    def _frame(self, ids: np.ndarray, scores: np.ndarray, content: np.ndarray, lexical: np.ndarray, q: np.ndarray
+               ) -> pl.DataFrame:
+        spans = self.spans(ids, q)
         return pl.DataFrame(
             {
                 "rank": np.arange(1, len(ids) + 1, dtype=np.int64),
@@ -303,9 +345,12 @@ class VideoSearch:
                 "score": scores.astype(np.float32),
                 "content_score": content.astype(np.float32),
                 "lexical_score": lexical.astype(np.float32),
+                "start_s": [span[0] if span else None for span in spans],
+                "end_s": [span[1] if span else None for span in spans],
             },
             schema={"rank": pl.Int64, "item_id": pl.String, "title": pl.String, "score": pl.Float32,
-                    "content_score": pl.Float32, "lexical_score": pl.Float32},
+                    "content_score": pl.Float32, "lexical_score": pl.Float32, "start_s": pl.Float32,
+                    "end_s": pl.Float32},
         )
 
 
@@ -366,12 +411,16 @@ def format_matches(ranking: pl.DataFrame) -> str:
         return "(no videos match)"
     id_width = max(len("video"), *(len(i) for i in ranking["item_id"]))
     taste = "taste_score" in ranking.columns
+    spans = ranking["start_s"].is_not_null().any()
     lines = [f"{'rank':>4}  {'video':<{id_width}}  {'score':>7}  {'content':>7}  {'words':>5}"
-             + ("  taste " if taste else "") + "  title"]
+             + ("  taste " if taste else "") + ("  span (s)   " if spans else "") + "  title"]
     for row in ranking.iter_rows(named=True):
         line = (f"{row['rank']:>4}  {row['item_id']:<{id_width}}  {row['score']:>7.4f}  {row['content_score']:>7.4f}"
                 f"  {row['lexical_score']:>5.2f}")
         if taste:
             line += f"  {row['taste_score']:>6.3f}"
+        if spans:
+            shown = f"{row['start_s']:.1f}-{row['end_s']:.1f}" if row["start_s"] is not None else "-"
+            line += f"  {shown:<11}"
         lines.append(f"{line}  {row['title']}")
     return "\n".join(lines)

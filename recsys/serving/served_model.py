@@ -1,4 +1,5 @@
-"""The one served model: the registered version that `recommend`, `similar`, notebook 02 and `serve` load.
+"""The one served model: the registered version that `recommend`, `similar`, `search --user-id`, notebook 02 and
+`serve` load.
 
 A version of `recsys-<dataset>` in the MLflow registry is named by its number (`--version 3`) or
 by an alias (`--alias champion`, the default). Its bundle (`recsys.serving.pyfunc_model`) is

@@ -356,6 +356,13 @@ def test_pipeline_on_own_data_recommends_catalogue_videos_and_the_lost_one_from_
     lost = manifest.filter(pl.col("item_id") == MISSING).row(0, named=True)
     assert lost["status"] == "failed" and lost["has_title"]
     assert not manifest.filter(pl.col("item_id") == UNTITLED).item(0, "has_title")
+    # Search through the same logged model: the 30 s clip is matched on one of its 1 s windows.
+    found = pl.from_pandas(model.predict(pd.DataFrame({"query": ["big buck bunny"], "k": [k]})))
+    spans = found.join(manifest.select("item_id", "duration"), on="item_id").filter(pl.col("start_s").is_not_null())
+    assert (spans["start_s"] >= 0).all() and (spans["end_s"] <= spans["duration"] + 1e-3).all()
+    long = spans.filter(pl.col("duration") > 20)
+    assert long.height == 2 and ((long["end_s"] - long["start_s"]).round(2) == 1.0).all()
+    assert found.filter(pl.col("item_id") == MISSING).item(0, "start_s") is None, "no video, no span"
 
 
 def test_ingest_after_new_videos_are_imported_decodes_only_those(own: OwnData, tmp_path: Path,

@@ -106,8 +106,10 @@ def test_logged_model_is_code_plus_safetensors_without_pickle(exported: tuple[Pa
     mlmodel = (local / "MLmodel").read_text()
     assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel
     info = mlflow.models.get_model_info(result.model_uri)
-    assert [c.name for c in info.signature.inputs.inputs] == ["user_id", "k", "history"]
-    assert [c.name for c in info.signature.outputs.inputs] == ["user_id", "rank", "item_id", "score", "title"]
+    assert [c.name for c in info.signature.inputs.inputs] == ["user_id", "k", "history", "query"]
+    assert [c.name for c in info.signature.outputs.inputs] == ["user_id", "rank", "item_id", "score", "title", "query",
+                                                              "content_score", "lexical_score", "taste_score",
+                                                              "start_s", "end_s"]
     example = json.loads((local / "input_example.json").read_text())
     assert example["columns"] == ["user_id", "k"]
 

@@ -58,6 +58,8 @@ def topic_of(item_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Live:
+    from recsys.config import ContentConfig
+    from recsys.content.train import train_content
     from recsys.data.importers.files import import_dataset
     from recsys.data.prepare import prepare
     from recsys.media.ingest import ingest
@@ -79,6 +81,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Live:
     prepare(PrepareConfig(NAME, raw_dir=raw, processed_dir=processed, min_user_interactions=1,
                           min_item_interactions=1))
     ingest(IngestConfig(NAME, processed_dir=processed, frames=4, frame_size=32, workers=1, audio_seconds=1.0))
+    # A content model too, so that the exported versions search by query (and catalogue add keeps that up)
+    train_content(ContentConfig(NAME, processed_dir=processed, checkpoint_dir=root / "ckpt", embedding_dim=16,
+                                hidden_dim=32, batch_size=20, max_epochs=2, patience=2, threads=1,
+                                progress_bar=False, seed=0))
     trained = train_retrieval(RetrievalConfig(NAME, processed_dir=processed, content="title", dim=16, batch_size=32,
                                               learning_rate=1e-2, max_epochs=8, patience=8, seed=0, threads=1,
                                               progress_bar=False))
@@ -114,6 +120,11 @@ def test_a_new_video_of_a_users_topic_enters_their_top_k_and_similar_finds_it(li
     assert "cat-new" not in before["item_id"].to_list()
     similar = load_ranker(NAME, live.processed_dir, version=result.version).recommender.similar("cat-new", k=5)
     assert sum(topic_of(i) == "cat" for i in similar["item_id"]) >= 4
+    # REST search of the new version finds the new video by its title, and carries its content embedding.
+    served = load_ranker(NAME, live.processed_dir, version=result.version)
+    found = served.rank(pd.DataFrame({"query": ["kitten playing"], "k": [3]}))
+    assert found["item_id"][0] == "cat-new"
+    assert len(served.search.content) == len(served.recommender.item_ids) == sum(map(len, TOPICS.values())) + 2
 
 
 @pytest.mark.slow
@@ -140,6 +151,13 @@ def test_a_new_video_is_decoded_from_its_file(live: Live, tmp_path: Path, shared
                           how="diagonal_relaxed")
     clip = manifests.filter(pl.col("item_id") == "hike-clip").row(0, named=True)
     assert clip["status"] == "ok" and clip["n_frames"] > 0
+    # The 2 s clip is longer than the store's 1 s window: search of the new version returns where it matches.
+    served = load_ranker(NAME, live.processed_dir, version=result.version)
+    found = served.rank(pd.DataFrame({"query": ["mountain trail"], "k": [len(TOPICS) * 10 + 1]}))
+    span = found.filter(pl.col("item_id") == "hike-clip").row(0, named=True)
+    assert 0.0 <= span["start_s"] and span["end_s"] - span["start_s"] == pytest.approx(1.0, abs=0.05)
+    assert span["end_s"] <= clip["duration"] + 1e-3
+    assert found.filter(pl.col("item_id") == "hike-0").row(0, named=True)["start_s"] is None, "no video: no span"
     # The same batch again resumes its store: nothing is decoded twice.
     again = add_videos(CatalogueAddConfig(NAME, items=items, media_root=media, processed_dir=live.processed_dir,
                                           version=live.version, workers=1))

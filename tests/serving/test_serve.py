@@ -82,7 +82,7 @@ def test_served_rankings_equal_in_process_and_bad_requests_get_4xx(
         assert status == 200 and len(body["predictions"]) == 5 + 3 + 10, body
 
         bad = {
-            "missing user_id": (_records([{"k": 3}]), 400, "missing inputs ['user_id']"),
+            "missing user_id": (_records([{"k": 3}]), 400, "no user_id column (nor a query column"),
             "k = 0": (_records([{"user_id": "1", "k": 0}]), 400, "k must be a whole number from 1 to 48"),
             "huge k": (_records([{"user_id": "1", "k": 10**12}]), 400, "k must be a whole number from 1 to 48"),
             "k a fraction": (_records([{"user_id": "1", "k": 2.5}]), 400, "got 2.5"),
@@ -94,6 +94,9 @@ def test_served_rankings_equal_in_process_and_bad_requests_get_4xx(
             "user_id a number": (_records([{"user_id": 12}]), 400, "user_id"),
             "k a string": (_records([{"user_id": "1", "k": "ten"}]), 400, "got 'ten'"),
             "history a string": (_records([{"user_id": "1", "history": "1,2"}]), 400, "history"),
+            "a query to a model without content": (_records([{"query": "group 1"}]), 400,
+                                                   "this movielens-100k model was exported without a trained"),
+            "an empty query": (_records([{"user_id": "1", "query": " "}]), 400, "the search query is empty"),
             "not JSON": (b"{user_id: 1", 400, "Invalid input"),
             "too many rows": (_records([{"user_id": str(u)} for u in range(51)]), 413,
                               "the request has 51 rows; at most 50 rows"),
