@@ -93,10 +93,11 @@ QUICK_RETRIEVAL_EPOCHS = 8
 
 
 def build_dataset(dataset: str, root: Path, seed: int, quick: bool, seconds: dict[str, float],
-                  k_core: int | None = None) -> None:
+                  k_core: int | None = None, synth: dict[str, Any] | None = None) -> None:
     """Raw files, prepared splits and the feature store (plus content embeddings on synth) under root.
 
     k_core None keeps every interaction; N applies prepare's N-core filter to users and videos.
+    synth: generator settings of the synthetic corpus besides its defaults (or `QUICK_CORPUS`).
     """
     from recsys.config import ContentConfig, FetchConfig, IngestConfig, PrepareConfig, SynthConfig
     from recsys.content.train import train_content
@@ -108,7 +109,7 @@ def build_dataset(dataset: str, root: Path, seed: int, quick: bool, seconds: dic
     raw, processed = root / "raw", root / "processed"
     with timed(seconds, "raw data"):
         if dataset == "synth":
-            synthesize(SynthConfig(raw_dir=raw, seed=seed, **(QUICK_CORPUS if quick else {})))
+            synthesize(SynthConfig(raw_dir=raw, seed=seed, **{**(QUICK_CORPUS if quick else {}), **(synth or {})}))
         else:
             fetch(FetchConfig(dataset=dataset, source=SHARED_SOURCES[dataset], dest=raw))
     with timed(seconds, "prepare"):

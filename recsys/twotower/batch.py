@@ -25,12 +25,15 @@ class RetrievalBatch:
     """(E,) row of each (row, item) pair excluded from the ranking (validation only; empty in training)"""
     exclude_items: torch.Tensor
     """(E,) item of each excluded pair"""
+    times: torch.Tensor | None = None
+    """(B,) when each row's target happened (validation): its ranking reads only the fresh views before then"""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RetrievalBatch:
         return RetrievalBatch(
             self.features.to(device, non_blocking),
             *(t.to(device, non_blocking=non_blocking)
               for t in (self.targets, self.target_rows, self.target_steps, self.exclude_rows, self.exclude_items)),
+            None if self.times is None else self.times.to(device, non_blocking=non_blocking),
         )
 
     def __len__(self) -> int:

@@ -163,11 +163,10 @@ class RetrievalDataModule(L.LightningDataModule):
         halves = order[: len(order) // 2], order[len(order) // 2:]  # checkpoint users, coefficient-fit users
         if self.validation_users:
             halves = tuple(half[: self.validation_users] for half in halves)
-        users = valid.get_column("user_idx").to_numpy().astype(np.int64)
-        items = valid.get_column("item_idx").to_numpy().astype(np.int64)
+        users, items, times = self.fresh_users, self.fresh_items, self.fresh_times
         checkpoint, fit = (np.sort(half) for half in halves)  # rows of `valid`, in user order
-        self.valid_users, self.valid_items = users[checkpoint], items[checkpoint]
-        self.fit_users, self.fit_items = users[fit], items[fit]
+        self.valid_users, self.valid_items, self.valid_times = users[checkpoint], items[checkpoint], times[checkpoint]
+        self.fit_users, self.fit_items, self.fit_times = users[fit], items[fit], times[fit]
 
     @property
     def windows_per_batch(self) -> int:
@@ -206,8 +205,9 @@ class RetrievalDataModule(L.LightningDataModule):
         return RetrievalBatch(features, torch.from_numpy(targets), torch.from_numpy(row), torch.from_numpy(steps),
                               empty, empty)
 
-    def eval_batch(self, users: np.ndarray, targets: np.ndarray) -> RetrievalBatch:
-        """Ranking batch: history = the users' last train items, every train item but the target excluded."""
+    def eval_batch(self, users: np.ndarray, targets: np.ndarray, times: np.ndarray | None = None) -> RetrievalBatch:
+        """Ranking batch: history = the users' last train items, every train item but the target excluded;
+        `times`: when each target happened (its ranking reads only the fresh views before then)."""
         assert self.train_log is not None
         starts, ends = self.user_start[users], self.user_end[users]
         values, lengths = gather_ranges(self.train_log.items, np.maximum(starts, ends - self.max_history), ends)
@@ -216,7 +216,8 @@ class RetrievalDataModule(L.LightningDataModule):
         keep = seen != np.repeat(targets, seen_lengths)  # a re-watched target stays rankable
         features = collate(users, targets, values, lengths)
         return RetrievalBatch(features, torch.from_numpy(targets), torch.arange(len(users)), torch.from_numpy(lengths),
-                              torch.from_numpy(rows[keep]), torch.from_numpy(seen[keep]))
+                              torch.from_numpy(rows[keep]), torch.from_numpy(seen[keep]),
+                              None if times is None else torch.from_numpy(times))
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
@@ -244,14 +245,15 @@ class RetrievalDataModule(L.LightningDataModule):
         order = np.arange(len(self.valid_users))
         return DataLoader(
             order, batch_size=self.eval_batch_size, shuffle=False,
-            collate_fn=lambda rows: self.eval_batch(self.valid_users[rows], self.valid_items[rows]),
+            collate_fn=lambda rows: self.eval_batch(self.valid_users[rows], self.valid_items[rows],
+                                                    self.valid_times[rows]),
         )
 
     def fit_dataloader(self) -> DataLoader:
         """The other half of the validation users (disjoint from `val_dataloader`'s): they fit the coefficients."""
         return DataLoader(
             np.arange(len(self.fit_users)), batch_size=self.eval_batch_size, shuffle=False,
-            collate_fn=lambda rows: self.eval_batch(self.fit_users[rows], self.fit_items[rows]),
+            collate_fn=lambda rows: self.eval_batch(self.fit_users[rows], self.fit_items[rows], self.fit_times[rows]),
         )
 
     def fresh_view_dataloader(self) -> DataLoader:

@@ -236,7 +236,8 @@ def fit_new_video_scoring(model: TwoTower, batches: Iterable[RetrievalBatch], wi
     plain = [0.0, 0.0]  # NDCG sum, HR sum
     rows = 0
     for batch in batches:
-        inputs = score_inputs(UserState.of(model, batch.features, has_taste), items, has_taste, has_fresh)
+        inputs = score_inputs(UserState.of(model, batch.features, has_taste, batch.times), items, has_taste,
+                              has_fresh)
         ndcg, hit = ndcg_and_hits(inputs.score(NewVideoScoring()), batch)
         plain[0], plain[1] = plain[0] + float(ndcg.sum()), plain[1] + float(hit.sum())
         rows += len(batch)

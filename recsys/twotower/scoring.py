@@ -134,23 +134,30 @@ class UserState:
     """(B,) user index (-1: a user the model does not know, who has no own fresh views)"""
     log_shares: torch.Tensor | None
     """(B, K) log(share + EPSILON) of each cluster in the history; None where the taste term is not read"""
+    before: torch.Tensor | None = None
+    """(B,) when each user is ranked: fresh popularity counts only the fresh views before then (a held-out
+    event's time, in validation and test); None: now, every fresh view but the user's own"""
 
     @classmethod
-    def of(cls, model: TwoTower, features: SparseFeatures, taste: bool) -> UserState:
-        """The state of the users of one batch (the last `max_history` views of each, as the user tower reads)."""
+    def of(cls, model: TwoTower, features: SparseFeatures, taste: bool, before: torch.Tensor | None = None
+           ) -> UserState:
+        """The state of the users of one batch (the last `max_history` views of each, as the user tower reads),
+        ranked at times `before` (None: now)."""
         log_shares = None
         if taste:
             history = features.items[HISTORY_FEATURE]
             log_shares = log_cluster_shares(model.cluster_membership, history.values(), history.lengths(),
                                             model.spec.taste_half_life)
-        return cls(model.user_embeddings(features), features.row_users(), log_shares)
+        return cls(model.user_embeddings(features), features.row_users(), log_shares, before)
 
     @classmethod
     def concat(cls, states: list[UserState]) -> UserState:
         """The states of several batches of users, one after the other."""
         shares = [state.log_shares for state in states if state.log_shares is not None]
+        times = [state.before for state in states if state.before is not None]
         return cls(torch.cat([state.embeddings for state in states]), torch.cat([state.users for state in states]),
-                   torch.cat(shares) if len(shares) == len(states) else None)
+                   torch.cat(shares) if len(shares) == len(states) else None,
+                   torch.cat(times) if len(times) == len(states) else None)
 
 
 def log_cluster_shares(membership: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
@@ -256,7 +263,9 @@ def score_inputs(users: UserState, items: ItemState, taste: bool, fresh: bool) -
         if own is not None and own.taste_change is not None:
             taste_term[own.rows, own.items] += own.taste_change
     fresh_term = None
-    if fresh and items.fresh is not None:
+    if fresh and items.fresh is not None and users.before is not None:  # the views before each ranking's time
+        fresh_term = items.fresh.popularity_before(users.before)  # (B, N)
+    elif fresh and items.fresh is not None:  # every fresh view but the user's own
         assert own is not None
         fresh_term = items.fresh.popularity.expand(len(cosine), -1).clone()  # (B, N)
         fresh_term[own.rows, own.items] += own.fresh_change
@@ -310,7 +319,8 @@ def own_view_corrections(users: UserState, items: ItemState, scoring: NewVideoSc
         return empty, empty, torch.zeros(0)
     own = OwnViews.of(users, items, scoring.uses_taste())
     coefficients = Coefficients.of(items.new[own.items], scoring)
-    change = coefficients.fresh * own.fresh_change
+    # Ranked as of a time, the fresh term counts the views before it (`later_view_corrections`), none left out.
+    change = coefficients.fresh * own.fresh_change if users.before is None else torch.zeros(len(own.items))
     if own.taste_change is not None:
         change = change + coefficients.taste * own.taste_change
     return own.rows, own.items, change

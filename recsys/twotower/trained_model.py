@@ -113,8 +113,10 @@ class TwoTowerScorer:
         return self.user_state(user_idx, histories, taste=False).embeddings.numpy().astype(np.float32)
 
     @torch.inference_mode()
-    def user_state(self, user_idx: np.ndarray, histories: list[np.ndarray], taste: bool) -> UserState:
-        """What the score reads of B users (see `user_embeddings`); their cluster shares only with `taste`."""
+    def user_state(self, user_idx: np.ndarray, histories: list[np.ndarray], taste: bool,
+                   before: np.ndarray | None = None) -> UserState:
+        """What the score reads of B users (see `user_embeddings`); their cluster shares only with `taste`;
+        ranked at times `before` (B,) (None: now)."""
         users = np.asarray(user_idx, dtype=np.int64).reshape(-1)
         if len(users) != len(histories):
             raise ValueError(f"{len(users)} user indices but {len(histories)} histories")
@@ -128,12 +130,14 @@ class TwoTowerScorer:
                 raise DataFormatError(f"history item index out of range: the catalogue has items 0..{self.n_items - 1}")
         if not len(users):
             empty = torch.zeros(0, self.model.cluster_membership.shape[1]) if taste else None
-            return UserState(torch.zeros(0, self.dim), torch.zeros(0, dtype=torch.long), empty)
+            return UserState(torch.zeros(0, self.dim), torch.zeros(0, dtype=torch.long), empty,
+                             None if before is None else torch.zeros(0, dtype=torch.long))
         chunks = []
         for start in range(0, len(users), self.batch_size):
             stop = start + self.batch_size
             features = collate_histories(users[start:stop], None, histories[start:stop], self.spec.max_history)
-            chunks.append(UserState.of(self.model, features, taste))
+            times = None if before is None else torch.as_tensor(np.asarray(before)[start:stop], dtype=torch.long)
+            chunks.append(UserState.of(self.model, features, taste, times))
         return UserState.concat(chunks)
 
     @property
@@ -187,12 +191,12 @@ class TwoTowerScorer:
         scores of videos in the user's history, which a ranking for them excludes.
         """
         scoring = self.new_video_scoring
-        users = self.user_state(user_idx, histories, scoring.uses_taste())
+        users = self.user_state(user_idx, histories, scoring.uses_taste(), before)
         scores = user_vectors(users, scoring).numpy() @ self.item_vectors().T  # (B, N)
         rows, items, change = own_view_corrections(users, self.item_state(), scoring)
         scores[rows.numpy(), items.numpy()] += change.numpy()
-        if before is not None:
-            scores += later_view_corrections(self.item_state(), scoring, torch.as_tensor(before)).numpy()
+        if users.before is not None:
+            scores += later_view_corrections(self.item_state(), scoring, users.before).numpy()
         return scores
 
 

@@ -46,7 +46,7 @@ def ndcg_and_hits(scores: torch.Tensor, batch: RetrievalBatch) -> tuple[torch.Te
 def ranking_metrics(model: TwoTower, items: ItemState, batch: RetrievalBatch, scoring: NewVideoScoring
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """NDCG@K and HR@K (B,) of each row's target in the full ranking of `items` by the served score."""
-    users = UserState.of(model, batch.features, scoring.uses_taste())
+    users = UserState.of(model, batch.features, scoring.uses_taste(), batch.times)
     return ndcg_and_hits(score(users, items, scoring), batch)
 
 
