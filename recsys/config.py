@@ -104,6 +104,18 @@ class WatchLogOptions:
             _require(bool(getattr(self, name)), f"{name} must not be empty")
 
 
+@dataclass(kw_only=True)
+class ServedVersionOptions:
+    """Which registered version of recsys-<dataset> a command reads: by `recommend`, `similar`, `search
+    --user-id`, `catalogue add` and `views add` alike (keyword-only, like `WatchLogOptions`). An update
+    registers the next version, which takes the alias when the version it updates held it."""
+
+    alias: str = "champion"
+    """Registry alias of the model version to use (what `recsys serve` serves)"""
+    version: str | None = None
+    """Registry version number to use instead of the alias"""
+
+
 @dataclass
 class ImportConfig(WatchLogOptions):
     """What `recsys data import` reads: your own watch log and catalogue, onto the canonical tables."""
@@ -140,7 +152,7 @@ class ImportConfig(WatchLogOptions):
 
 
 @dataclass
-class CatalogueAddConfig:
+class CatalogueAddConfig(ServedVersionOptions):
     """Which videos `recsys catalogue add` adds to (or updates in) the served model, without retraining."""
 
     dataset: Dataset = ""
@@ -157,10 +169,6 @@ class CatalogueAddConfig:
     """A bad row (missing ID, path outside the media root): stop and change nothing, or skip and count it"""
     processed_dir: Path = Path("data/processed")
     """Folder holding the prepared datasets; the new videos are decoded under <dataset>/additions/"""
-    alias: str = "champion"
-    """Registry alias of the version to update (the new version takes the alias when it held it)"""
-    version: str | None = None
-    """Registry version number to update instead of the alias"""
     workers: int = 0
     """Processes decoding the new videos; 0 uses every core"""
 
@@ -174,7 +182,7 @@ class CatalogueAddConfig:
 
 
 @dataclass
-class ViewsAddConfig(WatchLogOptions):
+class ViewsAddConfig(WatchLogOptions, ServedVersionOptions):
     """Which watch events `recsys views add` gives the served model, without retraining."""
 
     dataset: Dataset = ""
@@ -183,10 +191,6 @@ class ViewsAddConfig(WatchLogOptions):
     """Views after the training cut-off: CSV, TSV, Parquet or JSON Lines, one row per view (as `data import`)"""
     processed_dir: Path = Path("data/processed")
     """Folder holding the prepared datasets (registered models are downloaded into <dataset>/served/)"""
-    alias: str = "champion"
-    """Registry alias of the version to update (the new version takes the alias when it held it)"""
-    version: str | None = None
-    """Registry version number to update instead of the alias"""
 
     def __post_init__(self) -> None:
         _require(bool(self.dataset), "name the dataset: `recsys views add NAME --interactions FILE`")
@@ -590,7 +594,7 @@ class EvaluateConfig:
 
 
 @dataclass
-class RecommendConfig:
+class RecommendConfig(ServedVersionOptions):
     """For whom `recsys recommend` ranks videos, from which model, how many, and in which format."""
 
     user_id: str | None = None
@@ -605,10 +609,6 @@ class RecommendConfig:
     """Dataset whose registered model (recsys-<dataset>) ranks the videos"""
     processed_dir: Path = Path("data/processed")
     """Folder holding the prepared datasets (registered models are downloaded into <dataset>/served/)"""
-    alias: str = "champion"
-    """Registry alias of the model version to use (what `recsys serve` serves)"""
-    version: str | None = None
-    """Registry version number to use instead of the alias"""
     run_id: str | None = None
     """Use a trained model folder (a training run ID) instead of the registry, e.g. one never exported"""
     index: Literal["auto", "exact", "pq", "hnsw", "ivf"] | None = None
@@ -644,7 +644,7 @@ class RecommendConfig:
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(ServedVersionOptions):
     """What `recsys search` looks for, in which dataset, and for whom."""
 
     dataset: Dataset = "synth"
@@ -661,11 +661,6 @@ class SearchConfig:
     """Weight of the BM25 title match in the blend (0: content only, 1: titles only); unset: the fitted one"""
     processed_dir: Path = Path("data/processed")
     """Folder holding the prepared datasets and their trained models"""
-    alias: str = "champion"
-    """With --user-id: registry alias of the model version whose two-tower score re-ranks (what `recsys serve`
-    serves)"""
-    version: str | None = None
-    """With --user-id: registry version number to use instead of the alias"""
     run_id: str | None = None
     """With --user-id: use a trained model folder (a training run ID) instead of the registry"""
     output: Literal["table", "json"] = "table"
@@ -681,7 +676,7 @@ class SearchConfig:
 
 
 @dataclass
-class SimilarConfig:
+class SimilarConfig(ServedVersionOptions):
     """Which video `recsys similar` finds neighbours of in the item embedding space."""
 
     item_id: str | None = None
@@ -692,10 +687,6 @@ class SimilarConfig:
     """Dataset whose registered model (recsys-<dataset>) embeds the videos"""
     processed_dir: Path = Path("data/processed")
     """Folder holding the prepared datasets (registered models are downloaded into <dataset>/served/)"""
-    alias: str = "champion"
-    """Registry alias of the model version to use (what `recsys serve` serves)"""
-    version: str | None = None
-    """Registry version number to use instead of the alias"""
     run_id: str | None = None
     """Use a trained model folder (a training run ID) instead of the registry, e.g. one never exported"""
     index: Literal["auto", "exact", "pq", "hnsw", "ivf"] | None = None
