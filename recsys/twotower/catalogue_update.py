@@ -17,6 +17,8 @@ Both return a new `TwoTower`; the model passed in is left as it was.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -101,15 +103,39 @@ FOLD_IN_STEPS = 100
 """Most L-BFGS iterations of `fit_fold_in`."""
 
 
-def fit_fold_in(content: torch.Tensor, viewer_sums: torch.Tensor, prior: float, population: torch.Tensor,
-                population_views: torch.Tensor, others: torch.Tensor, temperature: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class FoldInSoftmax:
+    """The catalogue softmax a folded-in video is fitted under, with everything but that video held fixed."""
+
+    population: torch.Tensor
+    """(S, D) user embeddings standing for every view of the log (a sample)"""
+    population_views: torch.Tensor
+    """(S,) the views each of them stands for"""
+    others: torch.Tensor
+    """(M, D) the embeddings of every video not being folded in"""
+    temperature: float
+    """The model's softmax temperature"""
+
+    def log_partition_of_others(self, users: torch.Tensor) -> torch.Tensor:
+        """(B,) log sum over the other videos of exp(u . e / T) for users (B, D); -inf without other videos."""
+        if not len(self.others):
+            return torch.full((len(users),), float("-inf"))
+        return torch.logsumexp(users @ self.others.T / self.temperature, dim=1)
+
+    @cached_property
+    def population_rest(self) -> torch.Tensor:
+        """(S,) `log_partition_of_others` of the population, read by every fit under this softmax."""
+        return self.log_partition_of_others(self.population)
+
+
+def fit_fold_in(content: torch.Tensor, viewer_sums: torch.Tensor, prior: float, softmax: FoldInSoftmax
+                ) -> torch.Tensor:
     """(F, D) collaborative parts s of F folded-in videos: each embedding e = normalise(prior c + s) is the
     most likely one under the softmax the model was trained with, the rest of the catalogue held fixed.
 
     content (F, D): the videos' content-only embeddings c (unit norm); viewer_sums (F, D): the sum of
-    their viewers' user embeddings; population (S, D) with population_views (S,): users standing for
-    every view of the log (a sample, each weighted by the views it stands for); others (M, D): the
-    embeddings of every other video. Each video's embedding maximises, on the unit sphere,
+    their viewers' user embeddings; `softmax`: the population of users standing for every view of the
+    log, and the other videos. Each video's embedding maximises, on the unit sphere,
 
         (prior c + viewer_sums) . e / T - sum_u views_u log(Z_u + exp(u . e / T))
 
@@ -123,8 +149,8 @@ def fit_fold_in(content: torch.Tensor, viewer_sums: torch.Tensor, prior: float, 
     """
     if not len(viewer_sums):
         return viewer_sums
-    rest = torch.logsumexp(population @ others.T / temperature, dim=1) if len(others) else \
-        torch.full((len(population),), float("-inf"))  # (S,) log partition over the other videos
+    population, views, temperature = softmax.population, softmax.population_views, softmax.temperature
+    rest = softmax.population_rest  # (S,) log partition over the other videos
     pull = prior * content + viewer_sums  # (F, D)
     with torch.enable_grad():
         direction = pull.clone().requires_grad_(True)
@@ -134,7 +160,7 @@ def fit_fold_in(content: torch.Tensor, viewer_sums: torch.Tensor, prior: float, 
             optimizer.zero_grad()
             embedding = F.normalize(direction, dim=-1)
             logits = population @ embedding.T / temperature  # (S, F)
-            push = (population_views[:, None] * torch.logaddexp(rest[:, None], logits)).sum(0)  # (F,)
+            push = (views[:, None] * torch.logaddexp(rest[:, None], logits)).sum(0)  # (F,)
             value = (push - (pull * embedding).sum(1) / temperature).sum()
             value.backward()
             return value
@@ -142,7 +168,7 @@ def fit_fold_in(content: torch.Tensor, viewer_sums: torch.Tensor, prior: float, 
         optimizer.step(loss)
     embedding = F.normalize(direction.detach(), dim=-1)  # (F, D)
     logits = population @ embedding.T / temperature
-    expected = torch.exp(logits - torch.logaddexp(rest[:, None], logits)) * population_views[:, None]  # (S, F)
+    expected = torch.exp(logits - torch.logaddexp(rest[:, None], logits)) * views[:, None]  # (S, F)
     gradient = pull - expected.T @ population  # (F, D) prior c + s at the maximum
     return gradient.norm(dim=1, keepdim=True) * embedding - prior * content
 
@@ -154,8 +180,7 @@ DEFAULT_FOLD_IN_PRIOR = 1.0
 
 
 def pick_fold_in_prior(content: torch.Tensor, viewer_sums: torch.Tensor, viewed: torch.Tensor,
-                       view_states: torch.Tensor, population: torch.Tensor, population_views: torch.Tensor,
-                       others: torch.Tensor, temperature: float) -> float:
+                       view_states: torch.Tensor, softmax: FoldInSoftmax) -> float:
     """The prior of `FOLD_IN_PRIORS` under which folded-in videos best predict a viewer held out of their views.
 
     content (F, D), viewer_sums (F, D): the videos' content-only embeddings and the sums of their
@@ -173,11 +198,11 @@ def pick_fold_in_prior(content: torch.Tensor, viewer_sums: torch.Tensor, viewed:
         return DEFAULT_FOLD_IN_PRIOR
     held_out = view_states[last[validated]]  # (Q, D)
     content, viewer_sums = content[validated], viewer_sums[validated] - held_out
-    rest = torch.logsumexp(held_out @ others.T / temperature, dim=1)  # (Q,)
+    rest = softmax.log_partition_of_others(held_out)  # (Q,)
 
     def held_out_log_likelihood(prior: float) -> float:
-        sums = fit_fold_in(content, viewer_sums, prior, population, population_views, others, temperature)
-        logit = (held_out * F.normalize(prior * content + sums, dim=-1)).sum(1) / temperature  # (Q,)
+        sums = fit_fold_in(content, viewer_sums, prior, softmax)
+        logit = (held_out * F.normalize(prior * content + sums, dim=-1)).sum(1) / softmax.temperature  # (Q,)
         return float((logit - torch.logaddexp(rest, logit)).mean())
 
     return max(FOLD_IN_PRIORS, key=held_out_log_likelihood)
@@ -189,9 +214,9 @@ def with_views(model: TwoTower, users: np.ndarray, items: np.ndarray, histories:
                batch_size: int = 4096) -> TwoTower:
     """The model with V more views: `users` (V,) user_idx (-1: a user the model does not know), `items` (V,)
     item_idx, each viewer's history before the view (item_idx, oldest first), `times` (V,) when they
-    happened, and `fresh` (V,) bool: the
-    views after the training cut-off, which join the fresh views (the others only fold videos in).
-    `population` (S, D) and `population_views` (S,): user embeddings standing for every view (see `fit_fold_in`).
+    happened, and `fresh` (V,) bool: the views after the training cut-off, which join the fresh views (the
+    others only fold videos in). `population` (S, D) and `population_views` (S,): user embeddings standing
+    for every view (`FoldInSoftmax`).
 
     A video without training interactions is folded in from its viewers (`ItemTower.forward`): the
     user embedding of each viewer just before the view joins the video's viewer sum, and its
@@ -217,13 +242,12 @@ def with_views(model: TwoTower, users: np.ndarray, items: np.ndarray, histories:
         return _grown(model, model.spec.n_items, fresh_views)
     nothing = torch.zeros(0, dtype=torch.long), torch.zeros(0, model.spec.dim), torch.zeros(0, model.spec.dim)
     unfolded = _grown(model, model.spec.n_items, fresh_views, nothing)
-    embeddings = catalogue_embeddings(unfolded)  # (N, D): the videos to fold in from content alone, as yet
-    content_only = F.normalize(unfolded.item_tower.represent(torch.arange(model.spec.n_items), None), dim=-1)
+    embeddings = catalogue_embeddings(unfolded)  # (N, D)
+    content_only = F.normalize(unfolded.item_tower.represent(order, None), dim=-1)  # (F, D) the videos to fold in
     others = torch.ones(len(embeddings), dtype=torch.bool)
     others[order] = False
+    softmax = FoldInSoftmax(population, population_views, embeddings[others], model.spec.temperature)
     old = len(tower.folded_items)
-    prior = pick_fold_in_prior(content_only[order], viewer_sums, inverse[old:], states[old:], population,
-                               population_views, embeddings[others], model.spec.temperature)
-    sums = fit_fold_in(content_only[order], viewer_sums, prior, population, population_views, embeddings[others],
-                       model.spec.temperature)
+    prior = pick_fold_in_prior(content_only, viewer_sums, inverse[old:], states[old:], softmax)
+    sums = fit_fold_in(content_only, viewer_sums, prior, softmax)
     return _grown(model, model.spec.n_items, fresh_views, (order, sums, viewer_sums), fold_in_prior=prior)

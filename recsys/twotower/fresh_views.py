@@ -13,7 +13,7 @@ watched yet is not impossible:
 with c_i the fresh views of video i, T all fresh views and N the catalogue size (0 for a video
 with an average share, negative below it).
 
-At test time a user's ranking reads only the fresh views before their test event
+A ranking for a held-out event (validation and test) reads only the fresh views before it
 (`popularity_before`): other users' validation views may come later, and those are the future.
 
 A user's own fresh views do not count when ranking for that user: it is what other people watch

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from recsys.twotower.catalogue_update import DEFAULT_FOLD_IN_PRIOR, fit_fold_in, pick_fold_in_prior
+from recsys.twotower.catalogue_update import DEFAULT_FOLD_IN_PRIOR, FoldInSoftmax, fit_fold_in, pick_fold_in_prior
 
 DIM = 16
 T = 0.1
@@ -35,7 +35,7 @@ def test_the_fitted_embedding_is_the_maximum_and_the_forward_formula_gives_it_ex
     content = F.normalize(torch.randn(1, DIM, generator=torch.Generator().manual_seed(1)), dim=-1)
     viewer_sums = users[:12].sum(0, keepdim=True)  # twelve users of taste A watched it
     prior = 2.0
-    sums = fit_fold_in(content, viewer_sums, prior, users, views, others, T)
+    sums = fit_fold_in(content, viewer_sums, prior, FoldInSoftmax(users, views, others, T))
     embedding = F.normalize(prior * content + sums, dim=-1)[0]
     best = log_likelihood(embedding, (prior * content + viewer_sums)[0], users, views, others)
     for step in range(20):  # any nearby point on the sphere is less likely
@@ -47,7 +47,7 @@ def test_a_video_watched_by_one_taste_is_placed_near_it_and_not_lifted_for_the_o
     users, views, others = groups()
     content = F.normalize(torch.randn(1, DIM, generator=torch.Generator().manual_seed(2)), dim=-1)
     viewer_sums = users[:12].sum(0, keepdim=True)
-    sums = fit_fold_in(content, viewer_sums, 1.0, users, views, others, T)
+    sums = fit_fold_in(content, viewer_sums, 1.0, FoldInSoftmax(users, views, others, T))
     embedding = F.normalize(content + sums, dim=-1)[0]
     taste_a, taste_b = users[:40] @ embedding, users[40:] @ embedding
     assert float(taste_a.mean()) > float(taste_b.mean()) + 0.3
@@ -65,10 +65,11 @@ def test_the_prior_is_small_when_content_points_away_from_the_viewers_and_large_
     sums = torch.zeros(8, DIM).index_add_(0, viewed, states)
     misleading = F.normalize(torch.eye(DIM)[1].expand(8, DIM).clone(), dim=-1)  # content says taste B
     agreeing = F.normalize(torch.eye(DIM)[0].expand(8, DIM).clone(), dim=-1)  # content says taste A
-    low = pick_fold_in_prior(misleading, sums, viewed, states, users, views, others, T)
-    high = pick_fold_in_prior(agreeing, sums, viewed, states, users, views, others, T)
+    softmax = FoldInSoftmax(users, views, others, T)
+    low = pick_fold_in_prior(misleading, sums, viewed, states, softmax)
+    high = pick_fold_in_prior(agreeing, sums, viewed, states, softmax)
     assert low < high
     assert low <= 2.0
     # One view per video leaves nothing to hold out: content counts as one view.
     single = torch.arange(8)
-    assert pick_fold_in_prior(agreeing, sums, single, states[:8], users, views, others, T) == DEFAULT_FOLD_IN_PRIOR
+    assert pick_fold_in_prior(agreeing, sums, single, states[:8], softmax) == DEFAULT_FOLD_IN_PRIOR
