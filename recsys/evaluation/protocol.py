@@ -9,7 +9,7 @@ Every item of the history is excluded from the ranking (a re-watched target itse
 rankable), every other item of the catalogue competes, including videos nobody watched in
 training. The cold-start slice is the targets whose item has no train interaction at all.
 A model that also reads other users' recent views (the two-tower model's fresh views: every
-validation interaction) ranks each test case as of the time of its target (`ScoresBefore`), so
+validation interaction) ranks each case, validation or test, as of its target's time (`ScoresBefore`), so
 it never reads a view that came after the event it is asked to predict.
 Any model that can score all items for a batch of users (`Scorer`) is evaluated by the same code;
 a NaN or infinite score is an error, never the top (or bottom) of a ranking.

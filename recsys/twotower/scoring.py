@@ -254,7 +254,7 @@ def score_inputs(users: UserState, items: ItemState, taste: bool, fresh: bool) -
     """The terms of the scores of B users for the whole catalogue (N videos); `taste` and `fresh` say which
     of the two optional terms to read (the taste term needs `users.log_shares`, the fresh one fresh views)."""
     cosine = users.embeddings @ items.embeddings.T  # (B, N)
-    own = OwnViews.of(users, items, taste) if items.fresh is not None and (taste or fresh) else None
+    own = OwnViews.of(users, items, taste) if items.fresh is not None and taste else None
     taste_term = None
     if taste:
         assert users.log_shares is not None, "the taste term needs the users' cluster shares"
@@ -266,9 +266,7 @@ def score_inputs(users: UserState, items: ItemState, taste: bool, fresh: bool) -
     if fresh and items.fresh is not None and users.before is not None:  # the views before each ranking's time
         fresh_term = items.fresh.popularity_before(users.before)  # (B, N)
     elif fresh and items.fresh is not None:  # every fresh view but the user's own
-        assert own is not None
-        fresh_term = items.fresh.popularity.expand(len(cosine), -1).clone()  # (B, N)
-        fresh_term[own.rows, own.items] += own.fresh_change
+        fresh_term = items.fresh.popularity_for(users.users)  # (B, N)
     return ScoreInputs(items.new, cosine, taste_term, fresh_term)
 
 
