@@ -508,6 +508,10 @@ class ServeConfig:
     """Largest request body in bytes; a larger one is answered 413 before it is read"""
     request_timeout: int = 60
     """Seconds a request may take; later it is answered 504 and its work stops"""
+    follow_every: int = 30
+    """Seconds between looks at the registry: when the served alias (champion, or the one --model names)
+    moves to another version, as `catalogue add` and `views add` move it, the server loads that version
+    and answers from it without a restart; 0: keep the version loaded at start"""
 
     def __post_init__(self) -> None:
         check_dataset_name(self.dataset)
@@ -516,6 +520,7 @@ class ServeConfig:
         _require(self.max_request_rows >= 1, "max_request_rows must be at least 1")
         _require(self.max_request_bytes >= 1, "max_request_bytes must be at least 1")
         _require(self.request_timeout >= 1, "request_timeout must be at least 1 second")
+        _require(self.follow_every >= 0, f"follow_every must be 0 (never) or more seconds, got {self.follow_every}")
 
 
 @dataclass

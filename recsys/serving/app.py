@@ -15,21 +15,33 @@ thread. `RequestLimits` sits in front of it:
   variable reaches the model's thread: asyncio copies the context into the tasks and the thread
   MLflow's app runs `predict` in.
 
+When the model served is the version an alias names (`champion` by default), `FollowAlias` goes
+in front of both: every `follow_every` seconds it looks which version the alias names, and a
+new one is downloaded and loaded beside the one serving, then answers every later request
+(`catalogue add` and `views add` reach REST without a restart). Each answer says in the header
+`X-Recsys-Model-Version` which version gave it.
+
 uvicorn imports `create_app` in each worker process (`--factory`); `recsys serve` passes the
-downloaded model folder and the `ServeConfig` in the environment (`CONFIG_ENV`).
+downloaded model folder and the `ServeConfig` in the environment (`CONFIG_ENV`), and the alias
+followed (`FOLLOWED_ENV`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 from recsys.config import ServeConfig
 from recsys.serving.pyfunc_model import REQUEST_DEADLINE, RankingModel
-from recsys.serving.serve import CONFIG_ENV
+from recsys.serving.serve import CONFIG_ENV, FOLLOWED_ENV
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -142,16 +154,99 @@ async def _send_json(send: Send, status: int, document: dict[str, str]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app() -> ASGIApp:
-    """MLflow's scoring app for the model and limits of `CONFIG_ENV`, behind `RequestLimits`."""
+VERSION_HEADER = b"x-recsys-model-version"
+"""Response header naming the registered version that answered (when the model served is a registered one)."""
+
+
+class FollowAlias:
+    """ASGI app answering from the version a registry alias names now, looked up every `every` seconds.
+
+    A thread of its own asks the registry. A version other than the one serving is downloaded into
+    a new folder under `downloads` (the server's, which `recsys serve` removes when it stops) and
+    loaded by `build` while the loaded one goes on answering; then it answers every request that
+    comes after (those already running finish on the old one, whose folder goes at the next swap).
+    A look or a load that fails is reported on stderr, and the loaded version keeps serving until a
+    later look succeeds. Every answer names its version in `VERSION_HEADER`. `every` 0: no look,
+    only the header.
+    """
+
+    def __init__(self, build: Callable[[str], ASGIApp], folder: str, name: str, alias: str, version: str,
+                 every: float, downloads: str) -> None:
+        self.build, self.name, self.alias, self.every, self.downloads = build, name, alias, every, downloads
+        self.app, self.version = build(folder), version
+        self.folders: list[Path] = []  # this worker's downloads, newest last (the first folder is the server's)
+        self.stopped = threading.Event()
+        if every:
+            threading.Thread(target=self._follow, name="recsys-follow-alias", daemon=True).start()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app, version = self.app, self.version  # one version for the whole request, even if a swap comes
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (VERSION_HEADER, version.encode())]}
+            await send(message)
+
+        await app(scope, receive, named)
+
+    def _follow(self) -> None:
+        while not self.stopped.wait(self.every):
+            try:
+                self.look()
+            except Exception as err:  # noqa: BLE001 - a registry or download hiccup must not stop the server
+                print(f"recsys serve: could not look up or load models:/{self.name}@{self.alias} "
+                      f"({type(err).__name__}: {err}); still serving version {self.version}", file=sys.stderr,
+                      flush=True)
+
+    def look(self) -> bool:
+        """Serve the version the alias names now, if it is another than the one serving; whether it was."""
+        import mlflow
+
+        from recsys.serving.registry import aliased_version
+
+        version = aliased_version(self.name, self.alias)
+        if version == self.version:
+            return False
+        folder = Path(tempfile.mkdtemp(prefix=f"v{version}-", dir=self.downloads))
+        try:
+            downloaded = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{self.name}/{version}",
+                                                             dst_path=str(folder))
+            app = self.build(downloaded)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self.app, self.version = app, version
+        self.folders.append(folder)
+        for old in self.folders[:-2]:  # the one before the previous: no request can still read it
+            shutil.rmtree(old, ignore_errors=True)
+        del self.folders[:-2]
+        print(f"recsys serve: now serving models:/{self.name}/{version} (alias {self.alias})", file=sys.stderr,
+              flush=True)
+        return True
+
+
+def scoring_app(folder: str, config: ServeConfig) -> ASGIApp:
+    """MLflow's scoring app for the model in `folder`, behind `RequestLimits` with the limits of `config`."""
     from mlflow.pyfunc import load_model, scoring_server
 
-    config = ServeConfig(**json.loads(os.environ[CONFIG_ENV]))
-    assert config.model is not None, f"{CONFIG_ENV} names no model folder"
-    # MLflow's app reads its timeout from here: it answers 504 then, the deadline stops the work.
-    os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(config.request_timeout)
-    model = load_model(config.model)
+    model = load_model(folder)
     python_model = model.unwrap_python_model()
     if isinstance(python_model, RankingModel):
         python_model.ranker.max_rows = config.max_request_rows
     return RequestLimits(scoring_server.init(model), config.max_request_bytes, config.request_timeout)
+
+
+def create_app() -> ASGIApp:
+    """The app for the model, limits and followed alias of `CONFIG_ENV` and `FOLLOWED_ENV`."""
+    config = ServeConfig(**json.loads(os.environ[CONFIG_ENV]))
+    assert config.model is not None, f"{CONFIG_ENV} names no model folder"
+    # MLflow's app reads its timeout from here: it answers 504 then, the deadline stops the work.
+    os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(config.request_timeout)
+    if FOLLOWED_ENV not in os.environ:
+        return scoring_app(config.model, config)
+    followed = json.loads(os.environ[FOLLOWED_ENV])
+    return FollowAlias(lambda folder: scoring_app(folder, config), config.model, followed["name"],
+                       followed["alias"], followed["version"], config.follow_every, followed["downloads"])

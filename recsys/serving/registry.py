@@ -36,6 +36,26 @@ def champion_uri(dataset: str) -> str:
     return f"models:/{model_name(dataset)}@{CHAMPION}"
 
 
+def alias_of(uri: str) -> tuple[str, str] | None:
+    """(registered model name, alias) of a `models:/NAME@ALIAS` URI; None for any other URI."""
+    if not uri.startswith("models:/") or "@" not in uri:
+        return None
+    name, alias = uri.removeprefix("models:/").rsplit("@", 1)
+    return name, alias
+
+
+def aliased_version(name: str, alias: str) -> str:
+    """The number of the version of registered model `name` that `alias` names now (MissingInputError if none)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        raise MissingInputError(f"no registered model {name} with alias {alias!r} in the store at {configure()}"
+                                ) from None
+
+
 def registered_version(dataset: str, version: str | None = None, alias: str = CHAMPION) -> Any:
     """The ModelVersion named by `version` (a number), else by `alias`; a MissingInputError says how to make one."""
     from mlflow import MlflowClient

@@ -64,6 +64,9 @@ APP_FACTORY = "recsys.serving.app:create_app"
 """What uvicorn runs (with --factory) in each worker."""
 CONFIG_ENV = "RECSYS_SERVE_CONFIG"
 """Environment variable passing the `ServeConfig` to the workers as JSON, `model` being the downloaded folder."""
+FOLLOWED_ENV = "RECSYS_SERVE_FOLLOWED"
+"""Environment variable passing the workers the served alias as JSON (name, alias, version loaded), when the
+model served is one an alias names (`recsys.serving.app.FollowAlias`)."""
 STOP_GRACE_S = 3.0
 """Seconds the server may take to stop after SIGTERM before it is killed (uvicorn gets 2 to finish requests)."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -217,16 +220,26 @@ def serve(config: ServeConfig) -> int:
     """Run the scoring server on the ranking model in the foreground until stopped; its exit code."""
     import mlflow
 
+    from recsys.serving.registry import alias_of, aliased_version
     from recsys.tracking.store import configure
 
     uri = resolve_model_uri(config.model, config.dataset)
     # The model is fetched once here, not by every worker (models:/ URIs resolve in this store).
     env = venv_env({"MLFLOW_TRACKING_URI": configure()})
     url = f"http://{config.host}:{config.port}"
+    served, what, followed = uri, uri, alias_of(uri)
+    if followed is not None:  # the version the alias names now, by number: what later looks compare with
+        name, alias = followed
+        version = aliased_version(name, alias)
+        served = f"models:/{name}/{version}"
+        what = f"{served} (alias {alias}" + (f"; a move of the alias is served within {config.follow_every} s)"
+                                              if config.follow_every else ")")
     with tempfile.TemporaryDirectory(prefix="recsys-serve-") as tmp:
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        if followed is not None:
+            env[FOLLOWED_ENV] = json.dumps({"name": name, "alias": alias, "version": version, "downloads": tmp})
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=served, dst_path=tmp))
         env[CONFIG_ENV] = json.dumps(to_dict(replace(config, model=str(folder))))
-        print(f"serving {uri} at {url}/invocations (Ctrl+C or SIGTERM stops it; at most "
+        print(f"serving {what} at {url}/invocations (Ctrl+C or SIGTERM stops it; at most "
               f"{config.max_request_rows} rows and {config.max_request_bytes} bytes per request); try:\n"
               f"  curl -s {url}/invocations -H 'Content-Type: application/json' -d '{example_request(folder)}'",
               flush=True)

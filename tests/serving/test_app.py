@@ -1,13 +1,19 @@
-"""`RequestLimits`, the ASGI layer `recsys serve` puts in front of MLflow's scoring app, called directly."""
+"""`RequestLimits` and `FollowAlias`, the ASGI layers `recsys serve` puts in front of MLflow's scoring app, called
+directly."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
-from recsys.serving.app import RequestLimits
+import mlflow
+import pytest
+
+from recsys.serving import registry
+from recsys.serving.app import VERSION_HEADER, FollowAlias, RequestLimits
 from recsys.serving.pyfunc_model import REQUEST_DEADLINE
 
 
@@ -98,3 +104,61 @@ def test_the_models_row_limit_answers_413() -> None:
     app = RequestLimits(Inner(status=429), max_request_bytes=100, request_timeout=60)
     assert _call(app, [b"{}"])[0] == 413
     assert _call(app, [b"{}"], path="/ping")[0] == 429  # only the model's answers are mapped
+
+
+def _status_and_version(app: FollowAlias) -> tuple[int, str]:
+    """The status of a GET /ping answered by `app`, and the version its header names."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(app({"type": "http", "method": "GET", "path": "/ping", "headers": []}, receive, send))
+    return sent[0]["status"], dict(sent[0]["headers"])[VERSION_HEADER].decode()
+
+
+def test_follow_alias_serves_the_version_the_alias_moves_to_and_keeps_the_old_through_a_failed_load(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    alias_names = {"version": "1"}
+    monkeypatch.setattr(registry, "aliased_version", lambda name, alias: alias_names["version"])
+
+    def download(artifact_uri: str, dst_path: str) -> str:
+        if artifact_uri.endswith("/3"):
+            raise OSError("no space left on device")
+        folder = Path(dst_path) / "model"
+        folder.mkdir()
+        (folder / "uri").write_text(artifact_uri)
+        return str(folder)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download)
+    built: list[str] = []
+
+    def build(folder: str) -> Inner:
+        built.append(folder)
+        return Inner(status=200 + len(built))  # each loaded model answers with a status of its own
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    app = FollowAlias(build, "served-at-start", "recsys-x", "champion", "1", every=0, downloads=str(downloads))
+    assert _status_and_version(app) == (201, "1")
+    assert not app.look() and len(built) == 1  # the alias has not moved: nothing is downloaded
+
+    alias_names["version"] = "2"
+    assert app.look()
+    assert Path(built[-1], "uri").read_text() == "models:/recsys-x/2"  # by number, not by the alias
+    assert _status_and_version(app) == (202, "2")
+
+    alias_names["version"] = "3"  # its download fails: version 2 goes on answering, no half-written folder stays
+    with pytest.raises(OSError, match="no space left"):
+        app.look()
+    assert _status_and_version(app) == (202, "2")
+    assert len(list(downloads.iterdir())) == 1
+
+    for version in ("4", "5"):
+        alias_names["version"] = version
+        assert app.look()
+    assert _status_and_version(app) == (204, "5")
+    assert sorted(p.name.split("-")[0] for p in downloads.iterdir()) == ["v4", "v5"]  # older downloads are gone

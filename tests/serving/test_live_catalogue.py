@@ -8,11 +8,14 @@ from its title by the trained item tower.
 from __future__ import annotations
 
 import io
+import json
 import shutil
+import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import polars as pl
@@ -23,6 +26,7 @@ from recsys.config import CatalogueAddConfig, ExportConfig, ImportConfig, Ingest
 from recsys.errors import RecsysError
 from recsys.serving.live_catalogue import add_videos, add_views
 from recsys.serving.registry import champion_version
+from recsys.serving.serve import ServerProcess, free_port, venv_env
 from recsys.serving.served_model import load_ranker
 from tests.serving.scoring_check import served_equals_scored
 
@@ -195,18 +199,37 @@ def test_a_new_user_with_added_views_is_ranked_from_them_not_by_popularity(live:
     assert sum(topic_of(i) == "hike" for i in newcomer[:5]) >= 4
 
 
+def post(url: str, rows: list[dict[str, object]]) -> tuple[pl.DataFrame, str]:
+    """The predictions a running server answers for `rows`, and the version its header names."""
+    body = json.dumps({"dataframe_records": rows}).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return pl.DataFrame(json.loads(response.read())["predictions"]), response.headers["X-Recsys-Model-Version"]
+
+
 @pytest.mark.slow
-def test_after_an_update_the_champion_serves_alike_in_the_cli_and_rest(live: Live, tmp_path: Path,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    items = write_csv(tmp_path / "new.csv", [{"item_id": "surf-new", "title": "surfing ocean waves"}])
-    champion = champion_version(NAME)
-    assert champion is not None
-    result = add_videos(CatalogueAddConfig(NAME, items=items, processed_dir=live.processed_dir))
-    assert result.promoted and result.base_version == str(champion.version)
-    assert str(champion_version(NAME).version) == result.version
-    served = mlflow.pyfunc.load_model(f"models:/recsys-{NAME}@champion")
+def test_a_running_server_follows_the_champion_to_an_update_and_answers_like_the_cli(
+        live: Live, tmp_path: Path, capsys: pytest.CaptureFixture[str], mlflow_store: str) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).parent / "recsys"), "serve", "--dataset", NAME, "--port", str(port),
+               "--follow-every", "1"]
     users = live.users_of("surf")[:3]
-    rest = pl.from_pandas(served.predict(pd.DataFrame({"user_id": users, "k": [5] * len(users)})))
+    rows = [{"user_id": user, "k": 5} for user in users]
+    with ServerProcess(command, tmp_path / "serve.log", env=venv_env({"MLFLOW_TRACKING_URI": mlflow_store})) as server:
+        server.wait_ready(f"{url}/ping", timeout=240)
+        champion = str(champion_version(NAME).version)
+        assert post(url, rows)[1] == champion
+        items = write_csv(tmp_path / "new.csv", [{"item_id": "surf-new", "title": "surfing ocean waves"}])
+        result = add_videos(CatalogueAddConfig(NAME, items=items, processed_dir=live.processed_dir))
+        assert result.promoted and result.base_version == champion
+        assert str(champion_version(NAME).version) == result.version
+        deadline = time.monotonic() + 120
+        while (answered := post(url, rows))[1] != result.version:  # no restart: the server loads the new champion
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.5)
+        assert f"now serving models:/recsys-{NAME}/{result.version} (alias champion)" in server.log_tail()
+    rest = answered[0]
     for user in users:
         assert main(["recommend", "--dataset", NAME, "--user-id", user, "-k", "5", "--format", "csv",
                      "--processed-dir", str(live.processed_dir)]) == 0
