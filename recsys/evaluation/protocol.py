@@ -27,7 +27,7 @@ import torch
 
 from recsys.data.histories import split_lists, train_counts, user_histories
 from recsys.data.paths import PreparedPaths
-from recsys.errors import InvalidScoreError, MissingInputError
+from recsys.errors import MissingInputError, check_finite
 from recsys.files import read_json
 from recsys.metrics import KS, CoverageCounter, mask_excluded, metrics_from_ranks, target_ranks
 
@@ -149,7 +149,8 @@ def evaluate_scorer(
         if scores.shape != (len(histories), cases.n_items):
             raise ValueError(f"scorer returned shape {tuple(scores.shape)}, expected ({len(histories)}, "
                              f"{cases.n_items})")
-        check_finite(scores, name or type(scorer).__name__, cases.user_idx[rows])
+        check_finite(scores, f"scorer {name or type(scorer).__name__!r} scored a batch", cases.user_idx[rows],
+                     "user_idx", "a ranking is never made from them")
         targets = torch.from_numpy(cases.targets[rows])  # (B,)
         mask_excluded(scores, histories, keep=targets)
         per_case = metrics_from_ranks(target_ranks(scores, targets), ks)
@@ -165,18 +166,6 @@ def evaluate_scorer(
     result.update(coverage.result())
     result.update({"cases": float(n), "cold_cases": float(n_cold)})
     return result
-
-
-def check_finite(scores: torch.Tensor, name: str, user_idx: np.ndarray) -> None:
-    """Raise `InvalidScoreError` if scores (B, N) hold NaN or ±inf, saying how many and for which first user."""
-    bad = ~torch.isfinite(scores)  # (B, N)
-    if bool(bad.any()):
-        row, item = (int(i) for i in torch.nonzero(bad)[0])
-        raise InvalidScoreError(
-            f"scorer {name!r} returned {int(bad.sum())} NaN or infinite scores for a batch of {scores.shape[0]} "
-            f"users x {scores.shape[1]} items (the first: user_idx {int(user_idx[row])}, item_idx {item}, "
-            f"score {float(scores[row, item])}); a ranking is never made from them"
-        )
 
 
 def chance_metrics(cases: EvalCases, ks: Sequence[int] = KS) -> dict[str, float]:

@@ -27,7 +27,7 @@ import torch
 from recsys.config import ConfigError
 from recsys.data.histories import UNKNOWN_USER, histories_by_user, train_counts
 from recsys.data.paths import PreparedPaths
-from recsys.errors import InvalidScoreError
+from recsys.errors import check_finite
 from recsys.metrics import top_k
 from recsys.serving.explain import explain_popular, explain_ranking
 from recsys.serving.index import IndexKind, ItemIndex, make_index
@@ -42,17 +42,10 @@ ALL_USERS_SCHEMA = {"user_id": pl.String, **{name: kind for name, kind in RANKED
 """Columns of the file `write_all_users` writes."""
 
 
+FINITE_OR_NOTHING = "its scores would rank nothing: retrain or export another model"
+"""What `check_finite` says of a model whose vectors are not finite."""
 LATER = 1 << 40
 """Added to an added view's time when it joins a history: it sorts after every split's views."""
-
-
-def check_finite(vectors: np.ndarray, what: str, rows: np.ndarray) -> None:
-    """An InvalidScoreError naming how many rows of `vectors` (B, D) hold NaN or infinity, and the first."""
-    bad = ~np.isfinite(vectors).all(axis=1)
-    if bad.any():
-        raise InvalidScoreError(f"the model gave NaN or infinite {what} for {int(bad.sum())} of {len(vectors)} rows "
-                               f"(first: index {int(rows[np.flatnonzero(bad)[0]])}); its scores would rank nothing: "
-                               "retrain or export another model")
 
 
 class UnknownUserWarning(UserWarning):
@@ -157,7 +150,7 @@ class Recommender:
     def user_index(self) -> ItemIndex:
         """Inner-product index over the model's item vectors (what user vectors are matched against)."""
         vectors = self.model.item_vectors()
-        check_finite(vectors, "item vectors", np.arange(len(vectors)))
+        check_finite(vectors, "the model's item vectors", np.arange(len(vectors)), "item_idx", FINITE_OR_NOTHING)
         return make_index(vectors, self.index_kind)
 
     @cached_property
@@ -293,7 +286,7 @@ class Recommender:
             users = np.array([queries[r][0] for r in rows], dtype=np.int64)  # (b,)
             watched = [queries[r][1] for r in rows]
             vectors = self.model.user_vectors(users, watched)  # (b, D')
-            check_finite(vectors, "user vectors", users)
+            check_finite(vectors, "the model's user vectors", users, "user_idx", FINITE_OR_NOTHING)
             exclude = [np.unique(items) for items in watched] if exclude_seen else None
             found_scores, found_ids = self.user_index.search(vectors, width, exclude)  # (b, K) each
             scores[rows], ids[rows] = found_scores, found_ids

@@ -178,9 +178,11 @@ def test_a_nan_or_infinite_score_is_an_error_not_the_top_of_a_ranking(paths: Pre
     cases = load_cases(paths, "test")
     scorer = BrokenScores(cases.n_items, {int(cases.targets[0]): value, 3: value})
     # 60 users in one batch, 2 bad items each; the target's own score among them, so it is not ranked first.
-    with pytest.raises(InvalidScoreError, match=r"scorer 'broken' returned 120 NaN or infinite scores"):
+    message = (r"scorer 'broken' scored a batch: 120 NaN or infinite values in 60 rows x \d+ "
+               r"\(the first: user_idx \d+, column \d+, value (nan|-?inf)\); a ranking is never made from them")
+    with pytest.raises(InvalidScoreError, match=message):
         evaluate_scorer(scorer, cases, batch_size=256, name="broken")
-    with pytest.raises(InvalidScoreError, match=r"scorer 'BrokenScores' returned"):
+    with pytest.raises(InvalidScoreError, match=r"scorer 'BrokenScores' scored a batch: "):
         evaluate_scorer(scorer, cases)
 
 

@@ -244,5 +244,7 @@ def test_a_nan_score_is_an_error_never_the_top_of_a_ranking(paths: PreparedPaths
             return vectors
 
     broken = Recommender(paths, model=Broken())
-    with pytest.raises(InvalidScoreError, match="NaN or infinite user vectors for 1 of 2 rows"):
+    message = (r"the model's user vectors: 1 NaN or infinite values in 2 rows x \d+ "
+               r"\(the first: user_idx \d+, column 0, value nan\); its scores would rank nothing")
+    with pytest.raises(InvalidScoreError, match=message):
         broken.recommend_many(["3", "4"], [5, 5], [(), ()])
