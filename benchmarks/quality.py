@@ -36,7 +36,10 @@ oracle's. "Far above" is read as an order of magnitude: the full model's cold-st
 least 10 times that of popularity, or of the random ranking where popularity is below it.
 Popularity ranks never-trained videos last, below chance, so on these datasets the random ranking
 sets the floor. (An absolute margin cannot serve both datasets: a 0.05 margin, used before, is
-above every model's overall NDCG@10 on MicroLens-50k.)
+above every model's overall NDCG@10 on MicroLens-50k.) And the figures are the served model's: the
+full model is exported and registered as `recsys export` does, and for 300 users the top-10 the
+registered version returns (what REST answers) must equal the top-10 of the scorer evaluate ranked
+by (`served_equals_evaluated`, `recsys.serving.served_check`).
 
 `--quick` runs only the synthetic corpus, at `QUICK_CORPUS` size with fewer epochs: large enough that a random
 ranking scores NDCG@10 0.03 and the full run's order of models shows (full model, then its ablations, then the
@@ -177,6 +180,29 @@ def evaluate_dataset(dataset: str, root: Path, runs: dict[str, str], seed: int
     return results, notes
 
 
+SERVED_CHECK_USERS = 300
+"""Users (a seeded sample) whose served top-10 `served_check` compares with the evaluated one."""
+
+
+def served_check(dataset: str, root: Path, run_id: str, seed: int) -> dict[str, Any]:
+    """Export the full model as `recsys export` does and compare, for a sample of users, the top-10 the registered
+    version serves (what REST returns) with the top-10 of the scorer evaluate ranks by (`served_mismatches`)."""
+    from recsys.config import ExportConfig
+    from recsys.serving.export import export
+    from recsys.serving.served_check import served_mismatches
+    from recsys.serving.served_model import load_ranker
+
+    processed = root / "processed"
+    exported = export(ExportConfig(dataset, processed_dir=processed, run_id=run_id, raw_dir=root / "raw"))
+    ranker = load_ranker(dataset, processed, version=exported.version)
+    known = sorted(ranker.recommender.user_lookup)
+    users = [str(u) for u in np.random.default_rng(seed).choice(known, min(SERVED_CHECK_USERS, len(known)),
+                                                                  replace=False)]
+    mismatches = served_mismatches(ranker, users)
+    return {"users": len(users), "mismatches": len(mismatches), "first_mismatches": mismatches[:5],
+            "met": not mismatches}
+
+
 def add_oracle_shares(models: dict[str, dict[str, float]]) -> None:
     """Give every row without one its ndcg@K/oracle (K in 10, 20, 50), in place."""
     oracle = models["oracle"]
@@ -228,8 +254,8 @@ def topic_reference(root: Path) -> dict[str, float]:
     return evaluate_scorer(reference, load_cases(paths, "test"))
 
 
-def judge(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
-    """The issue's targets, per dataset and overall."""
+def judge(table: dict[str, dict[str, dict[str, float]]], served: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets, per dataset and overall (served: `served_check` per dataset; one not checked fails)."""
     baselines = BASELINES
     beats, cold, oracle_share = {}, {}, None
     for dataset, models in table.items():
@@ -253,6 +279,7 @@ def judge(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
         all(b["met"] for b in beats.values())
         and all(c["met"] for c in cold.values())
         and (oracle_share is None or oracle_share >= ORACLE_SHARE)
+        and all(served.get(dataset, {}).get("met", False) for dataset in table)
     )
     return {"beats_every_baseline_ndcg@10": beats, "cold_start_vs_popularity_ndcg@10": cold,
             "synth_ndcg@10_over_oracle": oracle_share, "target_met": met}
@@ -274,7 +301,7 @@ def markdown(table: dict[str, dict[str, dict[str, float]]], seed: int) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-KEPT = ("table", "seconds", "commits", "notes", "k_core")
+KEPT = ("table", "seconds", "commits", "notes", "k_core", "served_equals_evaluated")
 """The per-dataset fields of results/quality.json that a rerun of other datasets keeps."""
 
 
@@ -321,6 +348,7 @@ def main() -> None:
     seconds: dict[str, dict[str, float]] = {}
     commits: dict[str, str] = {}
     notes: dict[str, list[str]] = {}
+    served: dict[str, dict[str, Any]] = {}
     commit = git_commit()
     with tempfile.TemporaryDirectory(prefix="recsys-quality-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
@@ -334,12 +362,15 @@ def main() -> None:
                 runs = train_variants(dataset, root, args.seed, args.quick)
             with timed(steps, "evaluate"):
                 table[key], notes[key] = evaluate_dataset(dataset, root, runs, args.seed)
+            with timed(steps, "export, served == evaluated"):
+                served[key] = served_check(dataset, root, runs["two-tower"], args.seed)
             if dataset == "synth":
                 table[key]["topic reference"] = topic_reference(root)
                 add_oracle_shares(table[key])
             print(f"{key}: {', '.join(f'{k} {v:.0f} s' for k, v in steps.items())}", flush=True)
     fields: dict[str, dict[str, Any]] = {"table": table, "seconds": seconds, "commits": commits, "notes": notes,
-                                         "k_core": {key: args.k_core for key in table}}
+                                         "k_core": {key: args.k_core for key in table},
+                                         "served_equals_evaluated": served}
     if not args.quick:  # read only now: another run may have finished meanwhile
         kept = previous_full_run()
         fields = {field: {**kept[field], **fields[field]} for field in KEPT}
@@ -347,7 +378,7 @@ def main() -> None:
     (RESULTS / "quality.md").parent.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.md").write_text(markdown(table, args.seed))
     print(markdown(table, args.seed))
-    targets = judge(table)
+    targets = judge(table, fields["served_equals_evaluated"])
     report("quality", {**targets, "seed": args.seed, "quick": args.quick, **fields})
 
 

@@ -27,8 +27,8 @@ from recsys.errors import RecsysError
 from recsys.serving.live_catalogue import add_videos, add_views
 from recsys.serving.registry import champion_version
 from recsys.serving.serve import ServerProcess, free_port, venv_env
+from recsys.serving.served_check import served_mismatches
 from recsys.serving.served_model import load_ranker
-from tests.serving.scoring_check import served_equals_scored
 
 NAME = "live"
 TOPICS = {
@@ -295,10 +295,10 @@ def test_a_new_video_is_placed_by_its_viewers_and_its_explained_terms_add_up(liv
 @pytest.mark.slow
 def test_the_served_ranking_is_the_evaluated_one_before_and_after_updates(live: Live, tmp_path: Path) -> None:
     users = [u for topic in TOPICS for u in live.users_of(topic)[:3]]
-    served_equals_scored(load_ranker(NAME, live.processed_dir, version=live.version), users)
+    assert served_mismatches(load_ranker(NAME, live.processed_dir, version=live.version), users) == []
     items = write_csv(tmp_path / "new.csv", [{"item_id": "hike-new", "title": "mountain hiking trail"}])
     videos = add_videos(CatalogueAddConfig(NAME, items=items, processed_dir=live.processed_dir, version=live.version))
     views = [{"user_id": u, "item_id": "hike-new", "timestamp": 1_800_000_000 + i}
              for i, u in enumerate(live.users_of("hike")[:5])]
     result = add_views(add_views_config(live, write_csv(tmp_path / "views.csv", views), version=videos.version))
-    served_equals_scored(load_ranker(NAME, live.processed_dir, version=result.version), users)
+    assert served_mismatches(load_ranker(NAME, live.processed_dir, version=result.version), users) == []
