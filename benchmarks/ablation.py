@@ -19,12 +19,15 @@ new videos (`COLD_TERMS`) on the cold slice's NDCG@10. `target_met`: every term 
 dead weight. `--datasets` runs some of them (microlens-50k takes about 15 minutes per training on 2
 cores); `--quick`: the quick synthetic corpus of `benchmarks/quality.py`, one seed.
 
-Writes results/ablation.json and results/ablation.md (the table for the README).
+Writes results/ablation.json and results/ablation.md (the table for the README); a full run with
+`--datasets` keeps the other datasets of the last full run with as many seeds (each dataset records
+the commit it was measured at).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import RESULTS, report
-from quality import QUICK_RETRIEVAL_EPOCHS, build_dataset
+from quality import QUICK_RETRIEVAL_EPOCHS, build_dataset, git_commit
 
 SYNTH_B = {"n_topics": 12, "cold_fraction": 0.3, "events_per_user": 25, "n_users": 1400}
 """The second generator setting: 12 topics, 30% of the videos cold, half the default 50 events per user; 1,400
@@ -138,20 +141,39 @@ def main() -> None:
     started = time.perf_counter()
     table: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     seconds: dict[str, float] = {}
+    commits: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="recsys-ablation-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        commit = git_commit()
         for label in labels:
             label_started = time.perf_counter()
             per_seed = [run_seed(label, Path(tmp) / label / str(seed), seed, args.quick) for seed in range(seeds)]
             table[label] = summarise(per_seed)
             seconds[label] = round(time.perf_counter() - label_started, 1)
+            commits[label] = commit
             print(f"{label}: {seconds[label]:.0f} s", flush=True)
-            write_results(table, seconds, seeds, args.quick, started)  # what is done so far survives a later failure
+            # what is done so far survives a later failure; a full run keeps the datasets it did not rerun
+            write_results(table, seconds, commits, seeds, args.quick, started)
 
 
-def write_results(table: dict[str, dict[str, dict[str, dict[str, float]]]], seconds: dict[str, float], seeds: int,
-                  quick: bool, started: float) -> None:
-    """results/ablation.json and ablation.md of the datasets done so far."""
+def previous_full_run(seeds: int) -> dict[str, dict[str, Any]]:
+    """'table', 'seconds', 'commits' → dataset → value of the last full run in results/ablation.json with as
+    many seeds; empty when there is none."""
+    path = RESULTS / "ablation.json"
+    last = json.loads(path.read_text()) if path.exists() else {}
+    if last.get("quick", True) or last.get("seeds") != seeds:
+        return {"table": {}, "seconds": {}, "commits": {}}
+    return {field: dict(last.get(field, {})) for field in ("table", "seconds", "commits")}
+
+
+def write_results(table: dict[str, dict[str, dict[str, dict[str, float]]]], seconds: dict[str, float],
+                  commits: dict[str, str], seeds: int, quick: bool, started: float) -> None:
+    """results/ablation.json and ablation.md of the datasets done so far, beside (in a full run) the other
+    datasets of the last full run with as many seeds; each dataset's rows record the commit they were measured at."""
+    if not quick:
+        kept = previous_full_run(seeds)
+        table, seconds = {**kept["table"], **table}, {**kept["seconds"], **seconds}
+        commits = {**{label: kept["commits"].get(label, "unknown") for label in kept["table"]}, **commits}
     terms = verdicts(table)
     judged = [t for t in terms.values() if t["pays_on_real_data"] is not None]
     (RESULTS / "ablation.md").parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +184,7 @@ def write_results(table: dict[str, dict[str, dict[str, dict[str, float]]]], seco
         "terms_not_paying_on_real_data": sorted(n for n, t in terms.items() if t["pays_on_real_data"] is False),
         "target_met": bool(judged) and all(t["pays_on_real_data"] for t in judged),
         "seeds": seeds, "quick": quick, "datasets": list(table), "terms": terms, "table": table,
-        "seconds": seconds, "total_seconds": round(time.perf_counter() - started, 1),
+        "seconds": seconds, "commits": commits, "total_seconds": round(time.perf_counter() - started, 1),
     })
 
 
