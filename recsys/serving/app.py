@@ -173,14 +173,13 @@ class FollowAlias:
     def __init__(self, build: Callable[[str], ASGIApp], folder: str, name: str, alias: str, version: str,
                  every: float, downloads: str) -> None:
         self.build, self.name, self.alias, self.every, self.downloads = build, name, alias, every, downloads
-        self.app, self.version = build(folder), version
+        self.serving = (build(folder), version)  # one attribute: a request reads the app and its version together
         self.folders: list[Path] = []  # this worker's downloads, newest last (the first folder is the server's)
-        self.stopped = threading.Event()
         if every:
             threading.Thread(target=self._follow, name="recsys-follow-alias", daemon=True).start()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        app, version = self.app, self.version  # one version for the whole request, even if a swap comes
+        app, version = self.serving  # one version for the whole request, even if a swap comes
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
@@ -192,8 +191,14 @@ class FollowAlias:
 
         await app(scope, receive, named)
 
+    @property
+    def version(self) -> str:
+        """The version answering now."""
+        return self.serving[1]
+
     def _follow(self) -> None:
-        while not self.stopped.wait(self.every):
+        while True:
+            time.sleep(self.every)
             try:
                 self.look()
             except Exception as err:  # noqa: BLE001 - a registry or download hiccup must not stop the server
@@ -218,7 +223,7 @@ class FollowAlias:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        self.app, self.version = app, version
+        self.serving = (app, version)
         self.folders.append(folder)
         for old in self.folders[:-2]:  # the one before the previous: no request can still read it
             shutil.rmtree(old, ignore_errors=True)
