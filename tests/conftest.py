@@ -23,6 +23,20 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_logged_into_the_repository() -> Iterator[None]:
+    """Fail the session if a test left MLflow artifacts in the repository (./mlruns: where a run of the store's
+    Default experiment keeps them); tests log under their own temporary folders."""
+    stray = REPOSITORY / "mlruns"
+    existed = stray.exists()
+    yield
+    assert existed or not stray.exists(), f"a test wrote MLflow artifacts into {stray}: give its run an experiment " \
+        "whose artifact_location is under tmp_path"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One sqlite MLflow store for the whole session (creating one costs seconds), in MLFLOW_TRACKING_URI

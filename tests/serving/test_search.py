@@ -305,7 +305,9 @@ def test_rest_search_answers_from_the_logged_model_alone(bundle: Path, paths: Pr
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc import scoring_server
 
-    with mlflow.start_run():
+    # An experiment of its own, its artifacts under tmp_path: the store's Default one keeps them in ./mlruns.
+    experiment = mlflow.create_experiment(f"rest-search-{tmp_path.name}", artifact_location=tmp_path.as_uri())
+    with mlflow.start_run(experiment_id=experiment):
         logged = log_ranker(bundle, input_example(paths))
     model = mlflow.pyfunc.load_model(logged.model_uri)
     schema = model.metadata.get_input_schema()
