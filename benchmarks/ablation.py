@@ -16,8 +16,9 @@ need), so that no term is judged on one generator. On the synthetic corpora the 
 A term pays when the full model beats its ablation by more than the seed spread (the larger of the
 two rows' standard deviations) on a real dataset: on NDCG@10, or for a term that only scores
 new videos (`COLD_TERMS`) on the cold slice's NDCG@10. `target_met`: every term pays, so none is
-dead weight. `--datasets` runs some of them (microlens-50k takes about 15 minutes per training on 2
-cores); `--quick`: the quick synthetic corpus of `benchmarks/quality.py`, one seed.
+dead weight. `--datasets` runs some of them (microlens-50k takes about 45 minutes per seed on 2
+cores: two trainings of 11-13 minutes, then the refits and the rankings); `--quick`: the quick
+synthetic corpus of `benchmarks/quality.py`, one seed.
 
 Writes results/ablation.json and results/ablation.md (the table for the README); a full run with
 `--datasets` keeps the other datasets of the last full run with as many seeds (each dataset records
@@ -49,7 +50,7 @@ DATASETS = {"movielens-100k": ("movielens-100k", None), "microlens-50k": ("micro
 REAL = ("movielens-100k", "microlens-50k")
 METRICS = ("ndcg@10", "hr@10", "cold_ndcg@10")
 LOSS_TERM = "content-only loss"
-COLD_TERMS = (LOSS_TERM, "cold bias", "taste clusters", "fresh sharpening", "recency")
+COLD_TERMS = (LOSS_TERM, "cold bias", "taste clusters", "fresh sharpening")
 """Terms that change only the scores of new videos (or how content embeds them): judged on the cold slice."""
 
 
@@ -102,13 +103,15 @@ def summarise(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str
 
 def verdicts(table: dict[str, dict[str, dict[str, dict[str, float]]]]) -> dict[str, dict[str, Any]]:
     """Term → where it pays: per dataset the full model's lead over the ablation and the seed spread."""
-    terms = [row.removeprefix("without ") for row in next(iter(table.values())) if row != "full"]
+    # Every term ablated on some dataset (a removed term's rows stay in the datasets measured before it went).
+    terms = list(dict.fromkeys(row.removeprefix("without ") for rows in table.values() for row in rows
+                               if row != "full"))
     out: dict[str, dict[str, Any]] = {}
     for term in terms:
         metric = "cold_ndcg@10" if term in COLD_TERMS else "ndcg@10"
         per_dataset = {}
         for label, rows in table.items():
-            full, ablated = rows["full"].get(metric), rows[f"without {term}"].get(metric)
+            full, ablated = rows["full"].get(metric), rows.get(f"without {term}", {}).get(metric)
             if full is None or ablated is None:
                 continue
             lead = full["mean"] - ablated["mean"]

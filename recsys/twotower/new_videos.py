@@ -15,7 +15,7 @@ for the group of videos its content points to, sum_k m_ik log(share_uk + EPSILON
   videos), updated by Bayes' rule with the cluster shares of the people who watched it since the
   training cut-off (its fresh views): m_i ~ m_i(content) * prod_v (share_v + EPSILON). Content
   says roughly what a new video is about; a handful of its first viewers say it sharply;
-- share_u is the recency-weighted share of each cluster in the user's history (`log_cluster_shares`);
+- share_u is the share of each cluster in the user's history (`log_cluster_shares`);
 - fresh popularity (`recsys.twotower.fresh_views`) tells how many people watch a video now, which
   content cannot tell; a watched video gets the same term with its own weight (rising or fading);
 - weight, taste_weight, fresh_weight, watched_fresh_weight and bias (`NewVideoScoring`) are the
@@ -107,8 +107,8 @@ def content_clusters(watched_content: np.ndarray, labels: np.ndarray, content: n
     return out
 
 
-def add_fresh_viewers(membership: torch.Tensor, new: torch.Tensor, fresh_batches: Iterable[RetrievalBatch],
-                      half_life: float) -> torch.Tensor:
+def add_fresh_viewers(membership: torch.Tensor, new: torch.Tensor, fresh_batches: Iterable[RetrievalBatch]
+                      ) -> torch.Tensor:
     """(N, K) memberships with each new video's updated by the cluster shares of its fresh viewers.
 
     fresh_batches: one row per fresh view, the viewer's history before it and the viewed video as
@@ -118,7 +118,7 @@ def add_fresh_viewers(membership: torch.Tensor, new: torch.Tensor, fresh_batches
     evidence = torch.zeros_like(membership)  # (N, K) sum of log(share + EPSILON) over each video's viewers
     for batch in fresh_batches:
         history = batch.features.items[HISTORY_FEATURE]
-        log_shares = log_cluster_shares(membership, history.values(), history.lengths(), half_life)  # (B, K)
+        log_shares = log_cluster_shares(membership, history.values(), history.lengths())  # (B, K)
         of_new = new[batch.targets]  # (B,)
         evidence.index_add_(0, batch.targets[of_new], log_shares[of_new])
     updated = membership.clone()
@@ -152,8 +152,7 @@ def fit_new_videos(model: TwoTower, batches: Iterable[RetrievalBatch], fresh_bat
         content = model.item_tower.content.numpy()  # (N, C)
         membership = torch.from_numpy(fit_membership(items, known, content, model.spec.taste_clusters, seed))
         if model.spec.fresh_views and membership.any() and "fresh sharpening" not in without:
-            membership = add_fresh_viewers(membership, torch.from_numpy(~known), fresh_batches,
-                                           model.spec.taste_half_life)
+            membership = add_fresh_viewers(membership, torch.from_numpy(~known), fresh_batches)
         model.cluster_membership.copy_(membership)
     return fit_new_video_scoring(model, batches, without)
 

@@ -8,9 +8,9 @@ with, from the fitted `NewVideoScoring`,
     a watched video:                          w_i = 1,      t_i = 0,            f_i = watched_fresh_weight, b_i = 0
 
 - cos(u, e_i): user tower and item tower embeddings, both of unit length;
-- m_i: the video's cluster membership, share_u: the recency-weighted share of each cluster in the
-  user's history (`TwoTowerSpec.taste_half_life`); how memberships are fitted and why a new video needs the taste term
-  is in `recsys.twotower.new_videos`;
+- m_i: the video's cluster membership, share_u: the share of each cluster in the user's history
+  (every view alike: a recency weighting paid on no dataset, issue 19); how memberships are fitted
+  and why a new video needs the taste term is in `recsys.twotower.new_videos`;
 - fresh_i: the video's popularity among the views since the training cut-off
   (`recsys.twotower.fresh_views`).
 
@@ -146,8 +146,7 @@ class UserState:
         log_shares = None
         if taste:
             history = features.items[HISTORY_FEATURE]
-            log_shares = log_cluster_shares(model.cluster_membership, history.values(), history.lengths(),
-                                            model.spec.taste_half_life)
+            log_shares = log_cluster_shares(model.cluster_membership, history.values(), history.lengths())
         return cls(model.user_embeddings(features), features.row_users(), log_shares, before)
 
     @classmethod
@@ -160,23 +159,17 @@ class UserState:
                    torch.cat(times) if len(times) == len(states) else None)
 
 
-def log_cluster_shares(membership: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                       half_life: float) -> torch.Tensor:
-    """(B, K) log(recency-weighted share of each cluster + EPSILON) of B histories.
+def log_cluster_shares(membership: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, K) log(share of each cluster + EPSILON) of B histories, every view alike.
 
-    values: the histories concatenated, each oldest first; lengths (B,): their lengths; a view
-    `half_life` views older than the newest counts half as much (inf: every view alike).
+    values: the histories concatenated, each oldest first; lengths (B,): their lengths.
     """
-    rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)  # (V,)
     bounds = torch.cumsum(lengths, 0)  # (B,) one past each history
-    age = bounds[rows] - 1 - torch.arange(len(values))  # (V,) 0 for the newest view
-    recency = 0.5 ** (age.double() / half_life)  # (V,)
-    weighted = torch.cat([recency[:, None] * membership[values].double(), recency[:, None]], 1)  # (V, K + 1)
     # Per-history sums as differences of one running sum (float64: exact enough, and no scatter over V rows).
-    running = torch.cat([torch.zeros(1, weighted.shape[1], dtype=torch.float64), torch.cumsum(weighted, 0)])
-    sums = running[bounds] - running[bounds - lengths]  # (B, K + 1)
-    shares, total = sums[:, :-1], sums[:, -1].clamp(min=1e-9)
-    return torch.log(shares / total[:, None] + EPSILON).float()  # (B, K)
+    counted = membership[values].double()  # (V, K)
+    running = torch.cat([torch.zeros(1, counted.shape[1], dtype=torch.float64), torch.cumsum(counted, 0)])
+    sums = running[bounds] - running[bounds - lengths]  # (B, K)
+    return torch.log(sums / lengths.clamp(min=1)[:, None] + EPSILON).float()  # (B, K)
 
 
 def own_view_taste_changes(memberships: torch.Tensor, log_shares: torch.Tensor) -> torch.Tensor:

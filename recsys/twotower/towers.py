@@ -35,6 +35,11 @@ def _config_default(name: str) -> Any:
     return {f.name: f.default for f in fields(RetrievalConfig)}[name]
 
 
+REMOVED_SPEC_FIELDS = ("taste_half_life",)
+"""Fields of specs saved before the score term they set was removed (issue 19: the recency weighting of cluster
+shares paid on no dataset); such a model loads, and scores as the model now does (every history view alike)."""
+
+
 @dataclass
 class TwoTowerSpec:
     """Everything needed to rebuild a `TwoTower` (saved as JSON beside the weights).
@@ -71,8 +76,6 @@ class TwoTowerSpec:
     """Videos without training interactions embedded from the viewers they got since (`ItemTower`, `views add`)"""
     fold_in_prior: float = 0.0
     """Views a folded-in video's content embedding counts as (`recsys.twotower.catalogue_update.pick_fold_in_prior`)"""
-    taste_half_life: float = 20.0
-    """Views after which a history view counts half as much towards the user's cluster shares (inf: all equal)"""
     fresh_pseudo_views: float = 1.0
     """Views every video is given in its fresh popularity, so one nobody watched yet is not impossible"""
     temperature: float = _config_default("temperature")
@@ -98,7 +101,7 @@ class TwoTowerSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TwoTowerSpec:
-        return cls(**data)
+        return cls(**{key: value for key, value in data.items() if key not in REMOVED_SPEC_FIELDS})
 
 
 def _drop_rows(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

@@ -338,11 +338,8 @@ def test_scores_add_the_new_video_terms_to_new_videos_only(trained: RetrievalRes
     new = ~scorer.model.item_tower.known_items.numpy()
     membership = scorer.model.cluster_membership.numpy()  # (N, K)
     assert membership.shape[1] == 20 and np.allclose(membership.sum(axis=1), 1.0, atol=1e-5)
-    # The history's cluster shares, newest view weighing 1 and each older one 0.5 ** (1 / 20) less.
-    log_shares = []
-    for history in histories:
-        recency = 0.5 ** (np.arange(len(history))[::-1] / 20.0)
-        log_shares.append(np.log(recency @ membership[history] / recency.sum() + 0.01))
+    # The history's cluster shares, every view alike.
+    log_shares = [np.log(membership[history].mean(axis=0) + 0.01) for history in histories]
     taste = np.array(log_shares) @ membership.T  # (2, N)
     # Fresh views are the validation interactions: log(N (c + 1) / (T + N)) of each video's count c,
     # user 0's own fresh view left out of what user 0 sees.

@@ -41,16 +41,21 @@ def test_too_few_watched_videos_leave_memberships_empty() -> None:
     assert membership.shape == (3, 4) and not membership.any()
 
 
-def test_cluster_shares_weigh_recent_views_more() -> None:
+def test_cluster_shares_count_every_view_of_a_history_alike() -> None:
     membership = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])  # videos 0, 1 watched; 2 new
     values = torch.tensor([0, 0, 1, 2])  # history A = [0, 0, 1] (oldest first), history B = [2]
     lengths = torch.tensor([3, 1, 0])  # and an empty history C
-    shares = torch.exp(log_cluster_shares(membership, values, lengths, 20.0)) - EPSILON  # (3, 2)
-    half = 0.5 ** (1 / 20)
-    a = torch.tensor([half**2 + half, 1.0]) / (half**2 + half + 1)
-    torch.testing.assert_close(shares[0], a)
+    shares = torch.exp(log_cluster_shares(membership, values, lengths)) - EPSILON  # (3, 2)
+    torch.testing.assert_close(shares[0], torch.tensor([2 / 3, 1 / 3]))
     torch.testing.assert_close(shares[1], torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(shares[2], torch.tensor([0.0, 0.0]), atol=1e-6, rtol=0)
+
+
+def test_a_model_saved_with_the_removed_recency_half_life_still_loads() -> None:
+    from recsys.twotower.towers import TwoTowerSpec
+
+    spec = TwoTowerSpec(n_users=3, n_items=4, taste_clusters=2)
+    assert TwoTowerSpec.from_dict({**spec.to_dict(), "taste_half_life": 20.0}) == spec
 
 
 def fresh_view_batch(histories: list[list[int]], viewed: list[int]) -> RetrievalBatch:
@@ -68,11 +73,11 @@ def test_fresh_viewers_sharpen_a_new_videos_cluster_and_a_users_own_view_comes_o
     new = torch.tensor([False, False, True, True])
     # Video 2's content leans to cluster 0, but its two fresh viewers watch cluster 1 (video 1) almost only.
     batch = fresh_view_batch([[1, 1, 1, 0], [1, 1]], viewed=[2, 2])
-    updated = add_fresh_viewers(membership, new, [batch], 20.0)
+    updated = add_fresh_viewers(membership, new, [batch])
     torch.testing.assert_close(updated[:2], membership[:2])  # watched videos keep theirs
     torch.testing.assert_close(updated[3], membership[3])  # nobody watched video 3 yet
     history = batch.features.items[HISTORY_FEATURE]
-    log_shares = log_cluster_shares(membership, history.values(), history.lengths(), 20.0)  # (2, 2)
+    log_shares = log_cluster_shares(membership, history.values(), history.lengths())  # (2, 2)
     by_hand = torch.softmax(torch.log(membership[2]) + log_shares.sum(0), dim=0)
     torch.testing.assert_close(updated[2], by_hand)
     assert updated[2, 1] > 0.99
