@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from recsys.serving.export import ExportResult
     from tests.tiny_model import TinyModel
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPOSITORY = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPOSITORY.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -21,9 +22,6 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared test data not found at {SHARED_DATA}")
     return SHARED_DATA
-
-
-REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
