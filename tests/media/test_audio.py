@@ -10,7 +10,7 @@ import librosa
 import numpy as np
 import pytest
 
-from recsys.media.audio import log_mel, mel_frames, read_audio
+from recsys.media.audio import log_mel, mel_band_edges, mel_filterbank, mel_frames, read_audio
 from recsys.synthetic.render import write_mp4
 
 RATE = 16_000
@@ -22,7 +22,7 @@ def _tone(freq: float, seconds: float, rate: int = RATE) -> np.ndarray:
 
 
 def _peak_band_hz(mel: np.ndarray, mask: np.ndarray, n_mels: int) -> float:
-    centres = librosa.mel_frequencies(n_mels=n_mels + 2, fmax=RATE / 2)[1:-1]
+    centres = mel_band_edges(RATE, n_mels)[1:-1]
     return float(centres[mel[:, mask].astype(np.float32).mean(axis=1).argmax()])
 
 
@@ -36,6 +36,24 @@ def test_log_mel_puts_a_tone_in_its_band_and_masks_the_padding() -> None:
     assert _peak_band_hz(mel, mask, 64) == pytest.approx(1000, rel=0.1)
     high, high_mask = log_mel(_tone(3000, 1.0), RATE, 64, 400, 160, length)
     assert _peak_band_hz(high, high_mask, 64) == pytest.approx(3000, rel=0.1)
+
+
+@pytest.mark.parametrize("samples", [64_000, 12_345, 401, 120])
+def test_log_mel_equals_librosas(samples: int) -> None:
+    """The numpy STFT, filterbank and decibels are librosa's defaults, to float16 rounding: the feature store
+    and the trained content models read the same spectrograms as before they replaced librosa's."""
+    noise = (np.random.default_rng(samples).random(samples, dtype=np.float32) - 0.5) * np.linspace(0, 1, samples)
+    ours, mask = log_mel(noise.astype(np.float32), RATE, n_mels=64, n_fft=400, hop_length=160, length=401)
+    padded = np.pad(noise, (0, max(0, 400 - samples))).astype(np.float32)
+    power = np.abs(librosa.stft(padded, n_fft=400, hop_length=160, center=True)) ** 2
+    theirs = librosa.power_to_db(librosa.feature.melspectrogram(S=power, sr=RATE, n_mels=64), ref=1.0, amin=1e-10,
+                                 top_db=None)
+    valid = int(mask.sum())
+    assert valid == min(401, theirs.shape[1])
+    # one float16 step apart at most: both round to float16, from float32 sums taken in another order
+    np.testing.assert_allclose(ours[:, :valid].astype(np.float32), theirs[:, :valid], rtol=2 ** -10, atol=1e-3)
+    np.testing.assert_allclose(mel_filterbank(RATE, 400, 64), librosa.filters.mel(sr=RATE, n_fft=400, n_mels=64),
+                               rtol=1e-6, atol=1e-9)
 
 
 def test_log_mel_of_nothing_is_all_masked() -> None:

@@ -357,7 +357,7 @@ def _two_topic_clip(path: Path, seconds: float = 6.0, fps: int = 8, size: int = 
     """A clip that looks and sounds like topic 0 of the tiny store (a red square moving right, a tone in mel
     band 0) for its first half, then like topic 2 (blue, moving left, mel band 8): the store's look at 4x
     its size (decoded back to 32 px); tone and noise at the store's -20 and -60 dB."""
-    import librosa
+    from recsys.media.audio import mel_band_edges
 
     n = int(seconds * fps)
     side, speed = size * 6 // 32, size * 3 // 32 * 4 / fps  # the store's 6 px square, 3 px per frame at 4 fps
@@ -366,7 +366,7 @@ def _two_topic_clip(path: Path, seconds: float = 6.0, fps: int = 8, size: int = 
         channel, direction = (2, -1) if step >= n // 2 else (0, 1)
         x = int(10 + direction * speed * step) % (size - side)
         frames[step, 50 : 50 + side, x : x + side, channel] = 255
-    centres = librosa.mel_frequencies(16 + 2, fmin=0, fmax=rate / 2)[1:-1]  # the store's 16 mel bands
+    centres = mel_band_edges(rate, 16)[1:-1]  # the store's 16 mel bands
     t = np.arange(int(seconds * rate)) / rate
     phase = 2 * np.pi * np.cumsum(np.where(t < seconds / 2, centres[0], centres[8])) / rate  # no click between
     audio = 0.015 * np.sin(phase) + np.random.default_rng(0).normal(0, 5e-4, t.size)
