@@ -2,7 +2,9 @@
 
 Returns (and logs to MLflow) a table with one row per model and one column per metric:
 HR/NDCG/MRR@K over all held-out interactions, the same on the cold-start slice (`cold_…`),
-catalogue coverage@K, and on the synthetic corpus each model's NDCG@K as a share of the oracle's.
+catalogue coverage@K, and on the synthetic corpus each model's NDCG@K as a share of the oracle's;
+and what each model cost: `fit_s` (a baseline's fit on train and the pick of its setting on
+validation) and `rank_s` (ranking the split's cases).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -44,10 +47,24 @@ class SkippedModelWarning(UserWarning):
     """A model was left out of the evaluation (no trained model yet, no oracle truth); the message says why."""
 
 
-def fit_baselines(
-    config: EvaluateConfig, paths: PreparedPaths
-) -> tuple[dict[str, Scorer], dict[str, Tuned], list[str]]:
-    """(name → scorer, name → tuning, notes): the configured baselines fitted on the train split.
+TIMINGS = ("fit_s", "rank_s")
+"""The table's columns that are wall times, not results: two runs of the same evaluation differ in them only."""
+
+
+class FittedBaselines(NamedTuple):
+    """What `fit_baselines` returns."""
+
+    scorers: dict[str, Scorer]
+    tuning: dict[str, Tuned]
+    """name → its pick on validation, for the baselines with a grid of settings"""
+    notes: list[str]
+    """why a configured baseline was left out"""
+    fit_seconds: dict[str, float]
+    """name → wall time of its fit, with the pick of its setting on validation"""
+
+
+def fit_baselines(config: EvaluateConfig, paths: PreparedPaths) -> FittedBaselines:
+    """The configured baselines fitted on the train split.
 
     Every baseline with a grid of settings is fitted once per setting and the one best on the
     validation cases is kept (`pick_on_validation`); a grid of one value is taken as given. EASE is
@@ -58,21 +75,27 @@ def fit_baselines(
     scorers: dict[str, Scorer] = {}
     tuning: dict[str, Tuned] = {}
     notes: list[str] = []
+    fit_seconds: dict[str, float] = {}
     needs_matrix = {"itemknn", "mf", "ease"} & set(config.baselines)
     matrix = train_matrix(paths, meta["n_users"], n_items) if needs_matrix else None
     valid: EvalCases | None = None
+    reading = 0.0  # seconds spent reading the validation cases, which no one baseline's fit is charged for
 
     def pick(name: str, candidates: list[tuple[str, Callable[[], Scorer]]]) -> None:
-        nonlocal valid
+        nonlocal valid, reading
         if len(candidates) == 1:  # nothing to choose: the validation split is not read
             label, fit = candidates[0]
             scorers[name], tuning[name] = (scorer := fit()), Tuned(scorer, label, {})
             return
-        valid = valid if valid is not None else load_cases(paths, "valid")
+        if valid is None:
+            started = time.perf_counter()
+            valid = load_cases(paths, "valid")
+            reading = time.perf_counter() - started
         tuning[name] = pick_on_validation(name, candidates, valid, config.batch_size)
         scorers[name] = tuning[name].scorer
 
     for name in config.baselines:
+        started = time.perf_counter()
         if name == "popularity":
             scorers[name] = Popularity.fit(paths)
         elif name == "itemknn":
@@ -95,7 +118,9 @@ def fit_baselines(
             counts, popularity = transition_counts(paths, n_items), Popularity.fit(paths).counts
             pick(name, [(f"window={w} decay={d:g}", partial(Transitions, counts, popularity, w, d))
                         for w in config.transition_windows for d in config.transition_decays])
-    return scorers, tuning, notes
+        fit_seconds[name] = time.perf_counter() - started - reading
+        reading = 0.0
+    return FittedBaselines(scorers, tuning, notes, fit_seconds)
 
 
 def model_name(use_ids: bool, content_dim: int, content_source: str) -> str:
@@ -143,9 +168,13 @@ def sample_cases(cases: EvalCases, max_cases: int | None, seed: int) -> EvalCase
 def evaluate_models(
     scorers: dict[str, Scorer], cases: EvalCases, ks: Sequence[int], batch_size: int
 ) -> pl.DataFrame:
-    """One row per model: its metrics on the cases, plus `ndcg@K/oracle` columns when an oracle is among them."""
-    rows = [{"model": name, **evaluate_scorer(scorer, cases, ks, batch_size, name=name)}
-            for name, scorer in scorers.items()]
+    """One row per model: its metrics on the cases and `rank_s`, the seconds their ranking took, plus
+    `ndcg@K/oracle` columns when an oracle is among them."""
+    rows = []
+    for name, scorer in scorers.items():
+        started = time.perf_counter()
+        metrics = evaluate_scorer(scorer, cases, ks, batch_size, name=name)
+        rows.append({"model": name, **metrics, "rank_s": time.perf_counter() - started})
     table = pl.DataFrame(rows)
     if "oracle" in scorers:
         oracle = table.filter(pl.col("model") == "oracle").row(0, named=True)
@@ -229,7 +258,7 @@ def evaluate(config: EvaluateConfig) -> pl.DataFrame:
     paths = PreparedPaths.of(config.processed_dir, config.dataset).require()
     cases = sample_cases(load_cases(paths, config.split), config.max_cases, config.seed)
     models, run_of, notes = load_models(config)
-    baselines, tuning, baseline_notes = fit_baselines(config, paths)
+    baselines, tuning, baseline_notes, fit_seconds = fit_baselines(config, paths)
     notes += baseline_notes
     scorers: dict[str, Scorer] = {**models, **baselines}
     if config.oracle and config.dataset == "synth":
@@ -250,6 +279,7 @@ def evaluate(config: EvaluateConfig) -> pl.DataFrame:
         log_tables(config.dataset, {**{s: getattr(paths, s) for s in splits}, "catalogue": paths.items})
         settings = {name: tuned.setting for name, tuned in tuning.items()}
         table = evaluate_models(scorers, cases, config.ks, config.batch_size).with_columns(
+            pl.col("model").replace_strict(fit_seconds, default=None, return_dtype=pl.Float64).alias("fit_s"),
             pl.col("model").replace_strict(settings, default=None, return_dtype=pl.String).alias("setting"))
         if tuning:
             mlflow.log_params({f"{slug(name)}.setting": tuned.setting for name, tuned in tuning.items()})
@@ -257,7 +287,7 @@ def evaluate(config: EvaluateConfig) -> pl.DataFrame:
                              for name, tuned in tuning.items()}, "baseline_tuning.json")
         for row in table.iter_rows(named=True):
             mlflow.log_metrics({metric_key(row["model"], k): v for k, v in row.items()
-                                if k not in ("model", "setting")})
+                                if k not in ("model", "setting") and v is not None})
         if len(run_of) == 1:  # one trained model: its figures under the stable names in this run too
             (model,) = run_of
             mlflow.log_metrics(headline_metrics(table.filter(pl.col("model") == model).row(0, named=True),
@@ -277,8 +307,8 @@ def evaluate(config: EvaluateConfig) -> pl.DataFrame:
 def format_results(table: pl.DataFrame, ks: Sequence[int] = (10, 20, 50)) -> str:
     """The main columns of an evaluation table as aligned text for the terminal."""
     wanted = ["model", *(f"{m}@{k}" for k in ks for m in ("ndcg", "hr")), f"mrr@{ks[0]}", f"coverage@{ks[0]}"]
-    wanted += [c for c in (f"cold_ndcg@{ks[0]}", f"cold_hr@{ks[-1]}", f"ndcg@{ks[0]}/oracle", "setting")
-               if c in table.columns]
+    wanted += [c for c in (f"cold_ndcg@{ks[0]}", f"cold_hr@{ks[-1]}", f"ndcg@{ks[0]}/oracle", "setting", "fit_s",
+                           "rank_s") if c in table.columns]
     shown = table.select([c for c in wanted if c in table.columns])
     with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,
                    float_precision=4, tbl_width_chars=200, fmt_str_lengths=40):

@@ -77,8 +77,9 @@ def test_tuned_baselines_pick_the_validation_best_setting_and_never_read_test(
 
     monkeypatch.setattr(evaluate_module, "load_cases", recording_load_cases)
     config = EvaluateConfig(processed_dir=grouped.root.parent, baselines=("ease", "transitions"))
-    _, tuning, notes = fit_baselines(config, grouped)
+    _, tuning, notes, fit_seconds = fit_baselines(config, grouped)
     assert read == ["valid"] and notes == []
+    assert set(fit_seconds) == {"ease", "transitions"} and min(fit_seconds.values()) > 0
 
     valid = load_cases(grouped, "valid")
     matrix = train_matrix(grouped, read_json(grouped.meta)["n_users"], valid.n_items)

@@ -11,7 +11,7 @@ from recsys.cli import main
 from recsys.config import ConfigError, EvaluateConfig
 from recsys.data.paths import PreparedPaths
 from recsys.errors import MissingInputError
-from recsys.evaluation.evaluate import SkippedModelWarning, evaluate, metric_key
+from recsys.evaluation.evaluate import TIMINGS, SkippedModelWarning, evaluate, metric_key
 from recsys.twotower.datamodule import RetrievalDataModule
 from recsys.twotower.trained_model import load_trained
 from recsys.twotower.validation import VAL_METRIC, validate
@@ -33,8 +33,10 @@ def test_baselines_are_evaluated_and_logged_without_a_trained_model(paths: Prepa
     ndcg = dict(zip(table["model"], table["ndcg@10"], strict=True))
     assert ndcg["itemknn"] > ndcg["popularity"] and ndcg["mf"] > ndcg["popularity"]
     assert "cold_ndcg@10" in table.columns and "ndcg@10/oracle" not in table.columns
+    assert table["rank_s"].min() > 0 and table["fit_s"].min() > 0  # what each baseline cost, all fitted here
 
     run = mlflow.get_run(table["mlflow_run_id"][0])
+    assert run.data.metrics["ease/fit_s"] == pytest.approx(table["fit_s"][3])
     assert run.data.tags["recsys.step"] == "evaluate" and run.data.tags["recsys.split"] == "test"
     assert run.data.metrics[metric_key("itemknn", "ndcg@10")] == pytest.approx(ndcg["itemknn"])
     assert run.data.metrics["mf/cold_hr_at_50"] == pytest.approx(table["cold_hr@50"][2])
@@ -49,7 +51,7 @@ def test_a_sample_of_cases_is_seeded(paths: PreparedPaths) -> None:
     with pytest.warns(UserWarning):
         first, second = evaluate(config), evaluate(config)
     assert first["cases"][0] == 20
-    assert first.drop("mlflow_run_id").equals(second.drop("mlflow_run_id"))
+    assert first.drop("mlflow_run_id", *TIMINGS).equals(second.drop("mlflow_run_id", *TIMINGS))
 
 
 def test_requested_run_that_does_not_exist_is_an_error(paths: PreparedPaths) -> None:
