@@ -177,10 +177,11 @@ def _describe_error(file: Path, err: Exception, row: MediaRow) -> str:
 
 
 def start_worker(layout: dict[str, Any], parent_pid: int) -> None:
-    """Process-pool initializer: end with the ingesting process, load librosa and build the filterbank.
+    """Process-pool initializer: end with the ingesting process, import the decoding code and build the
+    filterbank and window.
 
     A worker would otherwise outlive an ingestion killed with SIGKILL, idle, holding its memory.
-    Seconds of imports belong to starting the worker, not to whichever video comes first.
+    Start-up costs belong to starting the worker, not to whichever video comes first.
     """
     from recsys.processes import exit_with_parent
 
