@@ -23,8 +23,8 @@ synthetic corpus of `benchmarks/quality.py`, one seed.
 Writes results/ablation.json and results/ablation.md (the table for the README); a full run with
 `--datasets` keeps the other datasets of the last full run with as many seeds (each dataset records
 the commit it was measured at). A full run also keeps each finished seed in results/ablation-seeds/
-with the version of the code that measured it, and a later full run of the same code reuses it: a run
-stopped part-way loses only its unfinished seed.
+with the version of the code that measured it (`SeedStore`), and a later full run of the same code
+reuses it: a run stopped part-way loses only its unfinished seed.
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, report
-from quality import QUICK_RETRIEVAL_EPOCHS, build_dataset, git_commit
+from _common import RESULTS, SeedStore, git_commit, report
+from quality import QUICK_RETRIEVAL_EPOCHS, build_dataset
 
 SYNTH_B = {"n_topics": 12, "cold_fraction": 0.3, "events_per_user": 25, "n_users": 1400}
 """The second generator setting: 12 topics, 30% of the videos cold, half the default 50 events per user; 1,400
@@ -55,59 +54,8 @@ METRICS = ("ndcg@10", "hr@10", "cold_ndcg@10")
 LOSS_TERM = "content-only loss"
 COLD_TERMS = (LOSS_TERM, "cold bias", "taste clusters", "fresh sharpening")
 """Terms that change only the scores of new videos (or how content embeds them): judged on the cold slice."""
-SEEDS = RESULTS / "ablation-seeds"
-"""One file per finished seed of a full run: DATASET-SEED.json with its rows and the code version that measured them."""
 MEASURED_CODE = ("recsys", "benchmarks/ablation.py", "benchmarks/quality.py", "benchmarks/_common.py")
-"""What a seed's rows depend on: a stored seed is reused only while none of these has changed."""
-
-
-def code_version() -> str | None:
-    """Git object ids of `MEASURED_CODE` at HEAD; None when the work tree changes any of them (or without git),
-    so that rows measured on uncommitted code are never reused."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *MEASURED_CODE], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        ids = subprocess.run(["git", "rev-parse", *(f"HEAD:{path}" for path in MEASURED_CODE)], cwd=root,
-                             capture_output=True, text=True, check=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return None if dirty else "-".join(object_id[:12] for object_id in ids)
-
-
-def stored_seed(label: str, seed: int, code: str | None) -> dict[str, dict[str, float]] | None:
-    """The rows of `label`'s `seed` stored by a full run of the same `code`, or None."""
-    path = SEEDS / f"{label}-{seed}.json"
-    if code is None or not path.exists():
-        return None
-    stored = json.loads(path.read_text())
-    return stored["rows"] if stored.get("code") == code else None
-
-
-def store_seed(label: str, seed: int, code: str | None, commit: str, rows: dict[str, dict[str, float]],
-               seconds: float) -> None:
-    """Keep a finished seed's rows for a later full run of the same code (atomically: a stopped run leaves none)."""
-    if code is None:
-        return
-    SEEDS.mkdir(parents=True, exist_ok=True)
-    path = SEEDS / f"{label}-{seed}.json"
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps({"code": code, "commit": commit, "seconds": round(seconds, 1), "rows": rows},
-                                  indent=2) + "\n")
-    partial.replace(path)
-
-
-def seed_rows(label: str, root: Path, seed: int, quick: bool, code: str | None, commit: str
-              ) -> dict[str, dict[str, float]]:
-    """`run_seed`'s rows; in a full run, a seed stored by the same code is read back instead of measured again."""
-    if not quick and (rows := stored_seed(label, seed, code)) is not None:
-        print(f"{label} seed {seed}: stored by the same code, not measured again", flush=True)
-        return rows
-    started = time.perf_counter()
-    rows = run_seed(label, root, seed, quick)
-    if not quick:
-        store_seed(label, seed, code, commit, rows, time.perf_counter() - started)
-    return rows
+"""What a seed's rows depend on: a stored seed is reused only while none of these has changed (`SeedStore`)."""
 
 
 def run_seed(label: str, root: Path, seed: int, quick: bool) -> dict[str, dict[str, float]]:
@@ -203,11 +151,15 @@ def main() -> None:
     commits: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="recsys-ablation-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        commit, code = git_commit(), code_version()
+        commit, store = git_commit(), SeedStore("ablation", MEASURED_CODE)
         for label in labels:
             label_started = time.perf_counter()
-            per_seed = [seed_rows(label, Path(tmp) / label / str(seed), seed, args.quick, code, commit)
-                        for seed in range(seeds)]
+            per_seed = []
+            for seed in range(seeds):
+                def measure(label: str = label, seed: int = seed) -> dict[str, dict[str, float]]:
+                    return run_seed(label, Path(tmp) / label / str(seed), seed, args.quick)
+
+                per_seed.append(measure() if args.quick else store.measure(label, seed, measure))
             table[label] = summarise(per_seed)
             seconds[label] = round(time.perf_counter() - label_started, 1)
             commits[label] = commit

@@ -1,4 +1,4 @@
-"""Recommendation quality: dataset × model × metric, full-ranking leave-one-out test split, one seed.
+"""Recommendation quality: dataset × model × metric, full-ranking leave-one-out test split, mean ± sd over seeds.
 
 For each dataset the real pipeline runs in a temporary folder and MLflow store: fetch (from the
 shared data folder) or synthesize, prepare, ingest (titles, and videos/audio on the synthetic
@@ -44,8 +44,18 @@ by (`served_equals_evaluated`, `recsys.serving.served_check`).
 `--quick` runs only the synthetic corpus, at `QUICK_CORPUS` size with fewer epochs: large enough that a random
 ranking scores NDCG@10 0.03 and the full run's order of models shows (full model, then its ablations, then the
 classic baselines); the oracle ratio stays a full-run figure.
+Every dataset is measured over `--seeds` seeds (0 .. N-1, default 3): the seed draws the two-tower
+models' initialisation and batches, MF's factors and sampled cases, and on the synthetic corpus the corpus
+itself. Each row is the mean over the seeds, with the standard deviation beside it; a setting picked
+on validation that differs between seeds is listed per seed (`lambda=100/lambda=200/lambda=100`). The full model
+beats the best baseline on a dataset when its mean NDCG@10 is above that baseline's by more than the
+seed spread (the larger of the two rows' standard deviations; 0 with one seed).
+
 Writes results/quality.json and quality.md; `--datasets` reruns some datasets and keeps the other
-datasets' rows of the last full run (each dataset's rows record the git commit they were measured at).
+datasets' rows of the last full run (each dataset's rows record the git commit they were measured at,
+and how many seeds). A full run keeps each finished seed of a dataset in results/quality-seeds/ with
+the version of the code that measured it (`SeedStore`): a later full run of the same code reads it back,
+so MicroLens-50k's seeds (each over an hour on 2 cores) can be measured in separate runs.
 """
 
 from __future__ import annotations
@@ -53,7 +63,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import statistics
 import tempfile
 import time
 import warnings
@@ -64,7 +74,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from _common import RESULTS, SHARED_DATA, report
+from _common import RESULTS, SHARED_DATA, SeedStore, git_commit, report
 
 METRICS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@50", "hr@50", "coverage@10", "cold_ndcg@10", "ndcg@10/oracle")
 VARIANTS = {
@@ -78,6 +88,8 @@ BASELINES = ("popularity", "itemknn", "mf", "ease", "transitions", "two-tower no
 COLD_OVER_FLOOR = 10.0
 """'Far above popularity' on the cold-start slice: this many times popularity's NDCG@10, or chance's if higher."""
 ORACLE_SHARE = 0.8
+MEASURED_CODE = ("recsys", "benchmarks/quality.py", "benchmarks/_common.py")
+"""What a dataset's seed depends on: a stored seed is reused only while none of these has changed (`SeedStore`)."""
 CHANCE = "random (expected)"
 """The row of `chance_metrics`: a uniformly random ranking's exact expected metrics."""
 SHARED_SOURCES = {
@@ -254,18 +266,22 @@ def topic_reference(root: Path) -> dict[str, float]:
     return evaluate_scorer(reference, load_cases(paths, "test"))
 
 
-def judge(table: dict[str, dict[str, dict[str, float]]], served: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets, per dataset and overall (served: `served_check` per dataset; one not checked fails)."""
-    baselines = BASELINES
+def judge(table: dict[str, dict[str, dict[str, float]]], spread: dict[str, dict[str, dict[str, float]]],
+          served: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets, per dataset and overall, on the means over seeds (spread: their standard deviations,
+    missing for rows of one seed; served: `served_check` per dataset; one not checked fails)."""
     beats, cold, oracle_share = {}, {}, None
     for dataset, models in table.items():
         full = models["two-tower"]["ndcg@10"]
-        present = [b for b in baselines if b in models]
+        present = [b for b in BASELINES if b in models]
         best = max(present, key=lambda b: models[b]["ndcg@10"], default=None)
         best_other = models[best]["ndcg@10"] if best else 0.0
+        sd = spread.get(dataset, {})
+        seed_spread = max(sd.get("two-tower", {}).get("ndcg@10", 0.0), sd.get(best, {}).get("ndcg@10", 0.0))
         beats[dataset] = {"full_ndcg@10": full, "best_baseline": best, "best_baseline_ndcg@10": best_other,
                           "full_over_best_baseline": full / best_other if best_other else None,
-                          "met": full > best_other}
+                          "lead": full - best_other, "seed_spread": seed_spread,
+                          "met": full - best_other > seed_spread}
         if "cold_ndcg@10" in models["two-tower"]:
             full_cold = models["two-tower"]["cold_ndcg@10"]
             popular_cold = models["popularity"]["cold_ndcg@10"]
@@ -285,23 +301,26 @@ def judge(table: dict[str, dict[str, dict[str, float]]], served: dict[str, dict[
             "synth_ndcg@10_over_oracle": oracle_share, "target_met": met}
 
 
-def markdown(table: dict[str, dict[str, dict[str, float]]], seed: int) -> str:
-    """The quality table as markdown for the README."""
-    header = "| dataset | model | " + " | ".join(METRICS) + " | setting |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 3)]
+def markdown(table: dict[str, dict[str, dict[str, float]]], spread: dict[str, dict[str, dict[str, float]]],
+             seeds: dict[str, int]) -> str:
+    """The quality table as markdown for the README: mean ± sd over each dataset's seeds."""
+    header = "| dataset | seeds | model | " + " | ".join(METRICS) + " | setting |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 4)]
     for dataset, models in table.items():
         for model, metrics in models.items():
-            cells = [f"{metrics[m]:.4f}" if metrics.get(m) is not None else "–" for m in METRICS]
+            sd = spread.get(dataset, {}).get(model, {})
+            cells = [("–" if metrics.get(m) is None else f"{metrics[m]:.4f}"
+                      + (f" ± {sd[m]:.4f}" if sd.get(m) is not None else "")) for m in METRICS]
             cells.append(metrics.get("setting") or "–")
-            lines.append(f"| {dataset} | {model} | " + " | ".join(cells) + " |")
-    note = (f"\nFull ranking over every item, time-ordered leave-one-out test split, seed {seed}; every "
-            "interaction kept unless the dataset is named `N-core`. cold_ndcg@10: test targets never seen in "
-            "training. ndcg@10/oracle: synthetic corpus only. setting: a baseline's setting, picked on the "
-            "validation split.\n")
+            lines.append(f"| {dataset} | {seeds.get(dataset, 1)} | {model} | " + " | ".join(cells) + " |")
+    note = ("\nFull ranking over every item, time-ordered leave-one-out test split; mean ± standard deviation over "
+            "the seeds (± missing: one seed); every interaction kept unless the dataset is named `N-core`. "
+            "cold_ndcg@10: test targets never seen in training. ndcg@10/oracle: synthetic corpus only. setting: a "
+            "baseline's setting, picked on the validation split (one per seed where they differ).\n")
     return "\n".join(lines) + "\n" + note
 
 
-KEPT = ("table", "seconds", "commits", "notes", "k_core", "served_equals_evaluated")
+KEPT = ("table", "spread", "seeds", "seconds", "commits", "notes", "k_core", "served_equals_evaluated")
 """The per-dataset fields of results/quality.json that a rerun of other datasets keeps."""
 
 
@@ -319,23 +338,52 @@ def previous_full_run() -> dict[str, dict[str, Any]]:
     return {field: {d: v for d, v in last.get(field, {}).items() if d in recorded} for field in KEPT}
 
 
-def git_commit() -> str:
-    """The checked-out commit (with '+changes' when the work tree differs from it), or 'unknown'."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+changes" if dirty else "")
+def measure_seed(dataset: str, root: Path, seed: int, quick: bool, k_core: int | None) -> dict[str, Any]:
+    """One seed of one dataset: 'table' (model → metric → value), 'notes', 'served' (`served_check`) and
+    'seconds' per step."""
+    steps: dict[str, float] = {}
+    build_dataset(dataset, root, seed, quick, steps, k_core)
+    with timed(steps, "train retrieval (3 variants)"):
+        runs = train_variants(dataset, root, seed, quick)
+    with timed(steps, "evaluate"):
+        rows, notes = evaluate_dataset(dataset, root, runs, seed)
+    with timed(steps, "export, served == evaluated"):
+        served = served_check(dataset, root, runs["two-tower"], seed)
+    if dataset == "synth":
+        rows["topic reference"] = topic_reference(root)
+        add_oracle_shares(rows)
+    return {"table": rows, "notes": notes, "served": served, "seconds": steps}
+
+
+def summarise(per_seed: list[dict[str, dict[str, Any]]]
+              ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
+    """(model → metric → mean over the seeds, model → metric → standard deviation) of per-seed tables; a row's
+    `setting` is the seeds' settings joined by '/' where they differ. No sd with one seed."""
+    means: dict[str, dict[str, Any]] = {}
+    spread: dict[str, dict[str, float]] = {}
+    for model in per_seed[0]:
+        seeds = [table[model] for table in per_seed if model in table]
+        means[model], spread[model] = {}, {}
+        for metric in seeds[0]:
+            values = [row.get(metric) for row in seeds]
+            if metric == "setting":
+                settings = [str(v) for v in values if v is not None]
+                means[model][metric] = ("/".join(settings) if len(set(settings)) > 1 else settings[0]) if settings \
+                    else None
+            elif all(isinstance(v, int | float) for v in values):
+                means[model][metric] = statistics.fmean(values)
+                if len(values) > 1:
+                    spread[model][metric] = statistics.stdev(values)
+            else:
+                means[model][metric] = values[0]
+    return means, spread
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="only the small synthetic corpus (under two minutes)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="only the small synthetic corpus, one seed (under two "
+                        "minutes)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0 .. N-1 (default 3; --quick: 1)")
     parser.add_argument("--datasets", nargs="+", default=None, help="subset of movielens-100k microlens-50k synth")
     parser.add_argument("--k-core", type=int, default=None, metavar="N",
                         help="prepare with the N-core filter instead of every interaction; rows named 'DATASET N-core'")
@@ -343,43 +391,45 @@ def main() -> None:
     if args.k_core is not None and args.k_core < 2:
         parser.error("--k-core must be at least 2 (1 keeps every interaction, the default)")
     datasets = args.datasets or (["synth"] if args.quick else ["movielens-100k", "microlens-50k", "synth"])
+    seeds = args.seeds or (1 if args.quick else 3)
 
-    table: dict[str, dict[str, dict[str, float]]] = {}
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    spread: dict[str, dict[str, dict[str, float]]] = {}
     seconds: dict[str, dict[str, float]] = {}
     commits: dict[str, str] = {}
     notes: dict[str, list[str]] = {}
     served: dict[str, dict[str, Any]] = {}
-    commit = git_commit()
+    commit, store = git_commit(), SeedStore("quality", MEASURED_CODE)
     with tempfile.TemporaryDirectory(prefix="recsys-quality-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         for dataset in datasets:
             key = dataset if args.k_core is None else f"{dataset} {args.k_core}-core"
-            root = Path(tmp) / dataset
-            seconds[key] = steps = {}
+            per_seed = []
+            for seed in range(seeds):
+                def measure(dataset: str = dataset, seed: int = seed) -> dict[str, Any]:
+                    return measure_seed(dataset, Path(tmp) / dataset / str(seed), seed, args.quick, args.k_core)
+
+                per_seed.append(measure() if args.quick else store.measure(key, seed, measure))
+                done = per_seed[-1]["seconds"]
+                print(f"{key} seed {seed}: {', '.join(f'{k} {v:.0f} s' for k, v in done.items())}", flush=True)
+            table[key], spread[key] = summarise([measured["table"] for measured in per_seed])
+            seconds[key] = {step: sum(m["seconds"].get(step, 0.0) for m in per_seed) for step in per_seed[0]["seconds"]}
+            notes[key] = sorted({note for measured in per_seed for note in measured["notes"]})
+            checks = [measured["served"] for measured in per_seed]
+            served[key] = {"seeds": checks, "met": all(check["met"] for check in checks)}
             commits[key] = commit
-            build_dataset(dataset, root, args.seed, args.quick, steps, args.k_core)
-            with timed(steps, "train retrieval (3 variants)"):
-                runs = train_variants(dataset, root, args.seed, args.quick)
-            with timed(steps, "evaluate"):
-                table[key], notes[key] = evaluate_dataset(dataset, root, runs, args.seed)
-            with timed(steps, "export, served == evaluated"):
-                served[key] = served_check(dataset, root, runs["two-tower"], args.seed)
-            if dataset == "synth":
-                table[key]["topic reference"] = topic_reference(root)
-                add_oracle_shares(table[key])
-            print(f"{key}: {', '.join(f'{k} {v:.0f} s' for k, v in steps.items())}", flush=True)
-    fields: dict[str, dict[str, Any]] = {"table": table, "seconds": seconds, "commits": commits, "notes": notes,
+    fields: dict[str, dict[str, Any]] = {"table": table, "spread": spread, "seeds": {key: seeds for key in table},
+                                         "seconds": seconds, "commits": commits, "notes": notes,
                                          "k_core": {key: args.k_core for key in table},
                                          "served_equals_evaluated": served}
     if not args.quick:  # read only now: another run may have finished meanwhile
         kept = previous_full_run()
         fields = {field: {**kept[field], **fields[field]} for field in KEPT}
-    table = fields["table"]
     (RESULTS / "quality.md").parent.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.md").write_text(markdown(table, args.seed))
-    print(markdown(table, args.seed))
-    targets = judge(table, fields["served_equals_evaluated"])
-    report("quality", {**targets, "seed": args.seed, "quick": args.quick, **fields})
+    (RESULTS / "quality.md").write_text(markdown(fields["table"], fields["spread"], fields["seeds"]))
+    print(markdown(fields["table"], fields["spread"], fields["seeds"]))
+    targets = judge(fields["table"], fields["spread"], fields["served_equals_evaluated"])
+    report("quality", {**targets, "quick": args.quick, **fields})
 
 
 if __name__ == "__main__":
