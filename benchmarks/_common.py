@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPOSITORY = Path(__file__).resolve().parents[1]
+RESULTS = REPOSITORY / "benchmarks" / "results"
+SHARED_DATA = REPOSITORY.parent / "shared" / "data"
 
 
 def parse_args(description: str) -> argparse.Namespace:
@@ -74,11 +74,12 @@ class SeedStore:
     """The finished seeds of a benchmark's full runs, one file each (results/NAME-seeds/DATASET-SEED.json), kept with
     the version of the code that measured them (`code_version` of `measured_code`). A later full run of the same
     code reads a stored seed back instead of measuring it again, so a run stopped part-way loses only its
-    unfinished seed; any change to that code measures every seed anew."""
+    unfinished seed; any change to that code measures every seed anew. `keep` False (a --quick run) neither
+    reads nor writes the store."""
 
-    def __init__(self, name: str, measured_code: Sequence[str]) -> None:
+    def __init__(self, name: str, measured_code: Sequence[str], keep: bool = True) -> None:
         self.folder = RESULTS / f"{name}-seeds"
-        self.code = code_version(measured_code)
+        self.code = code_version(measured_code) if keep else None
 
     def _file(self, dataset: str, seed: int) -> Path:
         return self.folder / f"{dataset.replace(' ', '_')}-{seed}.json"
@@ -93,7 +94,7 @@ class SeedStore:
 
     def save(self, dataset: str, seed: int, measured: Any, seconds: float) -> None:
         """Keep a finished seed (atomically: a run stopped while writing leaves no file); nothing without a code
-        version (uncommitted changes)."""
+        version (uncommitted changes, or `keep` False)."""
         if self.code is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -103,13 +104,13 @@ class SeedStore:
         partial.write_text(json.dumps(record, indent=2, default=str) + "\n")
         partial.replace(file)
 
-    def measure(self, dataset: str, seed: int, work: Callable[[], Any]) -> Any:
-        """The stored result of this dataset and seed, else `work()`, stored."""
+    def measure(self, dataset: str, seed: int, work: Callable[..., Any], *args: Any) -> Any:
+        """The stored result of this dataset and seed, else `work(*args)`, stored."""
         stored = self.load(dataset, seed)
         if stored is not None:
             print(f"{dataset} seed {seed}: stored by a run of the same code, not measured again", flush=True)
             return stored
         started = time.perf_counter()
-        measured = work()
+        measured = work(*args)
         self.save(dataset, seed, measured, time.perf_counter() - started)
         return measured

@@ -151,15 +151,11 @@ def main() -> None:
     commits: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="recsys-ablation-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        commit, store = git_commit(), SeedStore("ablation", MEASURED_CODE)
+        commit, store = git_commit(), SeedStore("ablation", MEASURED_CODE, keep=not args.quick)
         for label in labels:
             label_started = time.perf_counter()
-            per_seed = []
-            for seed in range(seeds):
-                def measure(label: str = label, seed: int = seed) -> dict[str, dict[str, float]]:
-                    return run_seed(label, Path(tmp) / label / str(seed), seed, args.quick)
-
-                per_seed.append(measure() if args.quick else store.measure(label, seed, measure))
+            per_seed = [store.measure(label, seed, run_seed, label, Path(tmp) / label / str(seed), seed, args.quick)
+                        for seed in range(seeds)]
             table[label] = summarise(per_seed)
             seconds[label] = round(time.perf_counter() - label_started, 1)
             commits[label] = commit

@@ -399,17 +399,15 @@ def main() -> None:
     commits: dict[str, str] = {}
     notes: dict[str, list[str]] = {}
     served: dict[str, dict[str, Any]] = {}
-    commit, store = git_commit(), SeedStore("quality", MEASURED_CODE)
+    commit, store = git_commit(), SeedStore("quality", MEASURED_CODE, keep=not args.quick)
     with tempfile.TemporaryDirectory(prefix="recsys-quality-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         for dataset in datasets:
             key = dataset if args.k_core is None else f"{dataset} {args.k_core}-core"
             per_seed = []
             for seed in range(seeds):
-                def measure(dataset: str = dataset, seed: int = seed) -> dict[str, Any]:
-                    return measure_seed(dataset, Path(tmp) / dataset / str(seed), seed, args.quick, args.k_core)
-
-                per_seed.append(measure() if args.quick else store.measure(key, seed, measure))
+                root = Path(tmp) / dataset / str(seed)
+                per_seed.append(store.measure(key, seed, measure_seed, dataset, root, seed, args.quick, args.k_core))
                 done = per_seed[-1]["seconds"]
                 print(f"{key} seed {seed}: {', '.join(f'{k} {v:.0f} s' for k, v in done.items())}", flush=True)
             table[key], spread[key] = summarise([measured["table"] for measured in per_seed])
@@ -426,8 +424,9 @@ def main() -> None:
         kept = previous_full_run()
         fields = {field: {**kept[field], **fields[field]} for field in KEPT}
     (RESULTS / "quality.md").parent.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.md").write_text(markdown(fields["table"], fields["spread"], fields["seeds"]))
-    print(markdown(fields["table"], fields["spread"], fields["seeds"]))
+    text = markdown(fields["table"], fields["spread"], fields["seeds"])
+    (RESULTS / "quality.md").write_text(text)
+    print(text)
     targets = judge(fields["table"], fields["spread"], fields["served_equals_evaluated"])
     report("quality", {**targets, "quick": args.quick, **fields})
 
