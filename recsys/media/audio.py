@@ -73,22 +73,22 @@ SLANEY_LINEAR_HZ = 200.0 / 3
 SLANEY_LOG_STEP = np.log(6.4) / 27.0
 """... and logarithmic above it, 27 mels per factor of 6.4."""
 SLANEY_BREAK_HZ = 1000.0
+SLANEY_BREAK_MEL = SLANEY_BREAK_HZ / SLANEY_LINEAR_HZ
+"""Where the scale turns logarithmic, in mels (15)."""
 
 
 def hz_to_mel(hz: np.ndarray) -> np.ndarray:
     """Slaney mels (librosa's `hz_to_mel`, htk=False) of frequencies in Hz."""
     hz = np.asarray(hz, dtype=np.float64)
-    break_mel = SLANEY_BREAK_HZ / SLANEY_LINEAR_HZ
-    logarithmic = break_mel + np.log(np.maximum(hz, SLANEY_BREAK_HZ) / SLANEY_BREAK_HZ) / SLANEY_LOG_STEP
+    logarithmic = SLANEY_BREAK_MEL + np.log(np.maximum(hz, SLANEY_BREAK_HZ) / SLANEY_BREAK_HZ) / SLANEY_LOG_STEP
     return np.where(hz >= SLANEY_BREAK_HZ, logarithmic, hz / SLANEY_LINEAR_HZ)
 
 
 def mel_to_hz(mels: np.ndarray) -> np.ndarray:
     """Frequencies in Hz of Slaney mels (the inverse of `hz_to_mel`)."""
     mels = np.asarray(mels, dtype=np.float64)
-    break_mel = SLANEY_BREAK_HZ / SLANEY_LINEAR_HZ
-    logarithmic = SLANEY_BREAK_HZ * np.exp(SLANEY_LOG_STEP * (np.maximum(mels, break_mel) - break_mel))
-    return np.where(mels >= break_mel, logarithmic, mels * SLANEY_LINEAR_HZ)
+    logarithmic = SLANEY_BREAK_HZ * np.exp(SLANEY_LOG_STEP * (np.maximum(mels, SLANEY_BREAK_MEL) - SLANEY_BREAK_MEL))
+    return np.where(mels >= SLANEY_BREAK_MEL, logarithmic, mels * SLANEY_LINEAR_HZ)
 
 
 def mel_band_edges(sample_rate: int, n_mels: int) -> np.ndarray:
